@@ -1,0 +1,258 @@
+//! Agent configuration: the embedded default file, a TOML file, environment and flags.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use botfleet_protocol::{DeviceId, Topics, TrustedKeys};
+use serde::{Deserialize, Serialize};
+
+/// The documented default configuration (`botfleet-agent --print-config`).
+pub const DEFAULT_CONFIG: &str = include_str!("../botfleet-agent.toml");
+
+/// Why the configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+    #[error("device_id is not set (config file, BOTFLEET_DEVICE_ID or --device-id)")]
+    NoDeviceId,
+    #[error("device_id: {0}")]
+    DeviceId(#[from] botfleet_protocol::IdError),
+    #[error("trusted_keys is empty: the agent would accept no model")]
+    NoTrustedKeys,
+    #[error("trusted_keys: {0}")]
+    TrustedKey(#[from] botfleet_protocol::manifest::KeyError),
+    #[error("topic_prefix: {0}")]
+    Prefix(#[from] botfleet_protocol::topics::PrefixError),
+    #[error("mqtt.url {url:?}: {message}")]
+    MqttUrl { url: String, message: String },
+    #[error("{key} must be greater than zero")]
+    Zero { key: &'static str },
+}
+
+/// The agent's configuration as written in TOML.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub device_id: String,
+    pub data_dir: PathBuf,
+    pub topic_prefix: String,
+    pub server_url: String,
+    pub trusted_keys: Vec<String>,
+    pub telemetry_interval_s: u64,
+    pub mqtt: MqttConfig,
+    pub inference: InferenceConfig,
+    pub download: DownloadConfig,
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttConfig {
+    pub url: String,
+    pub keep_alive_s: u64,
+    pub backoff_initial_ms: u64,
+    pub backoff_max_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct InferenceConfig {
+    pub listen: SocketAddr,
+    pub max_request_bytes: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DownloadConfig {
+    pub stall_timeout_s: u64,
+    pub total_timeout_s: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            device_id: String::new(),
+            data_dir: PathBuf::from("/var/lib/botfleet-agent"),
+            topic_prefix: botfleet_protocol::topics::DEFAULT_PREFIX.to_owned(),
+            server_url: String::new(),
+            trusted_keys: Vec::new(),
+            telemetry_interval_s: 10,
+            mqtt: MqttConfig::default(),
+            inference: InferenceConfig::default(),
+            download: DownloadConfig::default(),
+            labels: BTreeMap::new(),
+        }
+    }
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        Self {
+            url: "mqtt://127.0.0.1:1883".to_owned(),
+            keep_alive_s: 30,
+            backoff_initial_ms: 1_000,
+            backoff_max_ms: 128_000,
+        }
+    }
+}
+
+impl Default for InferenceConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8000)),
+            max_request_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+impl Default for DownloadConfig {
+    fn default() -> Self {
+        Self {
+            stall_timeout_s: 30,
+            total_timeout_s: 900,
+        }
+    }
+}
+
+impl Config {
+    /// Reads a TOML file; keys it leaves out keep their defaults.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source: Box::new(source),
+        })
+    }
+
+    /// Checks everything once, at start, and returns the typed form the agent runs on.
+    pub fn validate(&self) -> Result<Settings, ConfigError> {
+        if self.device_id.is_empty() {
+            return Err(ConfigError::NoDeviceId);
+        }
+        let device_id = DeviceId::new(self.device_id.clone())?;
+        if self.trusted_keys.is_empty() {
+            return Err(ConfigError::NoTrustedKeys);
+        }
+        let trusted = TrustedKeys::parse(self.trusted_keys.iter().map(String::as_str))?;
+        let topics = Topics::new(self.topic_prefix.clone())?;
+        let broker = BrokerAddr::parse(&self.mqtt.url)?;
+        for (key, value) in [
+            ("telemetry_interval_s", self.telemetry_interval_s),
+            ("mqtt.keep_alive_s", self.mqtt.keep_alive_s),
+            ("mqtt.backoff_initial_ms", self.mqtt.backoff_initial_ms),
+            ("download.stall_timeout_s", self.download.stall_timeout_s),
+            ("download.total_timeout_s", self.download.total_timeout_s),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::Zero { key });
+            }
+        }
+        Ok(Settings {
+            device_id,
+            trusted,
+            topics,
+            broker,
+            config: self.clone(),
+        })
+    }
+}
+
+/// Host and port of the MQTT broker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerAddr {
+    pub host: String,
+    pub port: u16,
+}
+
+impl BrokerAddr {
+    pub fn parse(url: &str) -> Result<Self, ConfigError> {
+        let err = |message: &str| ConfigError::MqttUrl {
+            url: url.to_owned(),
+            message: message.to_owned(),
+        };
+        let parsed = reqwest::Url::parse(url).map_err(|e| err(&e.to_string()))?;
+        if parsed.scheme() != "mqtt" {
+            return Err(err("scheme must be mqtt://"));
+        }
+        let host = parsed
+            .host_str()
+            .ok_or_else(|| err("no host"))?
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
+        Ok(Self {
+            host,
+            port: parsed.port().unwrap_or(1883),
+        })
+    }
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub device_id: DeviceId,
+    pub trusted: TrustedKeys,
+    pub topics: Topics,
+    pub broker: BrokerAddr,
+    pub config: Config,
+}
+
+impl Settings {
+    pub fn telemetry_interval(&self) -> Duration {
+        Duration::from_secs(self.config.telemetry_interval_s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_documented_default_file_is_the_default() {
+        let parsed: Config = toml::from_str(DEFAULT_CONFIG).unwrap();
+        assert_eq!(parsed, Config::default());
+    }
+
+    #[test]
+    fn validation_names_what_is_missing() {
+        let mut c = Config::default();
+        assert!(matches!(c.validate(), Err(ConfigError::NoDeviceId)));
+        c.device_id = "robot/1".into();
+        assert!(matches!(c.validate(), Err(ConfigError::DeviceId(_))));
+        c.device_id = "robot-1".into();
+        assert!(matches!(c.validate(), Err(ConfigError::NoTrustedKeys)));
+        c.trusted_keys = vec!["ed25519:nope".into()];
+        assert!(matches!(c.validate(), Err(ConfigError::TrustedKey(_))));
+        let key = botfleet_protocol::ManifestSigner::from_secret([3; 32]).public_key();
+        c.trusted_keys = vec![botfleet_protocol::manifest::format_public_key(&key)];
+        assert!(c.validate().is_ok());
+        c.mqtt.url = "http://broker".into();
+        assert!(matches!(c.validate(), Err(ConfigError::MqttUrl { .. })));
+    }
+
+    #[test]
+    fn broker_urls_parse() {
+        assert_eq!(
+            BrokerAddr::parse("mqtt://10.0.0.1:1884").unwrap(),
+            BrokerAddr {
+                host: "10.0.0.1".into(),
+                port: 1884
+            }
+        );
+        assert_eq!(BrokerAddr::parse("mqtt://[::1]").unwrap().host, "::1");
+    }
+}

@@ -1,0 +1,384 @@
+//! The reconciler: desired state → verify → download → load → benchmark → swap, with an
+//! event for every stage. Decisions live in [`plan`]; this module does the I/O.
+
+pub mod plan;
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use botfleet_engine::{BenchStats, Model, benchmark, reference_error, reference_inputs};
+use botfleet_protocol::manifest::Sha256Digest;
+use botfleet_protocol::messages::{
+    BenchReport, Desired, DesiredModel, Event, RejectReason, Stage,
+};
+use botfleet_protocol::{
+    DeviceId, ExpiryCheck, Manifest, ManifestError, SlotName, TrustedKeys, Verified,
+};
+use jiff::Timestamp;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, instrument, warn};
+
+use crate::backoff::Backoff;
+use crate::fetch::{self, FetchError, Limits};
+use crate::link::Publisher;
+use crate::slots::{ServingModel, Slots};
+use crate::store::{InstalledModel, State, Store};
+use plan::Refusal;
+
+/// How one install attempt ended, short of success.
+enum Outcome {
+    /// The model is refused for good (until the desired state changes).
+    Rejected(Refusal),
+    /// Something that may pass; retried later.
+    Failed(String),
+}
+
+impl From<Refusal> for Outcome {
+    fn from(r: Refusal) -> Self {
+        Outcome::Rejected(r)
+    }
+}
+
+/// Everything the reconciler needs.
+#[derive(Debug)]
+pub struct Reconciler {
+    pub device: DeviceId,
+    pub trusted: TrustedKeys,
+    pub store: Store,
+    pub slots: Arc<Slots>,
+    pub publisher: Publisher,
+    pub http: reqwest::Client,
+    pub server_url: String,
+    pub limits: Limits,
+    pub board: Option<String>,
+    /// The generation of the last desired state fully processed.
+    pub processed: watch::Sender<Option<u64>>,
+    pub state: State,
+}
+
+/// Loads what `state` says was serving, re-checking signature and content. A slot that fails
+/// is logged and left empty; the others serve.
+pub async fn restore(store: &Store, trusted: &TrustedKeys, slots: &Slots, state: &State) {
+    for (slot, installed) in &state.slots {
+        match restore_one(store, trusted, installed).await {
+            Ok(model) => {
+                info!(slot = %slot, version = %model.manifest.version, sha256 = %model.sha256().short(), "restored model");
+                slots.swap(slot, Arc::new(model));
+            }
+            Err(e) => error!(slot = %slot, error = %e, "cannot restore the installed model; slot is empty"),
+        }
+    }
+}
+
+async fn restore_one(
+    store: &Store,
+    trusted: &TrustedKeys,
+    installed: &InstalledModel,
+) -> Result<ServingModel, String> {
+    // A wrong clock must never stop serving: no expiry check for what is installed.
+    let manifest = installed
+        .manifest
+        .verify(trusted, ExpiryCheck::Skip)
+        .map_err(|e| e.to_string())?;
+    let bytes = store
+        .read_checked(&manifest.artifact.sha256)
+        .map_err(|e| e.to_string())?;
+    let inputs = manifest.inputs.clone();
+    let model = tokio::task::spawn_blocking(move || Model::load(&bytes, &inputs))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    Ok(ServingModel {
+        model,
+        manifest,
+        since: installed.since,
+    })
+}
+
+fn refusal(e: &ManifestError) -> Refusal {
+    let reason = match e {
+        ManifestError::Untrusted { .. } => RejectReason::Untrusted,
+        ManifestError::Expired { .. } => RejectReason::Expired,
+        ManifestError::PayloadEncoding
+        | ManifestError::PayloadTooLarge(_)
+        | ManifestError::Malformed(_)
+        | ManifestError::Schema(_) => RejectReason::BadManifest,
+    };
+    (reason, e.to_string())
+}
+
+impl Reconciler {
+    /// Applies every new desired state until `cancel`. Failed installs are retried with
+    /// backoff; refused ones only when the desired state changes.
+    pub async fn run(mut self, mut desired: watch::Receiver<Option<Desired>>, cancel: CancellationToken) {
+        let mut refused: HashSet<Sha256Digest> = HashSet::new();
+        let mut retry = Backoff::new(Duration::from_secs(5), Duration::from_secs(300));
+        let mut retry_at: Option<tokio::time::Instant> = None;
+        loop {
+            let wait_retry = async {
+                match retry_at {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                changed = desired.changed() => {
+                    if changed.is_err() { return; }
+                    refused.clear();
+                    retry.reset();
+                }
+                () = wait_retry => {}
+            }
+            retry_at = None;
+            let Some(target) = desired.borrow_and_update().clone() else {
+                continue;
+            };
+            let failed = tokio::select! {
+                () = cancel.cancelled() => return,
+                failed = self.apply(&target, &mut refused) => failed,
+            };
+            if failed {
+                let delay = retry.next();
+                info!(retry_in_s = delay.as_secs(), "an install failed; will retry");
+                retry_at = Some(tokio::time::Instant::now() + delay);
+            }
+            // Always notifies, so the status (active models) is published after every pass.
+            self.processed.send_modify(|processed| {
+                if !failed {
+                    *processed = Some(target.generation);
+                }
+            });
+        }
+    }
+
+    /// Installs every changed slot; returns whether any failed (retryable).
+    async fn apply(&mut self, desired: &Desired, refused: &mut HashSet<Sha256Digest>) -> bool {
+        let installed: BTreeMap<SlotName, Sha256Digest> = self
+            .state
+            .slots
+            .iter()
+            .map(|(k, v)| (k.clone(), v.manifest.payload_digest()))
+            .collect();
+        let mut failed = false;
+        for (slot, model) in plan::changes(desired, &installed, refused) {
+            match self.install(slot, model).await {
+                Ok(()) => {}
+                Err(Outcome::Rejected(_)) => {
+                    refused.insert(model.manifest.payload_digest());
+                }
+                Err(Outcome::Failed(_)) => failed = true,
+            }
+        }
+        failed
+    }
+
+    fn emit(&self, slot: &SlotName, model: &DesiredModel, claims: (Sha256Digest, Option<u64>), stage: Stage) {
+        self.publisher.event(&Event {
+            device: self.device.clone(),
+            rollout_id: model.rollout_id.clone(),
+            slot: slot.clone(),
+            sha256: claims.0,
+            release: claims.1,
+            at: Timestamp::now(),
+            stage,
+        });
+    }
+
+    #[instrument(skip_all, fields(slot = %slot, rollout = ?model.rollout_id))]
+    async fn install(&mut self, slot: &SlotName, model: &DesiredModel) -> Result<(), Outcome> {
+        // Before verification we only know what the manifest claims; it names the event.
+        let claims = match model.manifest.verify(&self.trusted, ExpiryCheck::Skip) {
+            Ok(m) => (m.artifact.sha256, Some(m.release)),
+            Err(_) => (model.manifest.payload_digest(), None),
+        };
+        self.emit(slot, model, claims, Stage::Received);
+        let result = self.stages(slot, model, claims).await;
+        match &result {
+            Ok(()) => {}
+            Err(Outcome::Rejected((reason, message))) => {
+                warn!(?reason, %message, "model rejected; the previous model keeps serving");
+                self.emit(slot, model, claims, Stage::Rejected { reason: *reason, message: message.clone() });
+            }
+            Err(Outcome::Failed(message)) => {
+                warn!(%message, "install failed; the previous model keeps serving");
+                self.emit(slot, model, claims, Stage::Failed { message: message.clone() });
+            }
+        }
+        result
+    }
+
+    async fn stages(
+        &mut self,
+        slot: &SlotName,
+        model: &DesiredModel,
+        claims: (Sha256Digest, Option<u64>),
+    ) -> Result<(), Outcome> {
+        let manifest = model
+            .manifest
+            .verify(&self.trusted, ExpiryCheck::At(Timestamp::now()))
+            .map_err(|e| refusal(&e))?;
+        let incumbent = self.slots.current(slot);
+        plan::admit(
+            &manifest,
+            slot,
+            std::env::consts::ARCH,
+            self.board.as_deref(),
+            incumbent.as_ref().map(|m| m.manifest.release),
+        )?;
+        self.emit(slot, model, claims, Stage::Verified {
+            key_ids: manifest.signed_by().iter().map(ToString::to_string).collect(),
+        });
+
+        let bytes = self.fetch(slot, model, &manifest, claims).await?;
+
+        let inputs = manifest.inputs.clone();
+        let loaded = tokio::task::spawn_blocking(move || Model::load(&bytes, &inputs))
+            .await
+            .map_err(|e| Outcome::Failed(format!("loader crashed: {e}")))?
+            .map_err(|e| Outcome::Rejected((RejectReason::NotLoadable, e.to_string())))?;
+        self.emit(slot, model, claims, Stage::Loaded { millis: loaded.load_time().as_millis() as u64 });
+
+        let report = self.bench(&manifest, &loaded, incumbent.as_deref()).await;
+        let (report, verdict) = report?;
+        self.emit(slot, model, claims, Stage::Benchmarked(report));
+        verdict?;
+
+        self.swap(slot, model, manifest, loaded, claims)
+    }
+
+    /// The artifact's bytes: from the store if present, else downloaded and committed.
+    async fn fetch(
+        &self,
+        slot: &SlotName,
+        model: &DesiredModel,
+        manifest: &Verified<Manifest>,
+        claims: (Sha256Digest, Option<u64>),
+    ) -> Result<Vec<u8>, Outcome> {
+        let sha = manifest.artifact.sha256;
+        if !self.store.has(&sha) {
+            let url = self.artifact_url(&model.artifact_url);
+            self.emit(slot, model, claims, Stage::Downloading { total_bytes: manifest.artifact.size, offset: 0 });
+            let dest = self.store.partial_path(&sha);
+            let fetched = fetch::download(&self.http, &url, &manifest.artifact, &dest, self.limits).await;
+            let fetched = match fetched {
+                Ok(f) => f,
+                Err(e) => {
+                    // A wrong or oversized file is not worth resuming.
+                    let _ = tokio::fs::remove_file(&dest).await;
+                    return Err(match e {
+                        FetchError::TooLarge { .. } | FetchError::SizeMismatch { .. } => {
+                            Outcome::Rejected((RejectReason::SizeMismatch, e.to_string()))
+                        }
+                        FetchError::DigestMismatch { .. } => {
+                            Outcome::Rejected((RejectReason::DigestMismatch, e.to_string()))
+                        }
+                        other => Outcome::Failed(other.to_string()),
+                    });
+                }
+            };
+            self.store.commit(&sha).map_err(|e| Outcome::Failed(e.to_string()))?;
+            self.emit(slot, model, claims, Stage::Downloaded {
+                bytes: fetched.bytes,
+                millis: fetched.elapsed.as_millis() as u64,
+            });
+        }
+        self.store
+            .read_checked(&sha)
+            .map_err(|e| Outcome::Failed(e.to_string()))
+    }
+
+    fn artifact_url(&self, url: &str) -> String {
+        if url.starts_with("http://") || url.starts_with("https://") || self.server_url.is_empty() {
+            url.to_owned()
+        } else {
+            format!("{}/{}", self.server_url.trim_end_matches('/'), url.trim_start_matches('/'))
+        }
+    }
+
+    /// Benchmarks the candidate (and the incumbent, when the gate compares) off the executor.
+    async fn bench(
+        &self,
+        manifest: &Verified<Manifest>,
+        candidate: &Model,
+        incumbent: Option<&ServingModel>,
+    ) -> Result<(BenchReport, Result<(), Outcome>), Outcome> {
+        let gate = manifest.gate.clone();
+        let candidate = candidate.clone();
+        let incumbent = incumbent
+            .filter(|_| gate.max_regression.is_some())
+            .map(|m| (m.model.clone(), m.manifest.gate.reference.as_ref().map_or(0, |r| r.seed)));
+        let measured = tokio::task::spawn_blocking(move || {
+            let not_loadable = |e: botfleet_engine::EngineError| {
+                Outcome::Rejected((RejectReason::NotLoadable, e.to_string()))
+            };
+            let ref_err = gate
+                .reference
+                .as_ref()
+                .map(|r| reference_error(&candidate, r))
+                .transpose()
+                .map_err(|e| Outcome::Rejected((RejectReason::WrongOutput, e.to_string())))?;
+            let seed = gate.reference.as_ref().map_or(0, |r| r.seed);
+            let inputs = reference_inputs(&candidate, seed).map_err(not_loadable)?;
+            let stats = benchmark(&candidate, &inputs, gate.warmup_runs, gate.runs).map_err(not_loadable)?;
+            let incumbent_stats: Option<BenchStats> = match incumbent {
+                Some((model, seed)) => reference_inputs(&model, seed)
+                    .and_then(|inputs| benchmark(&model, &inputs, gate.warmup_runs, gate.runs))
+                    .map_err(|e| warn!(error = %e, "cannot benchmark the serving model"))
+                    .ok(),
+                None => None,
+            };
+            let verdict = plan::judge(&gate, &stats, incumbent_stats.as_ref(), ref_err);
+            Ok::<_, Outcome>((stats, incumbent_stats, ref_err, verdict))
+        })
+        .await
+        .map_err(|e| Outcome::Failed(format!("benchmark crashed: {e}")))??;
+        let (stats, incumbent_stats, ref_err, verdict) = measured;
+        let report = BenchReport {
+            runs: stats.runs,
+            p50_ms: stats.p50_ms,
+            p99_ms: stats.p99_ms,
+            mean_ms: stats.mean_ms,
+            incumbent_p99_ms: incumbent_stats.map(|s| s.p99_ms),
+            reference_max_abs_err: ref_err,
+            passed: verdict.is_ok(),
+        };
+        info!(p50_ms = report.p50_ms, p99_ms = report.p99_ms, passed = report.passed, "benchmarked");
+        Ok((report, verdict.map_err(Outcome::Rejected)))
+    }
+
+    /// Persists the new active model, then swaps it in.
+    fn swap(
+        &mut self,
+        slot: &SlotName,
+        model: &DesiredModel,
+        manifest: Verified<Manifest>,
+        loaded: Model,
+        claims: (Sha256Digest, Option<u64>),
+    ) -> Result<(), Outcome> {
+        let since = Timestamp::now();
+        let mut next = self.state.clone();
+        next.slots.insert(slot.clone(), InstalledModel {
+            manifest: model.manifest.clone(),
+            sha256: manifest.artifact.sha256,
+            since,
+        });
+        // Persist first: after a crash the robot comes back with what it reported.
+        self.store
+            .save_state(&next)
+            .map_err(|e| Outcome::Failed(e.to_string()))?;
+        self.state = next;
+        let version = manifest.version.clone();
+        let started = Instant::now();
+        let previous = self.slots.swap(slot, Arc::new(ServingModel { model: loaded, manifest, since }));
+        let swap_micros = started.elapsed().as_micros() as u64;
+        info!(%version, swap_micros, "model active");
+        self.emit(slot, model, claims, Stage::Active {
+            previous: previous.map(|p| p.sha256()),
+            swap_micros,
+        });
+        Ok(())
+    }
+}

@@ -1,0 +1,136 @@
+//! The models serving each slot. A swap replaces an `Arc` atomically: requests that
+//! already hold the old model finish on it, new requests get the new one.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+
+use arc_swap::ArcSwapOption;
+use botfleet_engine::Model;
+use botfleet_protocol::manifest::Sha256Digest;
+use botfleet_protocol::messages::{ActiveModel, SlotStats};
+use botfleet_protocol::{Manifest, SlotName, Verified};
+use jiff::Timestamp;
+
+/// Latency samples kept per slot and telemetry interval.
+const MAX_SAMPLES: usize = 16_384;
+
+/// A model that serves (or served) a slot.
+#[derive(Debug)]
+pub struct ServingModel {
+    pub model: Model,
+    pub manifest: Verified<Manifest>,
+    pub since: Timestamp,
+}
+
+impl ServingModel {
+    pub fn sha256(&self) -> Sha256Digest {
+        self.manifest.artifact.sha256
+    }
+
+    pub fn active(&self) -> ActiveModel {
+        ActiveModel {
+            name: self.manifest.name.clone(),
+            version: self.manifest.version.clone(),
+            release: self.manifest.release,
+            sha256: self.sha256(),
+            since: self.since,
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Window {
+    requests: u64,
+    errors: u64,
+    latencies_ms: Vec<f64>,
+}
+
+/// One slot: its current model and its counters.
+#[derive(Debug, Default)]
+pub struct Slot {
+    current: ArcSwapOption<ServingModel>,
+    window: Mutex<Window>,
+}
+
+impl Slot {
+    pub fn current(&self) -> Option<Arc<ServingModel>> {
+        self.current.load_full()
+    }
+
+    /// Counts one request.
+    pub fn record(&self, latency_ms: Option<f64>) {
+        let mut w = self.window.lock().unwrap_or_else(PoisonError::into_inner);
+        w.requests += 1;
+        match latency_ms {
+            Some(ms) if w.latencies_ms.len() < MAX_SAMPLES => w.latencies_ms.push(ms),
+            Some(_) => {}
+            None => w.errors += 1,
+        }
+    }
+
+    fn drain(&self) -> SlotStats {
+        let w = std::mem::take(&mut *self.window.lock().unwrap_or_else(PoisonError::into_inner));
+        let mut lat = w.latencies_ms;
+        lat.sort_by(f64::total_cmp);
+        let pct = |p: f64| {
+            (!lat.is_empty()).then(|| {
+                let rank = ((p / 100.0) * lat.len() as f64).ceil() as usize;
+                lat[rank.clamp(1, lat.len()) - 1]
+            })
+        };
+        SlotStats {
+            requests: w.requests,
+            errors: w.errors,
+            p50_ms: pct(50.0),
+            p99_ms: pct(99.0),
+        }
+    }
+}
+
+/// All slots of this robot.
+#[derive(Debug, Default)]
+pub struct Slots {
+    slots: RwLock<BTreeMap<SlotName, Arc<Slot>>>,
+}
+
+impl Slots {
+    /// The slot called `name`, if it ever had a model.
+    pub fn get(&self, name: &str) -> Option<Arc<Slot>> {
+        let slots = self.slots.read().unwrap_or_else(PoisonError::into_inner);
+        slots
+            .iter()
+            .find(|(k, _)| k.as_str() == name)
+            .map(|(_, v)| Arc::clone(v))
+    }
+
+    pub fn current(&self, slot: &SlotName) -> Option<Arc<ServingModel>> {
+        self.get(slot.as_str()).and_then(|s| s.current())
+    }
+
+    /// Makes `model` serve `slot`; returns the model it replaced.
+    pub fn swap(&self, slot: &SlotName, model: Arc<ServingModel>) -> Option<Arc<ServingModel>> {
+        let entry = {
+            let mut slots = self.slots.write().unwrap_or_else(PoisonError::into_inner);
+            Arc::clone(slots.entry(slot.clone()).or_default())
+        };
+        entry.current.swap(Some(model))
+    }
+
+    /// The model serving each slot now.
+    pub fn active(&self) -> BTreeMap<SlotName, ActiveModel> {
+        let slots = self.slots.read().unwrap_or_else(PoisonError::into_inner);
+        slots
+            .iter()
+            .filter_map(|(name, slot)| slot.current().map(|m| (name.clone(), m.active())))
+            .collect()
+    }
+
+    /// Counters since the last call, per slot.
+    pub fn drain_stats(&self) -> BTreeMap<SlotName, SlotStats> {
+        let slots = self.slots.read().unwrap_or_else(PoisonError::into_inner);
+        slots
+            .iter()
+            .map(|(name, slot)| (name.clone(), slot.drain()))
+            .collect()
+    }
+}

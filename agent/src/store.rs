@@ -1,0 +1,221 @@
+//! The on-disk model store.
+//!
+//! ```text
+//! {data_dir}/models/{sha256}      committed artifacts, read-only, named by content
+//! {data_dir}/partial/{sha256}     downloads in progress
+//! {data_dir}/state.json           the active model per slot (signed manifests)
+//! ```
+//! Every write of a committed file goes temp → fsync → rename → fsync(dir), so a power cut
+//! leaves either the old or the new file, never a torn one.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use botfleet_protocol::SlotName;
+use botfleet_protocol::SignedManifest;
+use botfleet_protocol::manifest::Sha256Digest;
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+
+/// Store failures, with the path involved.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: corrupt state file: {source}")]
+    Corrupt {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error("{path}: content does not match its name (sha256 {actual})")]
+    Tampered { path: PathBuf, actual: Sha256Digest },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// What serves each slot, as persisted.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct State {
+    pub slots: BTreeMap<SlotName, InstalledModel>,
+}
+
+/// One installed model: its signed manifest (re-verified at every start) and when it began.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InstalledModel {
+    pub manifest: SignedManifest,
+    pub sha256: Sha256Digest,
+    pub since: Timestamp,
+}
+
+/// The model store under one data directory.
+#[derive(Debug, Clone)]
+pub struct Store {
+    root: PathBuf,
+}
+
+impl Store {
+    /// Opens (and creates) the store.
+    pub fn open(root: impl Into<PathBuf>) -> Result<Self, StoreError> {
+        let root = root.into();
+        for dir in [root.join("models"), root.join("partial")] {
+            fs::create_dir_all(&dir).map_err(io(&dir))?;
+        }
+        Ok(Self { root })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn model_path(&self, sha: &Sha256Digest) -> PathBuf {
+        self.root.join("models").join(sha.to_hex())
+    }
+
+    pub fn partial_path(&self, sha: &Sha256Digest) -> PathBuf {
+        self.root.join("partial").join(sha.to_hex())
+    }
+
+    pub fn has(&self, sha: &Sha256Digest) -> bool {
+        self.model_path(sha).is_file()
+    }
+
+    /// Moves a fully downloaded and checked file into the store, read-only.
+    pub fn commit(&self, sha: &Sha256Digest) -> Result<PathBuf, StoreError> {
+        let from = self.partial_path(sha);
+        let to = self.model_path(sha);
+        let mut perms = fs::metadata(&from).map_err(io(&from))?.permissions();
+        perms.set_readonly(true);
+        fs::set_permissions(&from, perms).map_err(io(&from))?;
+        fs::rename(&from, &to).map_err(io(&to))?;
+        sync_dir(&self.root.join("models"))?;
+        Ok(to)
+    }
+
+    /// Reads a committed artifact and checks it still has the digest it is named by.
+    pub fn read_checked(&self, sha: &Sha256Digest) -> Result<Vec<u8>, StoreError> {
+        let path = self.model_path(sha);
+        let mut bytes = Vec::new();
+        File::open(&path)
+            .and_then(|mut f| f.read_to_end(&mut bytes))
+            .map_err(io(&path))?;
+        let actual = Sha256Digest::from_bytes(Sha256::digest(&bytes).into());
+        if actual != *sha {
+            return Err(StoreError::Tampered { path, actual });
+        }
+        Ok(bytes)
+    }
+
+    fn state_path(&self) -> PathBuf {
+        self.root.join("state.json")
+    }
+
+    /// The persisted state; empty on first start.
+    pub fn load_state(&self) -> Result<State, StoreError> {
+        let path = self.state_path();
+        match fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|source| StoreError::Corrupt { path, source }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(State::default()),
+            Err(e) => Err(io(&path)(e)),
+        }
+    }
+
+    /// Persists `state` crash-safely.
+    pub fn save_state(&self, state: &State) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec_pretty(state).map_err(|source| StoreError::Corrupt {
+            path: self.state_path(),
+            source,
+        })?;
+        write_atomic(&self.state_path(), &bytes)
+    }
+}
+
+/// temp → fsync → rename → fsync(dir).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = path.with_extension("tmp");
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&tmp)
+        .map_err(io(&tmp))?;
+    file.write_all(bytes).map_err(io(&tmp))?;
+    file.sync_all().map_err(io(&tmp))?;
+    drop(file);
+    fs::rename(&tmp, path).map_err(io(path))?;
+    sync_dir(dir)
+}
+
+fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_survives_a_reopen_and_starts_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.load_state().unwrap(), State::default());
+        let signer = botfleet_protocol::ManifestSigner::from_secret([1; 32]);
+        let _ = signer;
+        let state = State {
+            slots: BTreeMap::from([(
+                SlotName::new("vision").unwrap(),
+                InstalledModel {
+                    manifest: SignedManifest {
+                        payload: "e30=".into(),
+                        signatures: vec![],
+                    },
+                    sha256: Sha256Digest::of(b"x"),
+                    since: Timestamp::UNIX_EPOCH,
+                },
+            )]),
+        };
+        store.save_state(&state).unwrap();
+        let again = Store::open(dir.path()).unwrap();
+        assert_eq!(again.load_state().unwrap(), state);
+    }
+
+    #[test]
+    fn a_corrupt_state_file_is_an_error_not_an_empty_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        fs::write(dir.path().join("state.json"), b"{not json").unwrap();
+        assert!(matches!(store.load_state(), Err(StoreError::Corrupt { .. })));
+    }
+
+    #[test]
+    fn a_committed_file_that_changed_is_detected() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let sha = Sha256Digest::of(b"model bytes");
+        fs::write(store.partial_path(&sha), b"model bytes").unwrap();
+        store.commit(&sha).unwrap();
+        assert_eq!(store.read_checked(&sha).unwrap(), b"model bytes");
+        let path = store.model_path(&sha);
+        let mut perms = fs::metadata(&path).unwrap().permissions();
+        #[allow(clippy::permissions_set_readonly_false)]
+        perms.set_readonly(false);
+        fs::set_permissions(&path, perms).unwrap();
+        fs::write(&path, b"evil bytes!").unwrap();
+        assert!(matches!(
+            store.read_checked(&sha),
+            Err(StoreError::Tampered { .. })
+        ));
+    }
+}

