@@ -36,7 +36,7 @@ impl Backoff {
         Duration::from_nanos(rng.random_range(0..=nanos))
     }
 
-    pub fn next(&mut self) -> Duration {
+    pub fn next_delay(&mut self) -> Duration {
         self.next_with(&mut rand::rng())
     }
 
@@ -88,7 +88,7 @@ mod tests {
     fn huge_attempt_counts_do_not_overflow() {
         let mut b = Backoff::new(Duration::from_millis(500), Duration::from_secs(10));
         for _ in 0..100 {
-            assert!(b.next() <= Duration::from_secs(10));
+            assert!(b.next_delay() <= Duration::from_secs(10));
         }
     }
 }

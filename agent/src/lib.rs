@@ -107,10 +107,14 @@ pub async fn start(config: Config) -> Result<Running, AgentError> {
     let listen = settings.config.inference.listen;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
-        .map_err(|source| AgentError::Bind { addr: listen, source })?;
-    let inference_addr = listener
-        .local_addr()
-        .map_err(|source| AgentError::Bind { addr: listen, source })?;
+        .map_err(|source| AgentError::Bind {
+            addr: listen,
+            source,
+        })?;
+    let inference_addr = listener.local_addr().map_err(|source| AgentError::Bind {
+        addr: listen,
+        source,
+    })?;
 
     let offline = Status {
         online: false,
@@ -172,7 +176,10 @@ pub async fn start(config: Config) -> Result<Running, AgentError> {
         "reconciler"
     });
 
-    let app = serve::router(Arc::clone(&slots), settings.config.inference.max_request_bytes);
+    let app = serve::router(
+        Arc::clone(&slots),
+        settings.config.inference.max_request_bytes,
+    );
     let c = cancel.clone();
     tasks.spawn(async move {
         let served = axum::serve(listener, app)

@@ -44,7 +44,10 @@ impl Publisher {
         let topic = self.topics.device(&self.device, kind);
         // Never blocks: while the broker is away requests queue up to REQUEST_QUEUE,
         // beyond that they are dropped and counted in the log.
-        if let Err(e) = self.client.try_publish(topic, qos, kind.retained(), payload) {
+        if let Err(e) = self
+            .client
+            .try_publish(topic, qos, kind.retained(), payload)
+        {
             warn!(error = %e, topic = kind.as_str(), "link backlog full; message dropped");
         }
     }
@@ -104,7 +107,9 @@ pub fn new(settings: &Settings, will: &Status) -> (Link, Publisher, Incoming) {
         .set_clean_session(false)
         .set_max_packet_size(MAX_PACKET_BYTES, MAX_PACKET_BYTES)
         .set_last_will(LastWill::new(
-            settings.topics.device(&settings.device_id, TopicKind::Status),
+            settings
+                .topics
+                .device(&settings.device_id, TopicKind::Status),
             offline.clone(),
             QoS::AtLeastOnce,
             true,
@@ -145,7 +150,9 @@ pub fn new(settings: &Settings, will: &Status) -> (Link, Publisher, Incoming) {
 
 impl std::fmt::Debug for Link {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Link").field("device", &self.device).finish_non_exhaustive()
+        f.debug_struct("Link")
+            .field("device", &self.device)
+            .finish_non_exhaustive()
     }
 }
 
@@ -170,10 +177,13 @@ impl Link {
                 }
                 Ok(_) => {}
                 Err(error) => {
-                    if connected_at.take().is_some_and(|at| at.elapsed() >= STABLE_AFTER) {
+                    if connected_at
+                        .take()
+                        .is_some_and(|at| at.elapsed() >= STABLE_AFTER)
+                    {
                         self.backoff.reset();
                     }
-                    let delay = self.backoff.next();
+                    let delay = self.backoff.next_delay();
                     warn!(%error, retry_in_ms = delay.as_millis() as u64, "broker connection lost");
                     tokio::select! {
                         () = cancel.cancelled() => break,
@@ -243,7 +253,10 @@ impl Link {
                 }
                 Err(e) => warn!(error = %e, "malformed command ignored"),
             },
-            other => debug!(topic = other.as_str(), "message on an agent-owned topic ignored"),
+            other => debug!(
+                topic = other.as_str(),
+                "message on an agent-owned topic ignored"
+            ),
         }
     }
 }

@@ -46,14 +46,29 @@ struct Api {
 pub fn router(slots: Arc<Slots>, max_request_bytes: usize) -> Router {
     Router::new()
         .route("/v2", get(server_metadata))
-        .route("/v2/health/live", get(|| async { Json(json!({ "live": true })) }))
-        .route("/v2/health/ready", get(|| async { Json(json!({ "ready": true })) }))
+        .route(
+            "/v2/health/live",
+            get(|| async { Json(json!({ "live": true })) }),
+        )
+        .route(
+            "/v2/health/ready",
+            get(|| async { Json(json!({ "ready": true })) }),
+        )
         .route("/v2/models/{name}", get(model_metadata))
-        .route("/v2/models/{name}/versions/{version}", get(model_metadata_versioned))
+        .route(
+            "/v2/models/{name}/versions/{version}",
+            get(model_metadata_versioned),
+        )
         .route("/v2/models/{name}/ready", get(model_ready))
-        .route("/v2/models/{name}/versions/{version}/ready", get(model_ready_versioned))
+        .route(
+            "/v2/models/{name}/versions/{version}/ready",
+            get(model_ready_versioned),
+        )
         .route("/v2/models/{name}/infer", post(infer))
-        .route("/v2/models/{name}/versions/{version}/infer", post(infer_versioned))
+        .route(
+            "/v2/models/{name}/versions/{version}/infer",
+            post(infer_versioned),
+        )
         .layer(DefaultBodyLimit::max(max_request_bytes))
         .with_state(Api { slots })
 }
@@ -67,7 +82,11 @@ async fn server_metadata() -> Json<serde_json::Value> {
 }
 
 /// The model serving `name`, checked against a requested version.
-fn serving(api: &Api, name: &str, version: Option<&str>) -> Result<(Arc<Slot>, Arc<ServingModel>), ApiError> {
+fn serving(
+    api: &Api,
+    name: &str,
+    version: Option<&str>,
+) -> Result<(Arc<Slot>, Arc<ServingModel>), ApiError> {
     let slot = api.slots.get(name).ok_or_else(|| not_found(name))?;
     let model = slot.current().ok_or_else(|| not_found(name))?;
     if let Some(version) = version
@@ -102,7 +121,11 @@ fn ports(specs: &[TensorSpec]) -> Vec<PortMetadata<'_>> {
         .collect()
 }
 
-fn metadata(api: &Api, name: &str, version: Option<&str>) -> Result<Json<serde_json::Value>, ApiError> {
+fn metadata(
+    api: &Api,
+    name: &str,
+    version: Option<&str>,
+) -> Result<Json<serde_json::Value>, ApiError> {
     let (_, model) = serving(api, name, version)?;
     let m = &model.manifest;
     Ok(Json(json!({
@@ -119,7 +142,10 @@ fn metadata(api: &Api, name: &str, version: Option<&str>) -> Result<Json<serde_j
     })))
 }
 
-async fn model_metadata(State(api): State<Api>, Path(name): Path<String>) -> Result<Json<serde_json::Value>, ApiError> {
+async fn model_metadata(
+    State(api): State<Api>,
+    Path(name): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
     metadata(&api, &name, None)
 }
 
@@ -130,7 +156,10 @@ async fn model_metadata_versioned(
     metadata(&api, &name, Some(&version))
 }
 
-async fn model_ready(State(api): State<Api>, Path(name): Path<String>) -> Result<Json<serde_json::Value>, ApiError> {
+async fn model_ready(
+    State(api): State<Api>,
+    Path(name): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
     serving(&api, &name, None).map(|_| Json(json!({ "name": name, "ready": true })))
 }
 
@@ -237,13 +266,20 @@ fn to_engine(t: InputTensor) -> Result<Tensor, ApiError> {
         DataType::Int32 if ints(f64::from(i32::MIN), f64::from(i32::MAX)) => {
             TensorData::Int32(v.iter().map(|&x| x as i32).collect())
         }
-        DataType::Int8 if ints(-128.0, 127.0) => TensorData::Int8(v.iter().map(|&x| x as i8).collect()),
-        DataType::Uint8 if ints(0.0, 255.0) => TensorData::Uint8(v.iter().map(|&x| x as u8).collect()),
+        DataType::Int8 if ints(-128.0, 127.0) => {
+            TensorData::Int8(v.iter().map(|&x| x as i8).collect())
+        }
+        DataType::Uint8 if ints(0.0, 255.0) => {
+            TensorData::Uint8(v.iter().map(|&x| x as u8).collect())
+        }
         DataType::Bool if ints(0.0, 1.0) => TensorData::Bool(v.iter().map(|&x| x != 0.0).collect()),
         DataType::Fp16 => {
             return Err(ApiError(
                 StatusCode::BAD_REQUEST,
-                format!("input {:?}: FP16 is not supported over JSON; send FP32", t.name),
+                format!(
+                    "input {:?}: FP16 is not supported over JSON; send FP32",
+                    t.name
+                ),
             ));
         }
         other => return Err(bad(&format!("{} values", other.as_str()))),
@@ -327,7 +363,8 @@ async fn infer_on(
     model: &Arc<ServingModel>,
     body: Result<Json<InferRequest>, JsonRejection>,
 ) -> Result<(Answer, f64), ApiError> {
-    let Json(request) = body.map_err(|e| ApiError(e.status(), format!("bad request body: {}", e.body_text())))?;
+    let Json(request) =
+        body.map_err(|e| ApiError(e.status(), format!("bad request body: {}", e.body_text())))?;
     let inputs = request
         .inputs
         .into_iter()
@@ -337,7 +374,9 @@ async fn infer_on(
         .outputs
         .map(|o| o.into_iter().map(|r| r.name).collect());
     if let Some(wanted) = &wanted
-        && let Some(unknown) = wanted.iter().find(|w| !model.model.output_names().contains(w))
+        && let Some(unknown) = wanted
+            .iter()
+            .find(|w| !model.model.output_names().contains(w))
     {
         return Err(ApiError(
             StatusCode::BAD_REQUEST,
@@ -355,7 +394,12 @@ async fn infer_on(
         (out, started.elapsed().as_secs_f64() * 1e3)
     })
     .await
-    .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("inference task failed: {e}")))?;
+    .map_err(|e| {
+        ApiError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("inference task failed: {e}"),
+        )
+    })?;
     let outputs = outputs
         .map_err(engine_error)?
         .into_iter()

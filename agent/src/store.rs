@@ -13,8 +13,8 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
-use botfleet_protocol::SlotName;
 use botfleet_protocol::SignedManifest;
+use botfleet_protocol::SlotName;
 use botfleet_protocol::manifest::Sha256Digest;
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
@@ -196,7 +196,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         fs::write(dir.path().join("state.json"), b"{not json").unwrap();
-        assert!(matches!(store.load_state(), Err(StoreError::Corrupt { .. })));
+        assert!(matches!(
+            store.load_state(),
+            Err(StoreError::Corrupt { .. })
+        ));
     }
 
     #[test]

@@ -4,8 +4,8 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use botfleet_protocol::messages::{Info, SlotStats, Telemetry};
 use botfleet_protocol::SlotName;
+use botfleet_protocol::messages::{Info, SlotStats, Telemetry};
 use jiff::Timestamp;
 use sysinfo::{CpuRefreshKind, Disks, MemoryRefreshKind, RefreshKind, System};
 
@@ -21,7 +21,13 @@ pub fn board() -> Option<String> {
 fn label_value(s: &str) -> String {
     s.trim()
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') { c.to_ascii_lowercase() } else { '-' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
         .collect()
 }
 
@@ -89,7 +95,9 @@ impl Sampler {
         Self {
             sys,
             disks,
-            data_dir: data_dir.canonicalize().unwrap_or_else(|_| data_dir.to_owned()),
+            data_dir: data_dir
+                .canonicalize()
+                .unwrap_or_else(|_| data_dir.to_owned()),
         }
     }
 

@@ -23,17 +23,23 @@ pub fn reference_inputs(model: &Model, seed: u64) -> Result<Vec<Tensor>, EngineE
         .inputs()
         .enumerate()
         .map(|(ix, spec)| {
-            let len = spec.element_count().ok_or_else(|| EngineError::BadSignature {
-                name: spec.name.clone(),
-                message: "shape is not concrete".into(),
-            })?;
+            let len = spec
+                .element_count()
+                .ok_or_else(|| EngineError::BadSignature {
+                    name: spec.name.clone(),
+                    message: "shape is not concrete".into(),
+                })?;
             let data = match spec.datatype {
                 // Each input gets its own stream so two inputs never carry the same values.
-                DataType::Fp32 => TensorData::Fp32(reference_input(seed.wrapping_add(ix as u64), len)),
-                other => TensorData::zeros(other, len).ok_or_else(|| EngineError::BadSignature {
-                    name: spec.name.clone(),
-                    message: format!("cannot generate {} input", other.as_str()),
-                })?,
+                DataType::Fp32 => {
+                    TensorData::Fp32(reference_input(seed.wrapping_add(ix as u64), len))
+                }
+                other => {
+                    TensorData::zeros(other, len).ok_or_else(|| EngineError::BadSignature {
+                        name: spec.name.clone(),
+                        message: format!("cannot generate {} input", other.as_str()),
+                    })?
+                }
             };
             Ok(Tensor {
                 name: spec.name.clone(),
@@ -102,7 +108,11 @@ pub fn reference_error(model: &Model, reference: &Reference) -> Result<f32, Engi
         for (a, b) in got.iter().zip(expected) {
             let diff = (a - b).abs();
             // NaN anywhere is as wrong as it gets.
-            worst = if diff.is_nan() { f32::INFINITY } else { worst.max(diff) };
+            worst = if diff.is_nan() {
+                f32::INFINITY
+            } else {
+                worst.max(diff)
+            };
         }
     }
     Ok(worst)

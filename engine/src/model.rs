@@ -5,8 +5,8 @@ use std::time::{Duration, Instant};
 
 use botfleet_protocol::tensor::{DataType, TensorSpec};
 use tract_onnx::prelude::{
-    DatumType, Framework, InferenceFact, InferenceModelExt, IntoRunnable, IntoTValue, TValue,
-    TVec, Tensor as TractTensor, TypedRunnableModel, tvec,
+    DatumType, Framework, InferenceFact, InferenceModelExt, IntoRunnable, IntoTValue, TValue, TVec,
+    Tensor as TractTensor, TypedRunnableModel, tvec,
 };
 use tract_onnx::tract_hir::infer::Factoid;
 
@@ -111,7 +111,10 @@ fn chain(err: &tract_onnx::prelude::TractError) -> String {
     format!("{err:#}")
 }
 
-fn parse(bytes: &[u8], ignore_value_info: bool) -> Result<tract_onnx::prelude::InferenceModel, String> {
+fn parse(
+    bytes: &[u8],
+    ignore_value_info: bool,
+) -> Result<tract_onnx::prelude::InferenceModel, String> {
     tract_onnx::onnx()
         .with_ignore_value_info(ignore_value_info)
         .model_for_read(&mut &bytes[..])
@@ -149,11 +152,15 @@ pub fn inspect(bytes: &[u8]) -> Result<(Vec<GraphPort>, Vec<GraphPort>), EngineE
             .collect::<Vec<_>>()
     };
     let inputs = ports(
-        model.input_outlets().map_err(|e| EngineError::NotOnnx(chain(&e)))?,
+        model
+            .input_outlets()
+            .map_err(|e| EngineError::NotOnnx(chain(&e)))?,
         true,
     );
     let outputs = ports(
-        model.output_outlets().map_err(|e| EngineError::NotOnnx(chain(&e)))?,
+        model
+            .output_outlets()
+            .map_err(|e| EngineError::NotOnnx(chain(&e)))?,
         false,
     );
     Ok((inputs, outputs))
@@ -166,7 +173,10 @@ fn concrete_shape(spec: &TensorSpec) -> Result<Vec<usize>, EngineError> {
         .collect::<Option<Vec<_>>>()
         .ok_or_else(|| EngineError::BadSignature {
             name: spec.name.clone(),
-            message: format!("shape {:?} must be concrete (every dimension ≥ 1)", spec.shape),
+            message: format!(
+                "shape {:?} must be concrete (every dimension ≥ 1)",
+                spec.shape
+            ),
         })
 }
 
@@ -243,7 +253,12 @@ impl Model {
             .output_outlets()
             .map_err(|e| EngineError::Optimise(chain(&e)))?
             .iter()
-            .map(|o| typed.outlet_label(*o).unwrap_or(&typed.node(o.node).name).to_owned())
+            .map(|o| {
+                typed
+                    .outlet_label(*o)
+                    .unwrap_or(&typed.node(o.node).name)
+                    .to_owned()
+            })
             .collect();
         let plan = typed
             .into_runnable()
@@ -334,7 +349,10 @@ impl Model {
     /// Runs one inference. Blocking and CPU-bound: call it off the async executor.
     pub fn run(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, EngineError> {
         let inputs = self.order_inputs(inputs)?;
-        let outputs = self.plan.run(inputs).map_err(|e| EngineError::Run(chain(&e)))?;
+        let outputs = self
+            .plan
+            .run(inputs)
+            .map_err(|e| EngineError::Run(chain(&e)))?;
         outputs
             .into_iter()
             .zip(&self.outputs)

@@ -16,7 +16,9 @@ pub enum IdError {
     Empty { kind: &'static str },
     #[error("{kind} {value:?} is longer than {MAX_ID_LEN} bytes")]
     TooLong { kind: &'static str, value: String },
-    #[error("{kind} {value:?} contains {found:?}; allowed are ASCII letters, digits, '-', '_' and '.'")]
+    #[error(
+        "{kind} {value:?} contains {found:?}; allowed are ASCII letters, digits, '-', '_' and '.'"
+    )]
     BadChar {
         kind: &'static str,
         value: String,

@@ -143,7 +143,10 @@ pub enum Stage {
         swap_micros: u64,
     },
     /// The device refused the model; the previous one keeps serving.
-    Rejected { reason: RejectReason, message: String },
+    Rejected {
+        reason: RejectReason,
+        message: String,
+    },
     /// Something went wrong that may pass (network, disk); the previous model keeps serving.
     Failed { message: String },
 }

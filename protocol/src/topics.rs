@@ -66,7 +66,9 @@ impl TopicKind {
 
 /// Why a topic prefix was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("topic prefix {0:?} must be non-empty, without wildcards, and must not start or end with '/'")]
+#[error(
+    "topic prefix {0:?} must be non-empty, without wildcards, and must not start or end with '/'"
+)]
 pub struct PrefixError(String);
 
 /// Builds and parses the topics under one prefix.
@@ -112,7 +114,9 @@ impl Topics {
 
     /// Splits a concrete topic into device id and kind; `None` for anything that is not ours.
     pub fn parse(&self, topic: &str) -> Option<(DeviceId, TopicKind)> {
-        let rest = topic.strip_prefix(&self.prefix)?.strip_prefix("/devices/")?;
+        let rest = topic
+            .strip_prefix(&self.prefix)?
+            .strip_prefix("/devices/")?;
         let (id, kind) = rest.split_once('/')?;
         Some((DeviceId::new(id).ok()?, TopicKind::parse(kind)?))
     }

@@ -1,13 +1,14 @@
 //! Golden JSON fixtures: the wire contract. Each fixture must parse, serialise back to the
 //! same JSON, and equal the value this build constructs. Run with `BOTFLEET_BLESS=1` to
 //! rewrite them after a deliberate protocol change (and review the diff).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test may panic
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use botfleet_protocol::manifest::{
-    Artifact, Compatibility, Gate, ModelFormat, Provenance, Quantization, Reference,
-    Sha256Digest, reference_input,
+    Artifact, Compatibility, Gate, ModelFormat, Provenance, Quantization, Reference, Sha256Digest,
+    reference_input,
 };
 use botfleet_protocol::messages::{
     ActiveModel, BenchReport, Command, CommandKind, Desired, DesiredModel, Event, Info,
@@ -15,8 +16,7 @@ use botfleet_protocol::messages::{
 };
 use botfleet_protocol::tensor::{DataType, TensorSpec};
 use botfleet_protocol::{
-    CommandId, DeviceId, ExpiryCheck, Manifest, ManifestSigner, RolloutId, SlotName,
-    TrustedKeys,
+    CommandId, DeviceId, ExpiryCheck, Manifest, ManifestSigner, RolloutId, SlotName, TrustedKeys,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -122,8 +122,12 @@ fn golden<T: Serialize + DeserializeOwned + PartialEq + std::fmt::Debug>(name: &
         text.push('\n');
         std::fs::write(&path, text).unwrap();
     }
-    let text = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("{}: {e} (run with BOTFLEET_BLESS=1 to create)", path.display()));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e} (run with BOTFLEET_BLESS=1 to create)",
+            path.display()
+        )
+    });
     let parsed: T = serde_json::from_str(&text).unwrap();
     assert_eq!(&parsed, value, "{name} parses to something else");
     // Through text, as on the wire (to_value would widen f32 to f64).
@@ -318,8 +322,9 @@ fn reference_input_is_the_same_everywhere() {
         )
         .unwrap();
     }
-    let pinned: Vec<u32> =
-        serde_json::from_str(&std::fs::read_to_string(fixture_path("reference_input_seed42.json")).unwrap())
-            .unwrap();
+    let pinned: Vec<u32> = serde_json::from_str(
+        &std::fs::read_to_string(fixture_path("reference_input_seed42.json")).unwrap(),
+    )
+    .unwrap();
     assert_eq!(bits, pinned);
 }

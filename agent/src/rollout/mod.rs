@@ -9,9 +9,7 @@ use std::time::{Duration, Instant};
 
 use botfleet_engine::{BenchStats, Model, benchmark, reference_error, reference_inputs};
 use botfleet_protocol::manifest::Sha256Digest;
-use botfleet_protocol::messages::{
-    BenchReport, Desired, DesiredModel, Event, RejectReason, Stage,
-};
+use botfleet_protocol::messages::{BenchReport, Desired, DesiredModel, Event, RejectReason, Stage};
 use botfleet_protocol::{
     DeviceId, ExpiryCheck, Manifest, ManifestError, SlotName, TrustedKeys, Verified,
 };
@@ -67,7 +65,9 @@ pub async fn restore(store: &Store, trusted: &TrustedKeys, slots: &Slots, state:
                 info!(slot = %slot, version = %model.manifest.version, sha256 = %model.sha256().short(), "restored model");
                 slots.swap(slot, Arc::new(model));
             }
-            Err(e) => error!(slot = %slot, error = %e, "cannot restore the installed model; slot is empty"),
+            Err(e) => {
+                error!(slot = %slot, error = %e, "cannot restore the installed model; slot is empty")
+            }
         }
     }
 }
@@ -112,7 +112,11 @@ fn refusal(e: &ManifestError) -> Refusal {
 impl Reconciler {
     /// Applies every new desired state until `cancel`. Failed installs are retried with
     /// backoff; refused ones only when the desired state changes.
-    pub async fn run(mut self, mut desired: watch::Receiver<Option<Desired>>, cancel: CancellationToken) {
+    pub async fn run(
+        mut self,
+        mut desired: watch::Receiver<Option<Desired>>,
+        cancel: CancellationToken,
+    ) {
         let mut refused: HashSet<Sha256Digest> = HashSet::new();
         let mut retry = Backoff::new(Duration::from_secs(5), Duration::from_secs(300));
         let mut retry_at: Option<tokio::time::Instant> = None;
@@ -141,8 +145,11 @@ impl Reconciler {
                 failed = self.apply(&target, &mut refused) => failed,
             };
             if failed {
-                let delay = retry.next();
-                info!(retry_in_s = delay.as_secs(), "an install failed; will retry");
+                let delay = retry.next_delay();
+                info!(
+                    retry_in_s = delay.as_secs(),
+                    "an install failed; will retry"
+                );
                 retry_at = Some(tokio::time::Instant::now() + delay);
             }
             // Always notifies, so the status (active models) is published after every pass.
@@ -175,7 +182,13 @@ impl Reconciler {
         failed
     }
 
-    fn emit(&self, slot: &SlotName, model: &DesiredModel, claims: (Sha256Digest, Option<u64>), stage: Stage) {
+    fn emit(
+        &self,
+        slot: &SlotName,
+        model: &DesiredModel,
+        claims: (Sha256Digest, Option<u64>),
+        stage: Stage,
+    ) {
         self.publisher.event(&Event {
             device: self.device.clone(),
             rollout_id: model.rollout_id.clone(),
@@ -200,11 +213,26 @@ impl Reconciler {
             Ok(()) => {}
             Err(Outcome::Rejected((reason, message))) => {
                 warn!(?reason, %message, "model rejected; the previous model keeps serving");
-                self.emit(slot, model, claims, Stage::Rejected { reason: *reason, message: message.clone() });
+                self.emit(
+                    slot,
+                    model,
+                    claims,
+                    Stage::Rejected {
+                        reason: *reason,
+                        message: message.clone(),
+                    },
+                );
             }
             Err(Outcome::Failed(message)) => {
                 warn!(%message, "install failed; the previous model keeps serving");
-                self.emit(slot, model, claims, Stage::Failed { message: message.clone() });
+                self.emit(
+                    slot,
+                    model,
+                    claims,
+                    Stage::Failed {
+                        message: message.clone(),
+                    },
+                );
             }
         }
         result
@@ -228,9 +256,18 @@ impl Reconciler {
             self.board.as_deref(),
             incumbent.as_ref().map(|m| m.manifest.release),
         )?;
-        self.emit(slot, model, claims, Stage::Verified {
-            key_ids: manifest.signed_by().iter().map(ToString::to_string).collect(),
-        });
+        self.emit(
+            slot,
+            model,
+            claims,
+            Stage::Verified {
+                key_ids: manifest
+                    .signed_by()
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect(),
+            },
+        );
 
         let bytes = self.fetch(slot, model, &manifest, claims).await?;
 
@@ -239,7 +276,14 @@ impl Reconciler {
             .await
             .map_err(|e| Outcome::Failed(format!("loader crashed: {e}")))?
             .map_err(|e| Outcome::Rejected((RejectReason::NotLoadable, e.to_string())))?;
-        self.emit(slot, model, claims, Stage::Loaded { millis: loaded.load_time().as_millis() as u64 });
+        self.emit(
+            slot,
+            model,
+            claims,
+            Stage::Loaded {
+                millis: loaded.load_time().as_millis() as u64,
+            },
+        );
 
         let report = self.bench(&manifest, &loaded, incumbent.as_deref()).await;
         let (report, verdict) = report?;
@@ -260,9 +304,18 @@ impl Reconciler {
         let sha = manifest.artifact.sha256;
         if !self.store.has(&sha) {
             let url = self.artifact_url(&model.artifact_url);
-            self.emit(slot, model, claims, Stage::Downloading { total_bytes: manifest.artifact.size, offset: 0 });
+            self.emit(
+                slot,
+                model,
+                claims,
+                Stage::Downloading {
+                    total_bytes: manifest.artifact.size,
+                    offset: 0,
+                },
+            );
             let dest = self.store.partial_path(&sha);
-            let fetched = fetch::download(&self.http, &url, &manifest.artifact, &dest, self.limits).await;
+            let fetched =
+                fetch::download(&self.http, &url, &manifest.artifact, &dest, self.limits).await;
             let fetched = match fetched {
                 Ok(f) => f,
                 Err(e) => {
@@ -279,22 +332,46 @@ impl Reconciler {
                     });
                 }
             };
-            self.store.commit(&sha).map_err(|e| Outcome::Failed(e.to_string()))?;
-            self.emit(slot, model, claims, Stage::Downloaded {
-                bytes: fetched.bytes,
-                millis: fetched.elapsed.as_millis() as u64,
-            });
+            self.store
+                .commit(&sha)
+                .map_err(|e| Outcome::Failed(e.to_string()))?;
+            self.emit(
+                slot,
+                model,
+                claims,
+                Stage::Downloaded {
+                    bytes: fetched.bytes,
+                    millis: fetched.elapsed.as_millis() as u64,
+                },
+            );
         }
-        self.store
+        let bytes = self
+            .store
             .read_checked(&sha)
-            .map_err(|e| Outcome::Failed(e.to_string()))
+            .map_err(|e| Outcome::Failed(e.to_string()))?;
+        // The digest matched, but a manifest that misstates the size is not trusted either.
+        if bytes.len() as u64 != manifest.artifact.size {
+            return Err(Outcome::Rejected((
+                RejectReason::SizeMismatch,
+                format!(
+                    "stored artifact has {} bytes, the manifest declares {}",
+                    bytes.len(),
+                    manifest.artifact.size
+                ),
+            )));
+        }
+        Ok(bytes)
     }
 
     fn artifact_url(&self, url: &str) -> String {
         if url.starts_with("http://") || url.starts_with("https://") || self.server_url.is_empty() {
             url.to_owned()
         } else {
-            format!("{}/{}", self.server_url.trim_end_matches('/'), url.trim_start_matches('/'))
+            format!(
+                "{}/{}",
+                self.server_url.trim_end_matches('/'),
+                url.trim_start_matches('/')
+            )
         }
     }
 
@@ -309,7 +386,12 @@ impl Reconciler {
         let candidate = candidate.clone();
         let incumbent = incumbent
             .filter(|_| gate.max_regression.is_some())
-            .map(|m| (m.model.clone(), m.manifest.gate.reference.as_ref().map_or(0, |r| r.seed)));
+            .map(|m| {
+                (
+                    m.model.clone(),
+                    m.manifest.gate.reference.as_ref().map_or(0, |r| r.seed),
+                )
+            });
         let measured = tokio::task::spawn_blocking(move || {
             let not_loadable = |e: botfleet_engine::EngineError| {
                 Outcome::Rejected((RejectReason::NotLoadable, e.to_string()))
@@ -322,7 +404,8 @@ impl Reconciler {
                 .map_err(|e| Outcome::Rejected((RejectReason::WrongOutput, e.to_string())))?;
             let seed = gate.reference.as_ref().map_or(0, |r| r.seed);
             let inputs = reference_inputs(&candidate, seed).map_err(not_loadable)?;
-            let stats = benchmark(&candidate, &inputs, gate.warmup_runs, gate.runs).map_err(not_loadable)?;
+            let stats = benchmark(&candidate, &inputs, gate.warmup_runs, gate.runs)
+                .map_err(not_loadable)?;
             let incumbent_stats: Option<BenchStats> = match incumbent {
                 Some((model, seed)) => reference_inputs(&model, seed)
                     .and_then(|inputs| benchmark(&model, &inputs, gate.warmup_runs, gate.runs))
@@ -345,7 +428,12 @@ impl Reconciler {
             reference_max_abs_err: ref_err,
             passed: verdict.is_ok(),
         };
-        info!(p50_ms = report.p50_ms, p99_ms = report.p99_ms, passed = report.passed, "benchmarked");
+        info!(
+            p50_ms = report.p50_ms,
+            p99_ms = report.p99_ms,
+            passed = report.passed,
+            "benchmarked"
+        );
         Ok((report, verdict.map_err(Outcome::Rejected)))
     }
 
@@ -360,11 +448,14 @@ impl Reconciler {
     ) -> Result<(), Outcome> {
         let since = Timestamp::now();
         let mut next = self.state.clone();
-        next.slots.insert(slot.clone(), InstalledModel {
-            manifest: model.manifest.clone(),
-            sha256: manifest.artifact.sha256,
-            since,
-        });
+        next.slots.insert(
+            slot.clone(),
+            InstalledModel {
+                manifest: model.manifest.clone(),
+                sha256: manifest.artifact.sha256,
+                since,
+            },
+        );
         // Persist first: after a crash the robot comes back with what it reported.
         self.store
             .save_state(&next)
@@ -372,13 +463,25 @@ impl Reconciler {
         self.state = next;
         let version = manifest.version.clone();
         let started = Instant::now();
-        let previous = self.slots.swap(slot, Arc::new(ServingModel { model: loaded, manifest, since }));
+        let previous = self.slots.swap(
+            slot,
+            Arc::new(ServingModel {
+                model: loaded,
+                manifest,
+                since,
+            }),
+        );
         let swap_micros = started.elapsed().as_micros() as u64;
         info!(%version, swap_micros, "model active");
-        self.emit(slot, model, claims, Stage::Active {
-            previous: previous.map(|p| p.sha256()),
-            swap_micros,
-        });
+        self.emit(
+            slot,
+            model,
+            claims,
+            Stage::Active {
+                previous: previous.map(|p| p.sha256()),
+                swap_micros,
+            },
+        );
         Ok(())
     }
 }

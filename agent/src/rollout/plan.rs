@@ -53,7 +53,12 @@ pub fn admit(
         ));
     }
     if !compat.boards.is_empty()
-        && !board.is_some_and(|b| compat.boards.iter().any(|want| b.starts_with(want.as_str())))
+        && !board.is_some_and(|b| {
+            compat
+                .boards
+                .iter()
+                .any(|want| b.starts_with(want.as_str()))
+        })
     {
         return Err((
             RejectReason::Incompatible,
@@ -86,7 +91,7 @@ pub fn judge(
     reference_error: Option<f32>,
 ) -> Result<(), Refusal> {
     if let (Some(reference), Some(err)) = (&gate.reference, reference_error)
-        && !(err <= reference.tolerance)
+        && (err.is_nan() || err > reference.tolerance)
     {
         return Err((
             RejectReason::WrongOutput,

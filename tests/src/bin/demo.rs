@@ -42,7 +42,11 @@ async fn main() -> Result<()> {
 
     println!("botfleet demo");
     let t = Instant::now();
-    let broker = if cli.mosquitto { BrokerKind::Mosquitto } else { BrokerKind::Embedded };
+    let broker = if cli.mosquitto {
+        BrokerKind::Mosquitto
+    } else {
+        BrokerKind::Embedded
+    };
     let fleet = Fleet::start(broker).await?;
     println!(
         "[{}] server up: API {}  broker {}  signing key {}",
@@ -87,14 +91,20 @@ async fn main() -> Result<()> {
             ms(t.elapsed()),
             record["release"],
             record["size"],
-            record["sha256"].as_str().unwrap_or_default().get(..12).unwrap_or_default(),
+            record["sha256"]
+                .as_str()
+                .unwrap_or_default()
+                .get(..12)
+                .unwrap_or_default(),
             record["key_id"].as_str().unwrap_or_default()
         );
 
         let started = Instant::now();
         let rollout = fleet.roll_out("orientation", version, &[&device]).await?;
         println!("[{}] rollout {rollout} accepted", ms(started.elapsed()));
-        let events = watch.until_terminal(&rollout, Duration::from_secs(300)).await?;
+        let events = watch
+            .until_terminal(&rollout, Duration::from_secs(300))
+            .await?;
         for event in &events {
             let since = (event.at.as_millisecond()
                 - events.first().map_or(event.at, |e| e.at).as_millisecond())
@@ -112,8 +122,7 @@ async fn main() -> Result<()> {
     let status = fleet.get(&format!("/api/v1/devices/{device}")).await?;
     println!(
         "\nserver view of {device}: online={} active={}",
-        status["online"],
-        status["status"]["active"]
+        status["online"], status["status"]["active"]
     );
     println!("demo finished in {:.1} s", total.elapsed().as_secs_f64());
 
@@ -147,9 +156,16 @@ fn stage_line(stage: &Stage) -> String {
             r.reference_max_abs_err
                 .map(|e| format!(", reference output within {e:.1e}"))
                 .unwrap_or_default(),
-            if r.passed { "gate passed" } else { "gate missed" }
+            if r.passed {
+                "gate passed"
+            } else {
+                "gate missed"
+            }
         ),
-        Stage::Active { previous, swap_micros } => format!(
+        Stage::Active {
+            previous,
+            swap_micros,
+        } => format!(
             "ACTIVE (atomic swap in {swap_micros} µs{})",
             previous
                 .map(|p| format!(", replaced {}…", p.short()))
@@ -189,7 +205,10 @@ async fn infer(fleet: &Fleet, agent: &Agent) -> Result<()> {
         ms(t.elapsed()),
         answer["model_version"],
         angles.get(best).unwrap_or(&"?"),
-        probs.iter().map(|p| (p * 1000.0).round() / 1000.0).collect::<Vec<_>>()
+        probs
+            .iter()
+            .map(|p| (p * 1000.0).round() / 1000.0)
+            .collect::<Vec<_>>()
     );
     Ok(())
 }

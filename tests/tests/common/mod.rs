@@ -1,5 +1,6 @@
 //! Helpers shared by the end-to-end tests.
-#![allow(dead_code)]
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test may panic
+#![allow(dead_code)] // each test binary uses a part
 
 use std::time::Duration;
 
@@ -17,7 +18,13 @@ pub fn ort_reference(name: &str) -> Value {
 }
 
 /// Runs the reference's input through `agent` and checks every output against onnxruntime.
-pub async fn assert_matches_onnxruntime(fleet: &Fleet, agent: &Agent, slot: &str, reference: &Value, tolerance: f64) -> Value {
+pub async fn assert_matches_onnxruntime(
+    fleet: &Fleet,
+    agent: &Agent,
+    slot: &str,
+    reference: &Value,
+    tolerance: f64,
+) -> Value {
     let seed = reference["seed"].as_u64().unwrap();
     let shape: Vec<usize> = serde_json::from_value(reference["input"]["shape"].clone()).unwrap();
     let input = reference_input(seed, shape.iter().product());
@@ -43,8 +50,15 @@ pub async fn assert_matches_onnxruntime(fleet: &Fleet, agent: &Agent, slot: &str
         let got: Vec<f64> = serde_json::from_value(got["data"].clone()).unwrap();
         let want: Vec<f64> = serde_json::from_value(expected["data"].clone()).unwrap();
         assert_eq!(got.len(), want.len());
-        let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
-        assert!(worst <= tolerance, "{name}: max |tract - onnxruntime| = {worst:e} > {tolerance:e}");
+        let worst = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max);
+        assert!(
+            worst <= tolerance,
+            "{name}: max |tract - onnxruntime| = {worst:e} > {tolerance:e}"
+        );
     }
     answer
 }
