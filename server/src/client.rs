@@ -1,0 +1,241 @@
+//! The CLI's HTTP client: the same REST API the pipeline uses.
+
+use std::path::{Path, PathBuf};
+
+use reqwest::multipart::{Form, Part};
+use reqwest::{RequestBuilder, StatusCode};
+use serde_json::{Map, Value, json};
+
+/// Why a client command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot read {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} is not a JSON object")]
+    Metadata {
+        path: PathBuf,
+        #[source]
+        source: Option<serde_json::Error>,
+    },
+    #[error("--input {0:?} must look like NAME:FP32:1x3x224x224")]
+    Input(String),
+    #[error("cannot set up the HTTP client")]
+    Setup(#[source] reqwest::Error),
+    #[error("request to {url} failed")]
+    Http {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    /// The server's own one-line error.
+    #[error("{message} (HTTP {status})")]
+    Server { status: StatusCode, message: String },
+}
+
+/// Parses `NAME:DATATYPE:DxDxD` (the name may itself contain ':').
+pub fn parse_input(text: &str) -> Result<Value, ClientError> {
+    let bad = || ClientError::Input(text.to_owned());
+    let mut parts = text.rsplitn(3, ':');
+    let (Some(shape), Some(datatype), Some(name)) = (parts.next(), parts.next(), parts.next())
+    else {
+        return Err(bad());
+    };
+    let shape = shape
+        .split('x')
+        .map(|d| d.trim().parse::<i64>().map_err(|_| bad()))
+        .collect::<Result<Vec<_>, _>>()?;
+    if name.is_empty() || datatype.is_empty() {
+        return Err(bad());
+    }
+    Ok(json!({"name": name, "datatype": datatype.to_ascii_uppercase(), "shape": shape}))
+}
+
+/// What `model push` sends as metadata: the file's object, overridden by the flags.
+#[derive(Debug, Default)]
+pub struct PushMetadata {
+    pub file: Option<PathBuf>,
+    pub slot: Option<String>,
+    pub name: Option<String>,
+    pub version: Option<String>,
+    pub release: Option<u64>,
+    pub quantization: Option<String>,
+    pub inputs: Vec<String>,
+}
+
+impl PushMetadata {
+    pub fn build(&self) -> Result<Value, ClientError> {
+        let mut meta = match &self.file {
+            None => Map::new(),
+            Some(path) => {
+                let text = std::fs::read(path).map_err(|source| ClientError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
+                match serde_json::from_slice(&text) {
+                    Ok(Value::Object(map)) => map,
+                    Ok(_) => {
+                        return Err(ClientError::Metadata {
+                            path: path.clone(),
+                            source: None,
+                        });
+                    }
+                    Err(e) => {
+                        return Err(ClientError::Metadata {
+                            path: path.clone(),
+                            source: Some(e),
+                        });
+                    }
+                }
+            }
+        };
+        for (key, value) in [
+            ("slot", &self.slot),
+            ("name", &self.name),
+            ("version", &self.version),
+            ("quantization", &self.quantization),
+        ] {
+            if let Some(value) = value {
+                meta.insert(key.to_owned(), Value::String(value.clone()));
+            }
+        }
+        if let Some(release) = self.release {
+            meta.insert("release".to_owned(), json!(release));
+        }
+        if !self.inputs.is_empty() {
+            let inputs = self
+                .inputs
+                .iter()
+                .map(|i| parse_input(i))
+                .collect::<Result<Vec<_>, _>>()?;
+            meta.insert("inputs".to_owned(), Value::Array(inputs));
+        }
+        Ok(Value::Object(meta))
+    }
+}
+
+/// A client of one server.
+#[derive(Debug)]
+pub struct ApiClient {
+    http: reqwest::Client,
+    base: String,
+}
+
+impl ApiClient {
+    pub fn new(base: &str) -> Result<Self, ClientError> {
+        let http = reqwest::Client::builder()
+            .user_agent(concat!("botfleet-server-cli/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(ClientError::Setup)?;
+        Ok(Self {
+            http,
+            base: base.trim_end_matches('/').to_owned(),
+        })
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    async fn send(&self, url: String, request: RequestBuilder) -> Result<Value, ClientError> {
+        let http = |source| ClientError::Http {
+            url: url.clone(),
+            source,
+        };
+        let response = request.send().await.map_err(http)?;
+        let status = response.status();
+        let body = response.bytes().await.map_err(http)?;
+        if !status.is_success() {
+            let message = serde_json::from_slice::<Value>(&body)
+                .ok()
+                .and_then(|v| v.get("error").and_then(Value::as_str).map(str::to_owned))
+                .unwrap_or_else(|| String::from_utf8_lossy(&body).trim().to_owned());
+            return Err(ClientError::Server { status, message });
+        }
+        Ok(serde_json::from_slice(&body).unwrap_or(Value::Null))
+    }
+
+    pub async fn get(&self, path: &str) -> Result<Value, ClientError> {
+        let url = self.url(path);
+        self.send(url.clone(), self.http.get(&url)).await
+    }
+
+    pub async fn push_model(&self, file: &Path, metadata: &Value) -> Result<Value, ClientError> {
+        let bytes = tokio::fs::read(file)
+            .await
+            .map_err(|source| ClientError::Read {
+                path: file.to_owned(),
+                source,
+            })?;
+        let file_name = file.file_name().map_or_else(
+            || "model.onnx".to_owned(),
+            |n| n.to_string_lossy().into_owned(),
+        );
+        let form = Form::new()
+            .text("metadata", metadata.to_string())
+            .part("model", Part::bytes(bytes).file_name(file_name));
+        let url = self.url("/api/v1/models");
+        self.send(url.clone(), self.http.post(&url).multipart(form))
+            .await
+    }
+
+    pub async fn create_rollout(
+        &self,
+        body: &Value,
+        idempotency_key: Option<&str>,
+    ) -> Result<Value, ClientError> {
+        let url = self.url("/api/v1/rollouts");
+        let mut request = self.http.post(&url).json(body);
+        if let Some(key) = idempotency_key {
+            request = request.header("Idempotency-Key", key);
+        }
+        self.send(url.clone(), request).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inputs_parse_with_colons_in_names() {
+        assert_eq!(
+            parse_input("x:fp32:1x3x224x224").unwrap(),
+            json!({"name": "x", "datatype": "FP32", "shape": [1, 3, 224, 224]})
+        );
+        assert_eq!(
+            parse_input("input_1:0:FP32:1x12x12x3").unwrap()["name"],
+            "input_1:0"
+        );
+        for bad in ["x", "x:FP32", "x:FP32:1xax3", ":FP32:1"] {
+            assert!(parse_input(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn flags_override_the_metadata_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("m.json");
+        std::fs::write(
+            &file,
+            r#"{"slot":"a","name":"n","provenance":{"commit":"abc"}}"#,
+        )
+        .unwrap();
+        let meta = PushMetadata {
+            file: Some(file),
+            slot: Some("b".into()),
+            version: Some("2".into()),
+            release: Some(7),
+            ..PushMetadata::default()
+        }
+        .build()
+        .unwrap();
+        assert_eq!(
+            meta,
+            json!({"slot": "b", "name": "n", "version": "2", "release": 7, "provenance": {"commit": "abc"}})
+        );
+    }
+}

@@ -1,0 +1,354 @@
+//! The server's configuration: a TOML file whose every key has a documented default
+//! (`botfleet-server.toml`, printed by `botfleet-server print-config`).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use botfleet_protocol::Topics;
+use botfleet_protocol::topics::{DEFAULT_PREFIX, PrefixError};
+use serde::{Deserialize, Serialize};
+
+/// The default configuration, commented. `Config::default()` is exactly this file.
+pub const DEFAULT_TOML: &str = include_str!("../botfleet-server.toml");
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: Box<toml::de::Error>,
+    },
+    #[error("topic_prefix is not valid")]
+    TopicPrefix(#[from] PrefixError),
+    #[error("public_url {0:?} must start with http:// or https://")]
+    PublicUrl(String),
+    #[error("mqtt.url {url:?} is not valid: {reason}")]
+    MqttUrl { url: String, reason: &'static str },
+    #[error("mqtt.client_id must not be empty")]
+    ClientId,
+    #[error("mqtt.keep_alive_s must be between 5 and 3600, not {0}")]
+    KeepAlive(u64),
+    #[error("mqtt.connect_timeout_s must be between 1 and 3600, not {0}")]
+    ConnectTimeout(u64),
+    #[error("max_model_bytes must be at least 1")]
+    MaxModelBytes,
+}
+
+/// The whole server configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Where models, artifacts, desired documents and the signing key live.
+    pub data_dir: PathBuf,
+    /// Address of the REST API; port 0 picks a free port.
+    pub http_listen: SocketAddr,
+    /// Base URL agents download artifacts from; empty: `http://{bound http address}`.
+    pub public_url: String,
+    /// Prefix of every MQTT topic.
+    pub topic_prefix: String,
+    /// Largest model upload accepted, in bytes.
+    pub max_model_bytes: u64,
+    pub mqtt: MqttConfig,
+    pub signing: SigningConfig,
+}
+
+/// How the server reaches MQTT.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttConfig {
+    /// Empty: run the embedded broker; else `mqtt://host:port` of an external one.
+    pub url: String,
+    /// Listen address of the embedded broker; port 0 picks a free port.
+    pub embedded_listen: SocketAddr,
+    /// The server's stable MQTT client id.
+    pub client_id: String,
+    pub keep_alive_s: u64,
+    /// How long start-up waits for CONNACK and SUBACK.
+    pub connect_timeout_s: u64,
+}
+
+/// The manifest signing key.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SigningConfig {
+    /// Empty: `{data_dir}/signing.key`.
+    pub key_file: PathBuf,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("/var/lib/botfleet-server"),
+            http_listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            public_url: String::new(),
+            topic_prefix: DEFAULT_PREFIX.to_owned(),
+            max_model_bytes: 512 * 1024 * 1024,
+            mqtt: MqttConfig::default(),
+            signing: SigningConfig::default(),
+        }
+    }
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            embedded_listen: SocketAddr::from(([127, 0, 0, 1], 1883)),
+            client_id: "botfleet-server".to_owned(),
+            keep_alive_s: 30,
+            connect_timeout_s: 30,
+        }
+    }
+}
+
+/// Where the MQTT broker is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BrokerTarget {
+    /// Run rumqttd in-process, listening here.
+    Embedded(SocketAddr),
+    /// Connect to an external broker.
+    External(BrokerAddr),
+}
+
+/// Host and port of a broker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerAddr {
+    pub host: String,
+    pub port: u16,
+}
+
+impl BrokerAddr {
+    /// The address as agents are told it: `mqtt://host:port`.
+    pub fn url(&self) -> String {
+        if self.host.contains(':') {
+            format!("mqtt://[{}]:{}", self.host, self.port)
+        } else {
+            format!("mqtt://{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// A configuration whose values were checked, with defaults resolved.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub config: Config,
+    pub topics: Topics,
+    pub broker: BrokerTarget,
+    pub key_file: PathBuf,
+    /// `None`: derive from the bound HTTP address.
+    pub public_url: Option<String>,
+    pub keep_alive: Duration,
+    pub connect_timeout: Duration,
+}
+
+impl Config {
+    /// Parses TOML text; `origin` names it in errors.
+    pub fn from_toml(text: &str, origin: &Path) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: origin.to_owned(),
+            source: Box::new(source),
+        })
+    }
+
+    /// Reads and parses a config file.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_toml(&text, path)
+    }
+
+    /// Checks every value and resolves the defaults that depend on others.
+    pub fn validate(&self) -> Result<Settings, ConfigError> {
+        let topics = Topics::new(self.topic_prefix.clone())?;
+        let broker = if self.mqtt.url.trim().is_empty() {
+            BrokerTarget::Embedded(self.mqtt.embedded_listen)
+        } else {
+            BrokerTarget::External(parse_mqtt_url(self.mqtt.url.trim())?)
+        };
+        if self.mqtt.client_id.trim().is_empty() {
+            return Err(ConfigError::ClientId);
+        }
+        if !(5..=3600).contains(&self.mqtt.keep_alive_s) {
+            return Err(ConfigError::KeepAlive(self.mqtt.keep_alive_s));
+        }
+        if !(1..=3600).contains(&self.mqtt.connect_timeout_s) {
+            return Err(ConfigError::ConnectTimeout(self.mqtt.connect_timeout_s));
+        }
+        if self.max_model_bytes == 0 {
+            return Err(ConfigError::MaxModelBytes);
+        }
+        let public_url = match self.public_url.trim() {
+            "" => None,
+            url if url.starts_with("http://") || url.starts_with("https://") => {
+                Some(url.trim_end_matches('/').to_owned())
+            }
+            url => return Err(ConfigError::PublicUrl(url.to_owned())),
+        };
+        let key_file = if self.signing.key_file.as_os_str().is_empty() {
+            self.data_dir.join("signing.key")
+        } else {
+            self.signing.key_file.clone()
+        };
+        Ok(Settings {
+            config: self.clone(),
+            topics,
+            broker,
+            key_file,
+            public_url,
+            keep_alive: Duration::from_secs(self.mqtt.keep_alive_s),
+            connect_timeout: Duration::from_secs(self.mqtt.connect_timeout_s),
+        })
+    }
+}
+
+/// Parses `mqtt://host[:port]` (port 1883 when absent; `tcp://` is accepted as a synonym).
+pub fn parse_mqtt_url(url: &str) -> Result<BrokerAddr, ConfigError> {
+    let bad = |reason| ConfigError::MqttUrl {
+        url: url.to_owned(),
+        reason,
+    };
+    let rest = url
+        .strip_prefix("mqtt://")
+        .or_else(|| url.strip_prefix("tcp://"))
+        .ok_or_else(|| bad("only mqtt://host:port is supported"))?;
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    if rest.contains(['/', '@', '?', '#']) {
+        return Err(bad(
+            "it must be mqtt://host:port, without path, user or query",
+        ));
+    }
+    let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
+        let (host, after) = v6.split_once(']').ok_or_else(|| bad("unclosed '['"))?;
+        match after {
+            "" => (host, None),
+            p => (
+                host,
+                Some(p.strip_prefix(':').ok_or_else(|| bad("junk after ']'"))?),
+            ),
+        }
+    } else {
+        match rest.split_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (rest, None),
+        }
+    };
+    if host.is_empty() {
+        return Err(bad("the host is empty"));
+    }
+    let port = match port {
+        None => 1883,
+        Some(p) => p
+            .parse::<u16>()
+            .ok()
+            .filter(|&p| p != 0)
+            .ok_or_else(|| bad("the port must be a number from 1 to 65535"))?,
+    };
+    Ok(BrokerAddr {
+        host: host.to_owned(),
+        port,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_embedded_default_file_is_the_default_config() {
+        let parsed = Config::from_toml(DEFAULT_TOML, Path::new("botfleet-server.toml")).unwrap();
+        assert_eq!(parsed, Config::default());
+        parsed.validate().unwrap();
+    }
+
+    #[test]
+    fn an_empty_file_is_the_default_config() {
+        assert_eq!(
+            Config::from_toml("", Path::new("x")).unwrap(),
+            Config::default()
+        );
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let err = Config::from_toml("[mqtt]\nurll = \"x\"\n", Path::new("x")).unwrap_err();
+        assert!(matches!(err, ConfigError::Parse { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn the_key_file_defaults_to_the_data_dir() {
+        let config = Config {
+            data_dir: "/srv/bf".into(),
+            ..Config::default()
+        };
+        assert_eq!(
+            config.validate().unwrap().key_file,
+            Path::new("/srv/bf/signing.key")
+        );
+    }
+
+    #[test]
+    fn mqtt_urls_parse_with_and_without_port() {
+        let ok = |s: &str| parse_mqtt_url(s).unwrap();
+        assert_eq!(
+            ok("mqtt://broker.lan:1884"),
+            BrokerAddr {
+                host: "broker.lan".into(),
+                port: 1884
+            }
+        );
+        assert_eq!(ok("mqtt://10.0.0.2").port, 1883);
+        assert_eq!(ok("tcp://10.0.0.2:1883/").host, "10.0.0.2");
+        assert_eq!(ok("mqtt://[::1]:1999").host, "::1");
+        assert_eq!(ok("mqtt://[::1]:1999").url(), "mqtt://[::1]:1999");
+        for bad in [
+            "http://x:1",
+            "mqtts://x:8883",
+            "mqtt://",
+            "mqtt://x:0",
+            "mqtt://x:70000",
+            "mqtt://x:1/a",
+            "mqtt://u@x:1",
+            "x:1883",
+        ] {
+            assert!(parse_mqtt_url(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn bad_values_are_refused_by_validate() {
+        let with = |edit: fn(&mut Config)| {
+            let mut c = Config::default();
+            edit(&mut c);
+            c.validate()
+        };
+        assert!(matches!(
+            with(|c| c.public_url = "ftp://x".into()),
+            Err(ConfigError::PublicUrl(_))
+        ));
+        assert!(matches!(
+            with(|c| c.topic_prefix = "a/#".into()),
+            Err(ConfigError::TopicPrefix(_))
+        ));
+        assert!(matches!(
+            with(|c| c.mqtt.keep_alive_s = 0),
+            Err(ConfigError::KeepAlive(0))
+        ));
+        assert!(matches!(
+            with(|c| c.mqtt.url = "mqtts://x".into()),
+            Err(ConfigError::MqttUrl { .. })
+        ));
+        let ok = with(|c| c.public_url = "https://models.example/".into()).unwrap();
+        assert_eq!(ok.public_url.as_deref(), Some("https://models.example"));
+    }
+}

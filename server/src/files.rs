@@ -1,0 +1,127 @@
+//! Crash-safe file writes: temp file in the same directory → fsync → rename → fsync directory.
+//! A reader (or a restarted server) sees the old file or the new one, never half of one.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write as _};
+use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
+use std::path::{Path, PathBuf};
+
+/// Prefix of temp files; never a valid digest, device id or version, so never served.
+pub const TEMP_PREFIX: &str = ".tmp-";
+
+/// Whether an existing destination may be replaced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Replace {
+    Allow,
+    /// Fail with `AlreadyExists` (for keys: never overwrite one silently).
+    Refuse,
+}
+
+fn temp_path(dest: &Path) -> io::Result<PathBuf> {
+    let dir = dest.parent().unwrap_or(Path::new("."));
+    let name = dest
+        .file_name()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
+    let mut suffix = [0u8; 6];
+    getrandom::fill(&mut suffix).map_err(io::Error::other)?;
+    Ok(dir.join(format!(
+        "{TEMP_PREFIX}{}-{}",
+        name.to_string_lossy(),
+        hex::encode(suffix)
+    )))
+}
+
+/// Writes `bytes` to `dest` atomically with permission bits `mode`.
+pub fn write_atomic(dest: &Path, bytes: &[u8], mode: u32, replace: Replace) -> io::Result<()> {
+    let temp = temp_path(dest)?;
+    let result = (|| {
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&temp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        drop(file);
+        match replace {
+            Replace::Allow => std::fs::rename(&temp, dest)?,
+            // A hard link fails when `dest` exists: "create if absent" without a race.
+            Replace::Refuse => {
+                std::fs::hard_link(&temp, dest)?;
+                std::fs::remove_file(&temp)?;
+            }
+        }
+        sync_dir(dest)
+    })();
+    if result.is_err() {
+        // Best effort: the write already failed, a stray temp file is harmless.
+        let _ = std::fs::remove_file(&temp);
+    }
+    result
+}
+
+/// Flushes the directory entry of `path` (the rename) to disk.
+pub fn sync_dir(path: &Path) -> io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    File::open(dir)?.sync_all()
+}
+
+/// Creates `dir` and its parents, new levels with mode 0750.
+pub fn create_dir(dir: &Path) -> io::Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o750)
+        .create(dir)
+}
+
+/// Removes temp files a crash left in `dir`.
+pub fn remove_stale_temps(dir: &Path) -> io::Result<usize> {
+    let mut removed = 0;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_name().to_string_lossy().starts_with(TEMP_PREFIX) {
+            std::fs::remove_file(entry.path())?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    use super::*;
+
+    #[test]
+    fn writes_replace_and_keep_the_mode() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.json");
+        write_atomic(&path, b"one", 0o600, Replace::Allow).unwrap();
+        write_atomic(&path, b"two", 0o600, Replace::Allow).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"two");
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn refuse_never_overwrites() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("key");
+        write_atomic(&path, b"first", 0o600, Replace::Refuse).unwrap();
+        let err = write_atomic(&path, b"second", 0o600, Replace::Refuse).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::AlreadyExists);
+        assert_eq!(std::fs::read(&path).unwrap(), b"first");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn stale_temps_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(".tmp-x-123"), b"").unwrap();
+        std::fs::write(dir.path().join("keep"), b"").unwrap();
+        assert_eq!(remove_stale_temps(dir.path()).unwrap(), 1);
+        assert!(dir.path().join("keep").exists());
+    }
+}

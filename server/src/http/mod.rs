@@ -1,0 +1,185 @@
+//! The REST API (axum). The CLI and the pipeline use the same routes.
+//!
+//! ```text
+//! GET  /healthz                              {"status":"ok"}
+//! GET  /api/v1/keys                          the manifest signing key
+//! POST /api/v1/models                        multipart: metadata (JSON) + model (ONNX)
+//! GET  /api/v1/models[/{slot}/{version}]     model records
+//! GET  /artifacts/{sha256}                   model bytes (Range requests answered with 206)
+//! POST /api/v1/rollouts                      {"slot","version","devices"|"selector"}, Idempotency-Key
+//! GET  /api/v1/rollouts[/{id}]               rollouts and their per-device progress
+//! GET  /api/v1/devices[/{id}]                devices: status, info, telemetry
+//! ```
+//! Every error is JSON: `{"error": "<one line>"}`.
+
+mod devices;
+mod models;
+mod rollouts;
+
+use std::error::Error as StdError;
+use std::sync::Arc;
+
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, State};
+use axum::http::StatusCode;
+use axum::http::request::Parts;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::fleet::Fleet;
+use crate::registry::Registry;
+use crate::rollouts::create::RolloutService;
+
+/// Slack for the multipart framing and the metadata part above the model size cap.
+const BODY_SLACK: u64 = 1024 * 1024;
+
+/// What the handlers share.
+#[derive(Debug)]
+pub struct App {
+    pub registry: Arc<Registry>,
+    pub rollouts: Arc<RolloutService>,
+    pub fleet: Arc<Fleet>,
+    pub key_id: String,
+    pub public_key: String,
+    pub max_model_bytes: u64,
+}
+
+type AppState = State<Arc<App>>;
+
+/// An error answer: a status and one line of text.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, message: impl std::fmt::Display) -> Self {
+        Self {
+            status,
+            message: message.to_string().replace(['\n', '\r'], " "),
+        }
+    }
+
+    /// An error whose whole cause chain the client should read.
+    pub fn from_error(status: StatusCode, err: &(dyn StdError + 'static)) -> Self {
+        let mut message = err.to_string();
+        let mut source = err.source();
+        while let Some(cause) = source {
+            message.push_str(": ");
+            message.push_str(&cause.to_string());
+            source = cause.source();
+        }
+        if status.is_server_error() {
+            tracing::error!(%status, error = %message, "request failed");
+        }
+        Self::new(status, message)
+    }
+
+    pub fn not_found(what: impl std::fmt::Display) -> Self {
+        Self::new(StatusCode::NOT_FOUND, what)
+    }
+
+    pub fn bad_request(what: impl std::fmt::Display) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, what)
+    }
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: &'a str,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (
+            self.status,
+            Json(ErrorBody {
+                error: &self.message,
+            }),
+        )
+            .into_response()
+    }
+}
+
+/// `Path`, with its rejections (bad percent-encoding, …) answered as JSON errors.
+#[derive(Debug)]
+pub struct ApiPath<T>(pub T);
+
+impl<S, T> FromRequestParts<S> for ApiPath<T>
+where
+    T: DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match Path::<T>::from_request_parts(parts, state).await {
+            Ok(Path(value)) => Ok(Self(value)),
+            Err(rejection) => Err(ApiError::new(rejection.status(), rejection.body_text())),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct Health {
+    status: &'static str,
+}
+
+async fn healthz() -> Json<Health> {
+    Json(Health { status: "ok" })
+}
+
+#[derive(Serialize)]
+struct KeyInfo<'a> {
+    key_id: &'a str,
+    public_key: &'a str,
+}
+
+async fn keys(State(app): AppState) -> Response {
+    Json(KeyInfo {
+        key_id: &app.key_id,
+        public_key: &app.public_key,
+    })
+    .into_response()
+}
+
+async fn no_route() -> ApiError {
+    ApiError::not_found("no such route; the API lives under /api/v1")
+}
+
+async fn wrong_method() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method not allowed on this route",
+    )
+}
+
+/// The whole API.
+pub fn router(app: Arc<App>) -> Router {
+    let upload_limit =
+        usize::try_from(app.max_model_bytes.saturating_add(BODY_SLACK)).unwrap_or(usize::MAX);
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/api/v1/keys", get(keys))
+        .route(
+            "/api/v1/models",
+            get(models::list)
+                .post(models::upload)
+                .layer(DefaultBodyLimit::max(upload_limit)),
+        )
+        .route("/api/v1/models/{slot}/{version}", get(models::get))
+        .route("/artifacts/{sha256}", get(models::artifact))
+        .route(
+            "/api/v1/rollouts",
+            get(rollouts::list).post(rollouts::create),
+        )
+        .route("/api/v1/rollouts/{id}", get(rollouts::get))
+        .route("/api/v1/devices", get(devices::list))
+        .route("/api/v1/devices/{id}", get(devices::get))
+        .fallback(no_route)
+        .method_not_allowed_fallback(wrong_method)
+        .with_state(app)
+}

@@ -1,0 +1,83 @@
+//! Rollout requests and progress.
+
+use axum::Json;
+use axum::extract::State;
+use axum::extract::rejection::JsonRejection;
+use axum::http::{HeaderMap, StatusCode};
+use botfleet_protocol::RolloutId;
+
+use super::{ApiError, ApiPath, AppState};
+use crate::link::PublishError;
+use crate::rollouts::create::CreateError;
+use crate::rollouts::{CreatedRollout, IdempotencyKey, RolloutRequest, RolloutView};
+
+const IDEMPOTENCY_KEY: &str = "idempotency-key";
+
+impl From<CreateError> for ApiError {
+    fn from(err: CreateError) -> Self {
+        let status = match &err {
+            CreateError::Targets(_) | CreateError::Version(_) => StatusCode::BAD_REQUEST,
+            CreateError::UnknownModel { .. } => StatusCode::NOT_FOUND,
+            CreateError::NoDevices
+            | CreateError::NoMatch { .. }
+            | CreateError::KeyReused
+            | CreateError::Publish(PublishError::TooLarge { .. }) => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
+            CreateError::Publish(PublishError::LinkGone(_)) => StatusCode::SERVICE_UNAVAILABLE,
+            CreateError::Publish(PublishError::Encode { .. })
+            | CreateError::Desired(_)
+            | CreateError::Id(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError::from_error(status, &err)
+    }
+}
+
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<IdempotencyKey>, ApiError> {
+    let Some(value) = headers.get(IDEMPOTENCY_KEY) else {
+        return Ok(None);
+    };
+    let text = value.to_str().map_err(|_| {
+        ApiError::bad_request("Idempotency-Key must be 1 to 255 visible ASCII characters")
+    })?;
+    IdempotencyKey::new(text)
+        .map(Some)
+        .map_err(ApiError::bad_request)
+}
+
+/// `POST /api/v1/rollouts`: 202 with the rollout id and its devices.
+pub async fn create(
+    State(app): AppState,
+    headers: HeaderMap,
+    body: Result<Json<RolloutRequest>, JsonRejection>,
+) -> Result<(StatusCode, Json<CreatedRollout>), ApiError> {
+    let key = idempotency_key(&headers)?;
+    let Json(request) = body.map_err(|r| {
+        // 415 for a missing JSON content type; any other malformed body is a 400.
+        let status = match r.status() {
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            _ => StatusCode::BAD_REQUEST,
+        };
+        ApiError::new(status, r.body_text())
+    })?;
+    let created = app.rollouts.create(request, key).await?;
+    Ok((StatusCode::ACCEPTED, Json(created.response)))
+}
+
+/// `GET /api/v1/rollouts`: every rollout, without per-device detail.
+pub async fn list(State(app): AppState) -> Json<Vec<RolloutView>> {
+    Json(app.fleet.rollouts().list())
+}
+
+/// `GET /api/v1/rollouts/{id}`
+pub async fn get(
+    State(app): AppState,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Json<RolloutView>, ApiError> {
+    let id = RolloutId::new(id).map_err(ApiError::bad_request)?;
+    app.fleet
+        .rollouts()
+        .get(&id)
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found(format!("no rollout {id}")))
+}

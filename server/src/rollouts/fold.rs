@@ -1,0 +1,264 @@
+//! One device's progress through one rollout, folded from its events.
+//!
+//! The fold does not depend on delivery order: events are kept sorted by their time (ties by
+//! stage order), the latest one decides the outcome, and an event seen twice (QoS 1
+//! redelivery) changes nothing.
+
+use botfleet_protocol::messages::{BenchReport, RejectReason, Stage};
+use jiff::Timestamp;
+use serde::Serialize;
+
+/// Events kept per device; resumed downloads can report many.
+const MAX_HISTORY: usize = 64;
+
+/// Where a device stands in a rollout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// Nothing heard yet.
+    Pending,
+    /// Working through the stages.
+    InProgress,
+    /// The model serves the slot.
+    Active,
+    /// The device refused the model.
+    Rejected,
+    /// Something went wrong that may pass; the device may retry.
+    Failed,
+}
+
+impl Outcome {
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Outcome::Active | Outcome::Rejected | Outcome::Failed)
+    }
+}
+
+/// One reported stage.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HistoryEntry {
+    pub stage: &'static str,
+    pub at: Timestamp,
+}
+
+/// A device's progress as the API shows it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ProgressView {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stage: Option<&'static str>,
+    pub outcome: Outcome,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<RejectReason>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bench: Option<BenchReport>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub updated_at: Option<Timestamp>,
+    pub history: Vec<HistoryEntry>,
+}
+
+/// A device's progress: the events seen, in time order.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DeviceProgress {
+    events: Vec<(Timestamp, Stage)>,
+}
+
+/// Order of stages within one instant: a later stage wins a tie.
+fn rank(stage: &Stage) -> u8 {
+    match stage {
+        Stage::Received => 0,
+        Stage::Verified { .. } => 1,
+        Stage::Downloading { .. } => 2,
+        Stage::Downloaded { .. } => 3,
+        Stage::Loaded { .. } => 4,
+        Stage::Benchmarked(_) => 5,
+        Stage::Failed { .. } => 6,
+        Stage::Rejected { .. } => 7,
+        Stage::Active { .. } => 8,
+    }
+}
+
+impl DeviceProgress {
+    /// Records one event; `false` when it was already recorded.
+    pub fn apply(&mut self, at: Timestamp, stage: &Stage) -> bool {
+        if self.events.iter().any(|(t, s)| *t == at && s == stage) {
+            return false;
+        }
+        let key = (at, rank(stage));
+        let pos = self.events.partition_point(|(t, s)| (*t, rank(s)) <= key);
+        self.events.insert(pos, (at, stage.clone()));
+        if self.events.len() > MAX_HISTORY {
+            // Keep the newest; the oldest (received, early downloads) matter least.
+            self.events.remove(0);
+        }
+        true
+    }
+
+    fn latest(&self) -> Option<&(Timestamp, Stage)> {
+        self.events.last()
+    }
+
+    pub fn outcome(&self) -> Outcome {
+        match self.latest().map(|(_, s)| s) {
+            None => Outcome::Pending,
+            Some(Stage::Active { .. }) => Outcome::Active,
+            Some(Stage::Rejected { .. }) => Outcome::Rejected,
+            Some(Stage::Failed { .. }) => Outcome::Failed,
+            Some(_) => Outcome::InProgress,
+        }
+    }
+
+    pub fn view(&self) -> ProgressView {
+        let latest = self.latest();
+        let (reason, message) = match latest.map(|(_, s)| s) {
+            Some(Stage::Rejected { reason, message }) => (Some(*reason), Some(message.clone())),
+            Some(Stage::Failed { message }) => (None, Some(message.clone())),
+            _ => (None, None),
+        };
+        let bench = self.events.iter().rev().find_map(|(_, s)| match s {
+            Stage::Benchmarked(report) => Some(report.clone()),
+            _ => None,
+        });
+        ProgressView {
+            stage: latest.map(|(_, s)| s.name()),
+            outcome: self.outcome(),
+            reason,
+            message,
+            bench,
+            updated_at: latest.map(|(t, _)| *t),
+            history: self
+                .events
+                .iter()
+                .map(|(at, s)| HistoryEntry {
+                    stage: s.name(),
+                    at: *at,
+                })
+                .collect(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(s: i64) -> Timestamp {
+        Timestamp::from_second(s).unwrap()
+    }
+
+    fn bench(p99: f64) -> Stage {
+        Stage::Benchmarked(BenchReport {
+            runs: 20,
+            p50_ms: 1.0,
+            p99_ms: p99,
+            mean_ms: 1.1,
+            incumbent_p99_ms: None,
+            reference_max_abs_err: Some(1e-5),
+            passed: true,
+        })
+    }
+
+    #[test]
+    fn stages_lead_to_active() {
+        let mut p = DeviceProgress::default();
+        assert_eq!(p.outcome(), Outcome::Pending);
+        p.apply(t(1), &Stage::Received);
+        assert_eq!(p.outcome(), Outcome::InProgress);
+        p.apply(t(2), &bench(2.0));
+        p.apply(
+            t(3),
+            &Stage::Active {
+                previous: None,
+                swap_micros: 40,
+            },
+        );
+        let view = p.view();
+        assert_eq!(view.outcome, Outcome::Active);
+        assert_eq!(view.stage, Some("active"));
+        assert_eq!(view.bench.unwrap().p99_ms, 2.0);
+        assert_eq!(view.updated_at, Some(t(3)));
+        let stages: Vec<_> = view.history.iter().map(|h| h.stage).collect();
+        assert_eq!(stages, ["received", "benchmarked", "active"]);
+    }
+
+    #[test]
+    fn a_duplicate_event_changes_nothing() {
+        let mut p = DeviceProgress::default();
+        assert!(p.apply(t(1), &Stage::Received));
+        let before = p.clone();
+        assert!(!p.apply(t(1), &Stage::Received));
+        assert_eq!(p, before);
+    }
+
+    #[test]
+    fn a_late_redelivered_stage_does_not_undo_a_terminal_one() {
+        let mut p = DeviceProgress::default();
+        let rejected = Stage::Rejected {
+            reason: RejectReason::GateMissed,
+            message: "p99 9 ms over the 5 ms budget".into(),
+        };
+        p.apply(t(5), &rejected);
+        p.apply(t(2), &bench(9.0));
+        let view = p.view();
+        assert_eq!(view.outcome, Outcome::Rejected);
+        assert_eq!(view.reason, Some(RejectReason::GateMissed));
+        assert_eq!(
+            view.message.as_deref(),
+            Some("p99 9 ms over the 5 ms budget")
+        );
+        assert_eq!(view.history[0].stage, "benchmarked");
+    }
+
+    #[test]
+    fn a_retry_after_a_failure_is_in_progress_again() {
+        let mut p = DeviceProgress::default();
+        p.apply(
+            t(1),
+            &Stage::Failed {
+                message: "connection reset".into(),
+            },
+        );
+        assert_eq!(p.outcome(), Outcome::Failed);
+        p.apply(
+            t(2),
+            &Stage::Downloading {
+                total_bytes: 10,
+                offset: 4,
+            },
+        );
+        assert_eq!(p.outcome(), Outcome::InProgress);
+        assert_eq!(p.view().message, None);
+    }
+
+    #[test]
+    fn ties_in_time_are_ordered_by_stage() {
+        let mut a = DeviceProgress::default();
+        let active = Stage::Active {
+            previous: None,
+            swap_micros: 1,
+        };
+        a.apply(t(1), &active);
+        a.apply(t(1), &Stage::Received);
+        let mut b = DeviceProgress::default();
+        b.apply(t(1), &Stage::Received);
+        b.apply(t(1), &active);
+        assert_eq!(a, b);
+        assert_eq!(a.outcome(), Outcome::Active);
+    }
+
+    #[test]
+    fn history_is_bounded() {
+        let mut p = DeviceProgress::default();
+        for i in 0..200 {
+            p.apply(
+                t(i),
+                &Stage::Downloading {
+                    total_bytes: 100,
+                    offset: i as u64,
+                },
+            );
+        }
+        assert_eq!(p.view().history.len(), MAX_HISTORY);
+        assert_eq!(p.view().updated_at, Some(t(199)));
+    }
+}

@@ -1,0 +1,282 @@
+//! Rollouts end to end through the embedded broker: desired documents out, events in.
+
+mod common;
+
+use botfleet_protocol::messages::Desired;
+use botfleet_protocol::{ExpiryCheck, TopicKind, TrustedKeys};
+use common::{MqttClient, TestServer, topic};
+use serde_json::{Value, json};
+
+#[tokio::test]
+async fn a_rollout_publishes_a_retained_desired_document_signed_by_the_server() {
+    let server = TestServer::start().await;
+    let record = server.upload_pnet("faces", "1.0.0").await;
+    let body = json!({"slot": "faces", "version": "1.0.0", "devices": ["robot-1"]});
+    let (status, created) = server.rollout(&body, None).await;
+    assert_eq!(status, 202, "{created}");
+    let rollout_id = created["rollout_id"].as_str().unwrap().to_owned();
+    assert!(
+        rollout_id.starts_with("r-") && rollout_id.len() == 14,
+        "{rollout_id}"
+    );
+    assert_eq!(created["devices"], json!(["robot-1"]));
+
+    // Subscribed after the publish: the broker hands over the retained document.
+    let mut observer = MqttClient::connect(server.mqtt_addr(), "observer").await;
+    let desired_topic = topic("robot-1", TopicKind::Desired);
+    observer.subscribe(&desired_topic).await;
+    let publish = observer.next_publish(&desired_topic).await;
+    assert!(publish.retain, "a late subscriber gets it as retained");
+    let desired: Desired = serde_json::from_slice(&publish.payload).unwrap();
+    assert_eq!(desired.generation, 1);
+    let slot = &desired.slots[&"faces".parse().unwrap()];
+    assert_eq!(slot.rollout_id.as_ref().unwrap().as_str(), rollout_id);
+    assert_eq!(slot.artifact_url, record["artifact_url"].as_str().unwrap());
+    let trusted = TrustedKeys::parse([server.running.public_key().as_str()]).unwrap();
+    let manifest = slot
+        .manifest
+        .verify(&trusted, ExpiryCheck::At(jiff::Timestamp::now()))
+        .unwrap();
+    assert_eq!(
+        manifest.artifact.sha256.to_hex(),
+        record["sha256"].as_str().unwrap()
+    );
+
+    // The next rollout to the same device raises the generation and keeps other slots.
+    server.upload_pnet("faces-b", "1.0.0").await;
+    let body = json!({"slot": "faces-b", "version": "1.0.0", "devices": ["robot-1"]});
+    assert_eq!(server.rollout(&body, None).await.0, 202);
+    let publish = observer.next_publish(&desired_topic).await;
+    let desired: Desired = serde_json::from_slice(&publish.payload).unwrap();
+    assert_eq!(desired.generation, 2);
+    assert_eq!(desired.slots.len(), 2);
+
+    let (status, view) = server.get(&format!("/api/v1/rollouts/{rollout_id}")).await;
+    assert_eq!(status, 200);
+    assert_eq!(view["state"], "in_progress");
+    assert_eq!(view["devices"]["robot-1"]["outcome"], "pending");
+    assert_eq!(view["release"], 1);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn an_idempotency_key_replays_the_same_rollout_and_refuses_another_body() {
+    let server = TestServer::start().await;
+    server.upload_pnet("faces", "1.0.0").await;
+    let body = json!({"slot": "faces", "version": "1.0.0", "devices": ["robot-1", "robot-2"]});
+    let (status, first) = server.rollout(&body, Some("airflow-run-7")).await;
+    assert_eq!(status, 202, "{first}");
+    let (status, again) = server.rollout(&body, Some("airflow-run-7")).await;
+    assert_eq!((status, &again), (202, &first));
+    let (_, list) = server.get("/api/v1/rollouts").await;
+    assert_eq!(
+        list.as_array().unwrap().len(),
+        1,
+        "nothing made twice: {list}"
+    );
+
+    let other = json!({"slot": "faces", "version": "1.0.0", "devices": ["robot-3"]});
+    let (status, body) = server.rollout(&other, Some("airflow-run-7")).await;
+    assert_eq!(status, 422, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("Idempotency-Key"));
+
+    // Generations moved once per device, not twice.
+    let saved = std::fs::read(server.dir.path().join("desired/robot-1.json")).unwrap();
+    let desired: Desired = serde_json::from_slice(&saved).unwrap();
+    assert_eq!(desired.generation, 1);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn bad_rollout_requests_get_clear_errors() {
+    let server = TestServer::start().await;
+    server.upload_pnet("faces", "1.0.0").await;
+    let cases = [
+        (
+            json!({"slot": "faces", "version": "9.9.9", "devices": ["r1"]}),
+            404,
+        ),
+        (
+            json!({"slot": "faces", "version": "1.0.0", "devices": []}),
+            422,
+        ),
+        (
+            json!({"slot": "faces", "version": "1.0.0", "selector": "site=nowhere"}),
+            422,
+        ),
+        (json!({"slot": "faces", "version": "1.0.0"}), 400),
+        (
+            json!({"slot": "faces", "version": "1.0.0", "devices": ["r1"], "selector": "a=b"}),
+            400,
+        ),
+        (
+            json!({"slot": "faces", "version": "1.0.0", "devices": ["a/b"]}),
+            400,
+        ),
+        (
+            json!({"slot": "faces", "version": "1.0.0", "selector": "site"}),
+            400,
+        ),
+    ];
+    for (body, want) in cases {
+        let (status, answer) = server.rollout(&body, None).await;
+        assert_eq!(status, want, "{body} → {answer}");
+        assert!(answer["error"].is_string(), "{answer}");
+    }
+    let (status, _) = server.get("/api/v1/rollouts/r-000000000000").await;
+    assert_eq!(status, 404);
+    server.stop().await;
+}
+
+fn info(labels: Value) -> Vec<u8> {
+    json!({
+        "agent_version": "0.1.0", "hostname": "h", "arch": "x86_64",
+        "cpu_cores": 2, "memory_total_bytes": 1024, "labels": labels
+    })
+    .to_string()
+    .into_bytes()
+}
+
+#[tokio::test]
+async fn a_selector_targets_devices_by_the_labels_of_their_info() {
+    let server = TestServer::start().await;
+    server.upload_pnet("faces", "1.0.0").await;
+    let mut robot = MqttClient::connect(server.mqtt_addr(), "robot-fixture").await;
+    let lab = info(json!({"site": "lab", "arch": "x86_64"}));
+    robot
+        .publish(&topic("robot-a", TopicKind::Info), true, lab)
+        .await;
+    let field = info(json!({"site": "field"}));
+    robot
+        .publish(&topic("robot-b", TopicKind::Info), true, field)
+        .await;
+    server
+        .wait_for("/api/v1/devices", |v| {
+            v.as_array().is_some_and(|a| a.len() == 2)
+        })
+        .await;
+
+    let body = json!({"slot": "faces", "version": "1.0.0", "selector": "site=lab,arch=x86_64"});
+    let (status, created) = server.rollout(&body, None).await;
+    assert_eq!(status, 202, "{created}");
+    assert_eq!(created["devices"], json!(["robot-a"]));
+
+    let (status, device) = server.get("/api/v1/devices/robot-a").await;
+    assert_eq!(status, 200);
+    assert_eq!(device["info"]["labels"]["site"], "lab");
+    assert_eq!(device["online"], false);
+    server.stop().await;
+}
+
+fn event(device: &str, rollout: &str, sha: &str, at: &str, stage: Value) -> Vec<u8> {
+    let mut event = json!({
+        "device": device, "rollout_id": rollout, "slot": "faces", "sha256": sha, "at": at
+    });
+    for (k, v) in stage.as_object().into_iter().flatten() {
+        event[k] = v.clone();
+    }
+    event.to_string().into_bytes()
+}
+
+#[tokio::test]
+async fn device_events_fold_into_the_rollout_status() {
+    let server = TestServer::start().await;
+    let record = server.upload_pnet("faces", "1.0.0").await;
+    let sha = record["sha256"].as_str().unwrap();
+    let body = json!({"slot": "faces", "version": "1.0.0", "devices": ["robot-1", "robot-2"]});
+    let (_, created) = server.rollout(&body, None).await;
+    let id = created["rollout_id"].as_str().unwrap();
+
+    let mut robot = MqttClient::connect(server.mqtt_addr(), "robot-1").await;
+    let status = json!({"online": true, "agent_version": "0.1.0", "at": "2025-01-01T00:00:00Z"});
+    robot
+        .publish(
+            &topic("robot-1", TopicKind::Status),
+            true,
+            status.to_string().into_bytes(),
+        )
+        .await;
+    let events = topic("robot-1", TopicKind::Events);
+    let bench = json!({"stage": "benchmarked", "runs": 20, "p50_ms": 1.0, "p99_ms": 2.0,
+                       "mean_ms": 1.2, "passed": true});
+    for (at, stage) in [
+        ("2025-01-01T00:00:01Z", json!({"stage": "received"})),
+        ("2025-01-01T00:00:02Z", bench),
+        ("2025-01-01T00:00:02Z", json!({"stage": "received"})), // a late, out-of-order stage
+        (
+            "2025-01-01T00:00:03Z",
+            json!({"stage": "active", "swap_micros": 40}),
+        ),
+    ] {
+        robot
+            .publish(&events, false, event("robot-1", id, sha, at, stage))
+            .await;
+    }
+    // A duplicate, another rollout's event and malformed JSON change nothing.
+    let active = json!({"stage": "active", "swap_micros": 40});
+    let dup = event("robot-1", id, sha, "2025-01-01T00:00:03Z", active.clone());
+    robot.publish(&events, false, dup).await;
+    let foreign = event(
+        "robot-1",
+        "r-ffffffffffff",
+        sha,
+        "2025-01-01T00:00:09Z",
+        json!({"stage": "failed", "message": "x"}),
+    );
+    robot.publish(&events, false, foreign).await;
+    robot.publish(&events, false, b"{not json".to_vec()).await;
+    let rejected =
+        json!({"stage": "rejected", "reason": "gate_missed", "message": "p99 over budget"});
+    let robot2 = event("robot-2", id, sha, "2025-01-01T00:00:04Z", rejected);
+    robot
+        .publish(&topic("robot-2", TopicKind::Events), false, robot2)
+        .await;
+
+    let path = format!("/api/v1/rollouts/{id}");
+    let view = server.wait_for(&path, |v| v["state"] == "completed").await;
+    assert_eq!(
+        view["summary"],
+        json!({"pending": 0, "in_progress": 0, "active": 1, "rejected": 1, "failed": 0})
+    );
+    let one = &view["devices"]["robot-1"];
+    assert_eq!(one["outcome"], "active");
+    assert_eq!(one["stage"], "active");
+    assert_eq!(one["bench"]["p99_ms"], 2.0);
+    assert_eq!(one["history"].as_array().unwrap().len(), 4, "{one}");
+    let two = &view["devices"]["robot-2"];
+    assert_eq!(
+        (&two["outcome"], &two["reason"]),
+        (&json!("rejected"), &json!("gate_missed"))
+    );
+    assert_eq!(two["message"], "p99 over budget");
+
+    let device = server
+        .wait_for("/api/v1/devices/robot-1", |d| d["online"] == true)
+        .await;
+    assert_eq!(device["status"]["agent_version"], "0.1.0");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn desired_documents_are_published_again_after_a_restart_and_generations_keep_growing() {
+    let server = TestServer::start().await;
+    server.upload_pnet("faces", "1.0.0").await;
+    let body = json!({"slot": "faces", "version": "1.0.0", "devices": ["robot-1"]});
+    assert_eq!(server.rollout(&body, None).await.0, 202);
+    let dir = server.stop().await;
+
+    // A fresh embedded broker holds no retained messages: the server publishes them again.
+    let server = TestServer::start_in(dir).await;
+    let mut observer = MqttClient::connect(server.mqtt_addr(), "observer").await;
+    let desired_topic = topic("robot-1", TopicKind::Desired);
+    observer.subscribe(&desired_topic).await;
+    let publish = observer.next_publish(&desired_topic).await;
+    let desired: Desired = serde_json::from_slice(&publish.payload).unwrap();
+    assert_eq!(desired.generation, 1);
+
+    assert_eq!(server.rollout(&body, None).await.0, 202);
+    let publish = observer.next_publish(&desired_topic).await;
+    let desired: Desired = serde_json::from_slice(&publish.payload).unwrap();
+    assert_eq!(desired.generation, 2);
+    server.stop().await;
+}
