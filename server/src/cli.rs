@@ -47,8 +47,17 @@ pub enum Command {
     /// Rollouts of models to devices.
     #[command(subcommand)]
     Rollout(RolloutCommand),
-    /// List devices and what they report.
+    /// List devices and what they report (same as `device list`).
     Devices(ServerArg),
+    /// Devices.
+    #[command(subcommand)]
+    Device(DeviceCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DeviceCommand {
+    /// List devices: presence, status, info, telemetry.
+    List(ServerArg),
 }
 
 #[derive(Debug, Args)]
@@ -126,6 +135,36 @@ pub enum RolloutCommand {
         /// Makes retries safe: the same key and request give the same rollout.
         #[arg(long)]
         idempotency_key: Option<String>,
+        /// Strategy as JSON, e.g. '{"waves":[{"count":1},{"percent":100}],"bake_s":600}'.
+        #[arg(long)]
+        strategy: Option<String>,
+        /// Take over devices a live rollout of the slot still owns.
+        #[arg(long)]
+        supersede: bool,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+    /// Start no more devices until resumed.
+    Pause {
+        id: String,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+    /// Go on after a pause; the paused wave's thresholds are waived.
+    Resume {
+        id: String,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+    /// Stop; devices that have not taken the model keep theirs.
+    Abort {
+        id: String,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+    /// Stop; devices that took the model get their previous one back.
+    Rollback {
+        id: String,
         #[command(flatten)]
         server: ServerArg,
     },
@@ -261,12 +300,25 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             devices,
             selector,
             idempotency_key,
+            strategy,
+            supersede,
             server,
         }) => {
-            let body = match selector {
+            let mut body = match selector {
                 Some(selector) => json!({"slot": slot, "version": version, "selector": selector}),
                 None => json!({"slot": slot, "version": version, "devices": devices}),
             };
+            if let Some(strategy) = strategy {
+                body["strategy"] = serde_json::from_str::<Value>(&strategy).map_err(|source| {
+                    ClientError::BadJson {
+                        what: "--strategy",
+                        source,
+                    }
+                })?;
+            }
+            if supersede {
+                body["supersede"] = json!(true);
+            }
             let client = ApiClient::new(&server.server)?;
             print_json(
                 &client
@@ -285,7 +337,23 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                     .await?,
             );
         }
-        Command::Devices(server) => {
+        Command::Rollout(
+            op @ (RolloutCommand::Pause { .. }
+            | RolloutCommand::Resume { .. }
+            | RolloutCommand::Abort { .. }
+            | RolloutCommand::Rollback { .. }),
+        ) => {
+            let (verb, id, server) = match op {
+                RolloutCommand::Pause { id, server } => ("pause", id, server),
+                RolloutCommand::Resume { id, server } => ("resume", id, server),
+                RolloutCommand::Abort { id, server } => ("abort", id, server),
+                RolloutCommand::Rollback { id, server } => ("rollback", id, server),
+                _ => return Ok(()),
+            };
+            let path = format!("/api/v1/rollouts/{id}/{verb}");
+            print_json(&ApiClient::new(&server.server)?.post(&path).await?);
+        }
+        Command::Devices(server) | Command::Device(DeviceCommand::List(server)) => {
             print_json(
                 &ApiClient::new(&server.server)?
                     .get("/api/v1/devices")
@@ -323,6 +391,35 @@ mod tests {
         assert!(parse(&[&base[..], &["--device", "r1", "--device", "r2"]].concat()).is_ok());
         assert!(parse(&[&base[..], &["--selector", "site=lab"]].concat()).is_ok());
         assert!(parse(&[&base[..], &["--device", "r1", "--selector", "a=b"]].concat()).is_err());
+    }
+
+    #[test]
+    fn rollout_operations_and_device_list_parse() {
+        for op in ["pause", "resume", "abort", "rollback"] {
+            let cli = Cli::try_parse_from(["botfleet-server", "rollout", op, "r-1"]).unwrap();
+            assert!(matches!(cli.command, Command::Rollout(_)), "{op}");
+        }
+        let cli = Cli::try_parse_from(["botfleet-server", "device", "list"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Device(DeviceCommand::List(_))
+        ));
+        let strategy = r#"{"waves":[{"count":1}]}"#;
+        let cli = Cli::try_parse_from([
+            "botfleet-server",
+            "rollout",
+            "create",
+            "--slot",
+            "s",
+            "--version",
+            "1",
+            "--device",
+            "r1",
+            "--strategy",
+            strategy,
+            "--supersede",
+        ]);
+        assert!(cli.is_ok());
     }
 
     #[test]

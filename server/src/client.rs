@@ -21,6 +21,12 @@ pub enum ClientError {
         #[source]
         source: Option<serde_json::Error>,
     },
+    #[error("{what} is not valid JSON")]
+    BadJson {
+        what: &'static str,
+        #[source]
+        source: serde_json::Error,
+    },
     #[error("--input {0:?} must look like NAME:FP32:1x3x224x224")]
     Input(String),
     #[error("cannot set up the HTTP client")]
@@ -161,6 +167,12 @@ impl ApiClient {
     pub async fn get(&self, path: &str) -> Result<Value, ClientError> {
         let url = self.url(path);
         self.send(url.clone(), self.http.get(&url)).await
+    }
+
+    /// `POST` without a body (rollout operations).
+    pub async fn post(&self, path: &str) -> Result<Value, ClientError> {
+        let url = self.url(path);
+        self.send(url.clone(), self.http.post(&url)).await
     }
 
     pub async fn push_model(&self, file: &Path, metadata: &Value) -> Result<Value, ClientError> {

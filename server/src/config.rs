@@ -59,6 +59,29 @@ pub struct Config {
     pub max_model_bytes: u64,
     pub mqtt: MqttConfig,
     pub signing: SigningConfig,
+    pub metrics: MetricsConfig,
+}
+
+/// Cardinality limits of the per-device series on `GET /metrics`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Online devices that get per-device series; the rest are counted as omitted.
+    pub max_devices: usize,
+    /// Temperature sensors per device (the first by name).
+    pub max_sensors_per_device: usize,
+    /// GPUs per device.
+    pub max_gpus_per_device: usize,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            max_devices: 500,
+            max_sensors_per_device: 8,
+            max_gpus_per_device: 8,
+        }
+    }
 }
 
 /// How the server reaches MQTT.
@@ -94,6 +117,7 @@ impl Default for Config {
             max_model_bytes: 512 * 1024 * 1024,
             mqtt: MqttConfig::default(),
             signing: SigningConfig::default(),
+            metrics: MetricsConfig::default(),
         }
     }
 }

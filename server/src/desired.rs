@@ -95,6 +95,39 @@ impl DesiredStore {
         }
     }
 
+    /// What `device` is told to run in `slot` now.
+    pub fn current(&self, device: &DeviceId, slot: &SlotName) -> Option<&DesiredModel> {
+        self.docs.get(device).and_then(|doc| doc.slots.get(slot))
+    }
+
+    /// The next document for `device` with `slot` set to `model`, or left out when `None`
+    /// (the device keeps what it serves there).
+    pub fn next_with(
+        &self,
+        device: &DeviceId,
+        slot: &SlotName,
+        model: Option<DesiredModel>,
+    ) -> Desired {
+        let (generation, mut slots) = match self.docs.get(device) {
+            Some(doc) => (doc.generation, doc.slots.clone()),
+            None => (0, BTreeMap::new()),
+        };
+        match model {
+            Some(model) => slots.insert(slot.clone(), model),
+            None => slots.remove(slot),
+        };
+        Desired {
+            generation: generation + 1,
+            slots,
+        }
+    }
+
+    /// Remembers `doc` for `device` before it is written, so that the next document made
+    /// for the device builds on it.
+    pub fn stage(&mut self, device: &DeviceId, doc: Desired) {
+        self.docs.insert(device.clone(), doc);
+    }
+
     /// Writes `doc` for `device` to disk (atomically), then remembers it.
     pub async fn commit(&mut self, device: &DeviceId, doc: Desired) -> Result<(), DesiredError> {
         let bytes = serde_json::to_vec_pretty(&doc).map_err(DesiredError::Encode)?;

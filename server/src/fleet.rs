@@ -23,6 +23,14 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Fleet {
+    /// A fleet picture starting from rollouts loaded from the database.
+    pub fn with_rollouts(rollouts: Rollouts) -> Self {
+        Self {
+            devices: Mutex::default(),
+            rollouts: Mutex::new(rollouts),
+        }
+    }
+
     pub fn devices(&self) -> MutexGuard<'_, Devices> {
         lock(&self.devices)
     }
@@ -34,7 +42,10 @@ impl Fleet {
     /// Folds one message from `device` in.
     pub fn apply(&self, device: &DeviceId, message: Inbound, now: Timestamp) {
         match message {
-            Inbound::Status(status) => self.devices().apply_status(device, status, now),
+            Inbound::Status(status) => {
+                self.rollouts().observe_status(device, &status);
+                self.devices().apply_status(device, status, now);
+            }
             Inbound::Info(info) => self.devices().apply_info(device, info, now),
             Inbound::Telemetry(t) => self.devices().apply_telemetry(device, *t, now),
             Inbound::Event(event) => {

@@ -319,6 +319,7 @@ pub fn build_manifest(
         provenance: meta.provenance.clone(),
         issued_at: now,
         expires_at,
+        allow_downgrade: false,
     })
 }
 

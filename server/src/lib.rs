@@ -14,7 +14,8 @@
 //! - `broker`: the embedded rumqttd (default); an external broker is just a URL.
 //! - `link`: the one task that owns the MQTT session; others publish through a handle.
 //! - `registry` + `intake`: model uploads become signed manifests and stored artifacts.
-//! - `rollouts`: pure rollout state (event fold, idempotency) and the rollout service.
+//! - `rollouts`: plans in waves, the pure rollout state machine, the event fold, idempotency,
+//!   and the service that drives them; `db`: the embedded database (redb) they survive in.
 //! - `devices` + `fleet`: what the server knows about each robot.
 //! - `http`: the REST API; [`cli`] drives the same API from a shell.
 //!
@@ -26,6 +27,7 @@ mod broker;
 pub mod cli;
 mod client;
 pub mod config;
+mod db;
 mod desired;
 mod devices;
 mod files;

@@ -109,6 +109,30 @@ impl Publisher {
     }
 }
 
+impl Publisher {
+    /// Publishes a one-off `command` to `device` (QoS 1, not retained).
+    pub async fn publish_command(
+        &self,
+        device: &DeviceId,
+        command: &botfleet_protocol::messages::Command,
+    ) -> Result<(), PublishError> {
+        let payload = serde_json::to_vec(command).map_err(|source| PublishError::Encode {
+            kind: "command",
+            device: device.clone(),
+            source,
+        })?;
+        self.client
+            .publish(
+                self.topics.device(device, TopicKind::Commands),
+                QoS::AtLeastOnce,
+                false,
+                payload,
+            )
+            .await
+            .map_err(PublishError::LinkGone)
+    }
+}
+
 /// The desired document's bytes, refused when over the packet limit.
 pub fn encode_desired(device: &DeviceId, doc: &Desired) -> Result<Vec<u8>, PublishError> {
     let payload = serde_json::to_vec(doc).map_err(|source| PublishError::Encode {

@@ -13,13 +13,15 @@ use tokio_util::sync::CancellationToken;
 
 use crate::broker::{self, BrokerError};
 use crate::config::{BrokerTarget, Config, ConfigError, Settings};
+use crate::db::{Db, DbError};
 use crate::desired::{DesiredError, DesiredStore};
 use crate::fleet::Fleet;
 use crate::http::{self, App};
 use crate::keys::{self, KeyFileError};
 use crate::link::{Link, LinkError, LinkOptions, LinkState, PublishError};
 use crate::registry::{Registry, RegistryError};
-use crate::rollouts::create::RolloutService;
+use crate::rollouts::Rollouts;
+use crate::rollouts::create::{CreateError, RolloutService};
 use crate::tasks::Tasks;
 
 /// How long shutdown waits for tasks (in-flight requests, the MQTT disconnect).
@@ -42,6 +44,10 @@ pub enum Error {
     Registry(#[from] RegistryError),
     #[error(transparent)]
     Desired(#[from] DesiredError),
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error("rollouts cannot go on")]
+    Rollouts(#[source] CreateError),
     #[error("cannot listen on {addr} for HTTP")]
     HttpBind {
         addr: SocketAddr,
@@ -185,6 +191,14 @@ pub async fn start(config: Config) -> Result<Running, Error> {
         signer.clone(),
     )?);
     let desired = DesiredStore::open(&data_dir.join("desired"))?;
+    let db = Arc::new(Db::open(&data_dir.join("botfleet.redb"))?);
+    let loaded = db.load()?;
+    if !loaded.rollouts.is_empty() {
+        tracing::info!(
+            rollouts = loaded.rollouts.len(),
+            "rollouts loaded from the database"
+        );
+    }
 
     let mut tasks = Tasks::new(CancellationToken::new());
     let (link_options, mqtt_url) = match broker_target(&settings, &mut tasks).await {
@@ -195,7 +209,10 @@ pub async fn start(config: Config) -> Result<Running, Error> {
         }
     };
 
-    let fleet = Arc::new(Fleet::default());
+    let fleet = Arc::new(Fleet::with_rollouts(Rollouts::restore(
+        loaded.rollouts,
+        loaded.keys,
+    )));
     let (link, publisher, mut link_state) =
         Link::new(&link_options, settings.topics.clone(), fleet.clone());
     let rollouts = Arc::new(RolloutService::new(
@@ -203,6 +220,7 @@ pub async fn start(config: Config) -> Result<Running, Error> {
         fleet.clone(),
         registry.clone(),
         publisher,
+        db,
     ));
     let app = Arc::new(App {
         registry,
@@ -211,12 +229,21 @@ pub async fn start(config: Config) -> Result<Running, Error> {
         key_id: signer.key_id().to_string(),
         public_key: public_key.clone(),
         max_model_bytes: settings.config.max_model_bytes,
+        metrics: settings.config.metrics,
     });
 
     let cancel = tasks.cancel_token().clone();
     tasks.spawn("mqtt-link", {
         let cancel = cancel.clone();
         async move { link.run(cancel).await.map_err(Error::from) }
+    });
+    tasks.spawn("rollout-driver", {
+        let rollouts = rollouts.clone();
+        let cancel = cancel.clone();
+        async move {
+            rollouts.recover().await.map_err(Error::Rollouts)?;
+            rollouts.run_driver(cancel).await.map_err(Error::Rollouts)
+        }
     });
     tasks.spawn(
         "republish",

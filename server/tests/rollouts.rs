@@ -114,7 +114,7 @@ async fn bad_rollout_requests_get_clear_errors() {
             400,
         ),
         (
-            json!({"slot": "faces", "version": "1.0.0", "selector": "site"}),
+            json!({"slot": "faces", "version": "1.0.0", "selector": "site in (lab"}),
             400,
         ),
     ];
@@ -274,9 +274,72 @@ async fn desired_documents_are_published_again_after_a_restart_and_generations_k
     let desired: Desired = serde_json::from_slice(&publish.payload).unwrap();
     assert_eq!(desired.generation, 1);
 
+    // The rollout survived the restart and still owns robot-1's slot.
+    let (status, refused) = server.rollout(&body, None).await;
+    assert_eq!(status, 409, "{refused}");
+    assert!(refused["error"].as_str().unwrap().contains("supersede"));
+    let (_, list) = server.get("/api/v1/rollouts").await;
+    assert_eq!(list[0]["state"], "in_progress", "{list}");
+
+    let mut body = body;
+    body["supersede"] = json!(true);
     assert_eq!(server.rollout(&body, None).await.0, 202);
+    let (_, list) = server.get("/api/v1/rollouts").await;
+    assert_eq!(list[0]["state"], "superseded", "{list}");
     let publish = observer.next_publish(&desired_topic).await;
     let desired: Desired = serde_json::from_slice(&publish.payload).unwrap();
     assert_eq!(desired.generation, 2);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn metrics_count_rollouts_by_state_and_the_api_describes_itself() {
+    let server = TestServer::start().await;
+    server.upload_pnet("faces", "1.0.0").await;
+    let body = json!({"slot": "faces", "version": "1.0.0", "devices": ["robot-1", "robot-2"]});
+    let (_, created) = server.rollout(&body, None).await;
+    let id = created["rollout_id"].as_str().unwrap();
+    let paused = server.post(&format!("/api/v1/rollouts/{id}/pause")).await;
+    assert_eq!(paused["state"], "paused");
+
+    let text = reqwest::get(format!("{}/metrics", server.running.base_url()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.contains("botfleet_rollouts{state=\"paused\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("botfleet_rollouts{state=\"in_progress\"} 0"),
+        "{text}"
+    );
+    assert!(
+        text.contains("botfleet_rollout_devices{outcome=\"pending\"} 2"),
+        "{text}"
+    );
+    assert!(
+        text.contains("# TYPE botfleet_events_total counter"),
+        "{text}"
+    );
+
+    // Pausing twice is refused with the reason; an unknown rollout is a 404.
+    let again = reqwest::Client::new()
+        .post(format!(
+            "{}/api/v1/rollouts/{id}/pause",
+            server.running.base_url()
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 409);
+    let (status, _) = server.get("/api/v1/rollouts/r-000000000000").await;
+    assert_eq!(status, 404);
+
+    let (status, doc) = server.get("/api/v1/openapi.json").await;
+    assert_eq!(status, 200);
+    assert!(doc["paths"]["/api/v1/rollouts/{id}/rollback"]["post"].is_object());
     server.stop().await;
 }

@@ -8,12 +8,17 @@
 //! GET  /artifacts/{sha256}                   model bytes (Range requests answered with 206)
 //! POST /api/v1/rollouts                      {"slot","version","devices"|"selector"}, Idempotency-Key
 //! GET  /api/v1/rollouts[/{id}]               rollouts and their per-device progress
+//! POST /api/v1/rollouts/{id}/{pause|resume|abort|rollback}
+//! GET  /api/v1/openapi.json                  this API as an OpenAPI 3.1 document
+//! GET  /metrics                              Prometheus text: rollouts, devices, events
 //! GET  /api/v1/devices[/{id}]                devices: status, info, telemetry
 //! ```
 //! Every error is JSON: `{"error": "<one line>"}`.
 
 mod devices;
+mod metrics;
 mod models;
+mod openapi;
 mod rollouts;
 
 use std::error::Error as StdError;
@@ -23,7 +28,7 @@ use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, State};
 use axum::http::StatusCode;
 use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -44,6 +49,8 @@ pub struct App {
     pub key_id: String,
     pub public_key: String,
     pub max_model_bytes: u64,
+    /// Cardinality limits of the per-device metrics.
+    pub metrics: crate::config::MetricsConfig,
 }
 
 type AppState = State<Arc<App>>;
@@ -177,6 +184,12 @@ pub fn router(app: Arc<App>) -> Router {
             get(rollouts::list).post(rollouts::create),
         )
         .route("/api/v1/rollouts/{id}", get(rollouts::get))
+        .route("/api/v1/rollouts/{id}/pause", post(rollouts::pause))
+        .route("/api/v1/rollouts/{id}/resume", post(rollouts::resume))
+        .route("/api/v1/rollouts/{id}/abort", post(rollouts::abort))
+        .route("/api/v1/rollouts/{id}/rollback", post(rollouts::rollback))
+        .route("/api/v1/openapi.json", get(openapi::document))
+        .route("/metrics", get(metrics::metrics))
         .route("/api/v1/devices", get(devices::list))
         .route("/api/v1/devices/{id}", get(devices::get))
         .fallback(no_route)

@@ -9,6 +9,7 @@ use botfleet_protocol::RolloutId;
 use super::{ApiError, ApiPath, AppState};
 use crate::link::PublishError;
 use crate::rollouts::create::CreateError;
+use crate::rollouts::operate::{OperateError, Operation};
 use crate::rollouts::{CreatedRollout, IdempotencyKey, RolloutRequest, RolloutView};
 
 const IDEMPOTENCY_KEY: &str = "idempotency-key";
@@ -24,9 +25,12 @@ impl From<CreateError> for ApiError {
             | CreateError::Publish(PublishError::TooLarge { .. }) => {
                 StatusCode::UNPROCESSABLE_ENTITY
             }
+            CreateError::Conflict { .. } => StatusCode::CONFLICT,
             CreateError::Publish(PublishError::LinkGone(_)) => StatusCode::SERVICE_UNAVAILABLE,
             CreateError::Publish(PublishError::Encode { .. })
             | CreateError::Desired(_)
+            | CreateError::Db(_)
+            | CreateError::DbTask(_)
             | CreateError::Id(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError::from_error(status, &err)
@@ -80,4 +84,60 @@ pub async fn get(
         .get(&id)
         .map(Json)
         .ok_or_else(|| ApiError::not_found(format!("no rollout {id}")))
+}
+
+impl From<OperateError> for ApiError {
+    fn from(err: OperateError) -> Self {
+        match err {
+            OperateError::Unknown(_) => ApiError::from_error(StatusCode::NOT_FOUND, &err),
+            OperateError::WrongState { .. } => ApiError::from_error(StatusCode::CONFLICT, &err),
+            OperateError::Step(inner) => inner.into(),
+        }
+    }
+}
+
+async fn operate(
+    app: &super::App,
+    id: String,
+    op: Operation,
+) -> Result<Json<RolloutView>, ApiError> {
+    let id = RolloutId::new(id).map_err(ApiError::bad_request)?;
+    app.rollouts.operate(&id, op).await?;
+    app.fleet
+        .rollouts()
+        .get(&id)
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found(format!("no rollout {id}")))
+}
+
+/// `POST /api/v1/rollouts/{id}/pause`: no device is started until it is resumed.
+pub async fn pause(
+    State(app): AppState,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Json<RolloutView>, ApiError> {
+    operate(&app, id, Operation::Pause).await
+}
+
+/// `POST /api/v1/rollouts/{id}/resume`: goes on; the paused wave's thresholds are waived.
+pub async fn resume(
+    State(app): AppState,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Json<RolloutView>, ApiError> {
+    operate(&app, id, Operation::Resume).await
+}
+
+/// `POST /api/v1/rollouts/{id}/abort`: devices that have not taken the model keep theirs.
+pub async fn abort(
+    State(app): AppState,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Json<RolloutView>, ApiError> {
+    operate(&app, id, Operation::Abort).await
+}
+
+/// `POST /api/v1/rollouts/{id}/rollback`: devices that took the model get the previous one.
+pub async fn rollback(
+    State(app): AppState,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Json<RolloutView>, ApiError> {
+    operate(&app, id, Operation::Rollback).await
 }

@@ -1,21 +1,24 @@
-//! Making a rollout happen: resolve the targets, write each device's next desired document
-//! to disk, publish it retained, record the rollout. One rollout is made at a time, so
-//! generations and idempotency checks never race.
+//! Making a rollout happen and moving it on: resolve the targets, plan the waves, and
+//! carry out what the state machine asks (command, restore, roll back). Everything that
+//! changes desired documents runs under one lock, so generations and idempotency checks
+//! never race. Order of each step: the rollout is written to the database first (so a
+//! restart never commands a device twice), then the desired documents, then MQTT.
 
 use std::sync::Arc;
 
-use botfleet_protocol::messages::{Desired, DesiredModel};
-use botfleet_protocol::{DeviceId, IdError, RolloutId, SlotName};
+use botfleet_protocol::messages::{Command, CommandKind, Desired, DesiredModel};
+use botfleet_protocol::{CommandId, DeviceId, IdError, RolloutId, SlotName};
 use jiff::Timestamp;
 
+use crate::db::{Db, DbError};
 use crate::desired::{DesiredError, DesiredStore};
 use crate::fleet::Fleet;
 use crate::intake::{IntakeError, ModelVersion};
 use crate::link::{self, PublishError, Publisher};
 use crate::registry::Registry;
 use crate::rollouts::{
-    CreatedRollout, IdempotencyKey, Replay, Rollout, RolloutModel, RolloutRequest, TargetError,
-    Targets,
+    Action, CreatedRollout, IdempotencyKey, Presence, Replay, Rollout, RolloutModel,
+    RolloutRequest, TargetError, Targets,
 };
 
 /// Why a rollout was not made.
@@ -39,6 +42,15 @@ pub enum CreateError {
     Publish(#[from] PublishError),
     #[error("cannot make a rollout id")]
     Id(#[from] IdError),
+    #[error(
+        "live rollout(s) {} of this slot already own some of these devices; pause, abort or roll them back, or pass \"supersede\": true",
+        owners.join(", ")
+    )]
+    Conflict { owners: Vec<String> },
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error("the database task failed: {0}")]
+    DbTask(String),
 }
 
 /// The result of a rollout request.
@@ -49,13 +61,14 @@ pub struct Created {
     pub replayed: bool,
 }
 
-/// Makes rollouts and republishes desired documents.
+/// Makes rollouts, moves them on, and republishes desired documents.
 #[derive(Debug)]
 pub struct RolloutService {
-    desired: tokio::sync::Mutex<DesiredStore>,
-    fleet: Arc<Fleet>,
+    pub(super) desired: tokio::sync::Mutex<DesiredStore>,
+    pub(super) fleet: Arc<Fleet>,
     registry: Arc<Registry>,
     publisher: Publisher,
+    db: Arc<Db>,
 }
 
 fn new_rollout_id() -> Result<RolloutId, IdError> {
@@ -68,12 +81,14 @@ impl RolloutService {
         fleet: Arc<Fleet>,
         registry: Arc<Registry>,
         publisher: Publisher,
+        db: Arc<Db>,
     ) -> Self {
         Self {
             desired: tokio::sync::Mutex::new(desired),
             fleet,
             registry,
             publisher,
+            db,
         }
     }
 
@@ -107,6 +122,7 @@ impl RolloutService {
         key: Option<IdempotencyKey>,
     ) -> Result<Created, CreateError> {
         let targets = request.targets()?;
+        let strategy = request.strategy()?;
         let version = ModelVersion::new(&request.version)?;
         let mut desired = self.desired.lock().await;
         if let Some(key) = &key {
@@ -128,21 +144,19 @@ impl RolloutService {
             }
         })?;
         let devices = self.resolve(targets)?;
-        let rollout_id = new_rollout_id()?;
         let entry = DesiredModel {
-            rollout_id: Some(rollout_id.clone()),
+            rollout_id: None,
             manifest: model.stored.signed_manifest.clone(),
             artifact_url: model.artifact_url.clone(),
         };
-        // Every document is planned and size-checked before anything is written.
-        let planned: Vec<(DeviceId, Desired)> = devices
-            .iter()
-            .map(|d| (d.clone(), desired.next(d, &request.slot, entry.clone())))
-            .collect();
-        for (device, doc) in &planned {
-            link::encode_desired(device, doc)?;
+        // Size-checked before anything is recorded.
+        for device in &devices {
+            link::encode_desired(device, &desired.next(device, &request.slot, entry.clone()))?;
         }
-        // Recorded before publishing: a fast device's first event must find its rollout.
+        // Bring live rollouts up to date first: one whose last device just turned active
+        // is complete, and no longer owns the slot.
+        self.drive_locked(&mut desired, Timestamp::now()).await?;
+        let rollout_id = new_rollout_id()?;
         let rollout = Rollout::new(
             rollout_id.clone(),
             RolloutModel {
@@ -152,21 +166,33 @@ impl RolloutService {
                 sha256: model.stored.sha256,
             },
             Timestamp::now(),
-            devices.iter().cloned(),
+            strategy,
+            &devices,
         );
         let response = CreatedRollout {
             rollout_id: rollout_id.clone(),
             devices,
         };
-        self.fleet.rollouts().insert(rollout);
-        for (device, doc) in planned {
-            desired.commit(&device, doc.clone()).await?;
-            self.publisher.publish_desired(&device, &doc).await?;
-            tracing::info!(rollout = %rollout_id, %device, generation = doc.generation, "desired state published");
+        {
+            let mut book = self.fleet.rollouts();
+            let owners = book.live_owners(&request.slot, &response.devices);
+            if !owners.is_empty() && !request.supersede {
+                return Err(CreateError::Conflict {
+                    owners: owners.iter().map(ToString::to_string).collect(),
+                });
+            }
+            for owner in &owners {
+                if let Some(old) = book.get_mut(owner) {
+                    old.supersede();
+                    tracing::info!(rollout = %owner, by = %rollout_id, "rollout superseded");
+                }
+            }
+            book.insert(rollout);
+            if let Some(key) = key {
+                book.remember(key, request, &response);
+            }
         }
-        if let Some(key) = key {
-            self.fleet.rollouts().remember(key, request, &response);
-        }
+        self.drive_locked(&mut desired, Timestamp::now()).await?;
         tracing::info!(
             rollout = %rollout_id, slot = %model.stored.slot, version = %model.stored.version,
             release = model.stored.release, devices = response.devices.len(), "rollout created"
@@ -175,6 +201,133 @@ impl RolloutService {
             response,
             replayed: false,
         })
+    }
+
+    /// Moves every live rollout on as far as `now` allows, and saves what changed.
+    pub async fn drive(&self, now: Timestamp) -> Result<(), CreateError> {
+        let mut desired = self.desired.lock().await;
+        self.drive_locked(&mut desired, now).await
+    }
+
+    pub(super) async fn drive_locked(
+        &self,
+        desired: &mut DesiredStore,
+        now: Timestamp,
+    ) -> Result<(), CreateError> {
+        let presence = |id: &DeviceId| {
+            if self.fleet.devices().get(id).is_some_and(|d| d.online) {
+                Presence::Online
+            } else {
+                Presence::Offline
+            }
+        };
+        let actions = self.fleet.rollouts().step_live(now, presence);
+        self.execute(desired, actions).await
+    }
+
+    /// Saves the book, then writes and publishes each action's desired document.
+    pub(super) async fn execute(
+        &self,
+        desired: &mut DesiredStore,
+        actions: Vec<(RolloutId, Vec<Action>)>,
+    ) -> Result<(), CreateError> {
+        let mut docs: Vec<(DeviceId, Desired)> = Vec::new();
+        let mut commands: Vec<(DeviceId, Command)> = Vec::new();
+        {
+            let mut book = self.fleet.rollouts();
+            for (id, actions) in actions {
+                if actions.is_empty() {
+                    continue;
+                }
+                let Some(rollout) = book.get_mut(&id) else {
+                    continue;
+                };
+                let slot = rollout.model.slot.clone();
+                for action in actions {
+                    let (device, model) = match action {
+                        Action::Command(device) => {
+                            let previous = desired.current(&device, &slot).cloned();
+                            let model = self.model_for(rollout)?;
+                            if let Some(run) = rollout.devices.get_mut(&device) {
+                                run.previous = previous;
+                            }
+                            (device, Some(model))
+                        }
+                        Action::Rollback(device) => {
+                            // The robot keeps its previous model: it swaps back, no download.
+                            commands.push((
+                                device.clone(),
+                                Command {
+                                    command_id: CommandId::new(format!("rollback-{id}"))?,
+                                    kind: CommandKind::Rollback {
+                                        slot: slot.clone(),
+                                        reason: Some(format!("rollout {id} rolled back")),
+                                    },
+                                },
+                            ));
+                            let previous = rollout
+                                .devices
+                                .get(&device)
+                                .and_then(|r| r.previous.clone());
+                            (device, previous)
+                        }
+                        Action::Restore(device) => {
+                            let previous = rollout
+                                .devices
+                                .get(&device)
+                                .and_then(|r| r.previous.clone());
+                            (device, previous)
+                        }
+                    };
+                    let doc = desired.next_with(&device, &slot, model);
+                    desired.stage(&device, doc.clone());
+                    docs.push((device, doc));
+                }
+            }
+        }
+        self.save().await?;
+        // Commands first: a robot swaps back to the model it kept, and then finds the
+        // restored desired document naming what it already serves.
+        for (device, command) in commands {
+            self.publisher.publish_command(&device, &command).await?;
+            tracing::info!(%device, command = %command.command_id, "rollback command published");
+        }
+        for (device, doc) in docs {
+            desired.commit(&device, doc.clone()).await?;
+            self.publisher.publish_desired(&device, &doc).await?;
+            tracing::debug!(%device, generation = doc.generation, "desired state published");
+        }
+        Ok(())
+    }
+
+    /// The desired model this rollout puts in its slot.
+    fn model_for(&self, rollout: &Rollout) -> Result<DesiredModel, CreateError> {
+        let version = ModelVersion::new(&rollout.model.version)?;
+        let model = self
+            .registry
+            .get(&rollout.model.slot, &version)
+            .ok_or_else(|| CreateError::UnknownModel {
+                slot: rollout.model.slot.clone(),
+                version: rollout.model.version.clone(),
+            })?;
+        Ok(DesiredModel {
+            rollout_id: Some(rollout.id.clone()),
+            manifest: model.stored.signed_manifest.clone(),
+            artifact_url: model.artifact_url.clone(),
+        })
+    }
+
+    /// Writes every changed rollout and key to the database.
+    pub async fn save(&self) -> Result<(), CreateError> {
+        let (rollouts, keys) = self.fleet.rollouts().take_dirty();
+        if rollouts.is_empty() && keys.is_empty() {
+            return Ok(());
+        }
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || db.save(&rollouts, &keys))
+            .await
+            .map_err(|join| CreateError::DbTask(join.to_string()))??;
+        Ok(())
     }
 
     /// Publishes every device's desired document again (after a reconnect: a broker without

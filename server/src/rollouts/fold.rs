@@ -6,13 +6,13 @@
 
 use botfleet_protocol::messages::{BenchReport, RejectReason, Stage};
 use jiff::Timestamp;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Events kept per device; resumed downloads can report many.
 const MAX_HISTORY: usize = 64;
 
 /// Where a device stands in a rollout.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Outcome {
     /// Nothing heard yet.
@@ -25,11 +25,35 @@ pub enum Outcome {
     Rejected,
     /// Something went wrong that may pass; the device may retry.
     Failed,
+    /// No terminal stage reported by the deadline while the device was online.
+    TimedOut,
+    /// Offline past the deadline; it still converges if it returns while the rollout lives.
+    Skipped,
+    /// The rollout was aborted before this device took the model; it keeps its old one.
+    Aborted,
+    /// A newer rollout for the slot took this device over.
+    Superseded,
+    /// Told to go back to its previous model; not yet confirmed by its status.
+    RollingBack,
+    /// Its status shows the previous model serving again.
+    RolledBack,
 }
 
 impl Outcome {
     pub fn is_terminal(self) -> bool {
-        matches!(self, Outcome::Active | Outcome::Rejected | Outcome::Failed)
+        !matches!(
+            self,
+            Outcome::Pending | Outcome::InProgress | Outcome::RollingBack
+        )
+    }
+
+    /// Failed, rejected, timed out or taken back out of service by the device's own
+    /// health watch: what the error threshold counts.
+    pub fn is_error(self) -> bool {
+        matches!(
+            self,
+            Outcome::Rejected | Outcome::Failed | Outcome::TimedOut | Outcome::RolledBack
+        )
     }
 }
 
@@ -55,10 +79,12 @@ pub struct ProgressView {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub updated_at: Option<Timestamp>,
     pub history: Vec<HistoryEntry>,
+    /// The wave this device belongs to (0 is the first).
+    pub wave: usize,
 }
 
 /// A device's progress: the events seen, in time order.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct DeviceProgress {
     events: Vec<(Timestamp, Stage)>,
 }
@@ -75,6 +101,7 @@ fn rank(stage: &Stage) -> u8 {
         Stage::Failed { .. } => 6,
         Stage::Rejected { .. } => 7,
         Stage::Active { .. } => 8,
+        Stage::RolledBack { .. } => 9,
     }
 }
 
@@ -98,12 +125,21 @@ impl DeviceProgress {
         self.events.last()
     }
 
+    /// The latest benchmark report, if any.
+    pub fn bench(&self) -> Option<&BenchReport> {
+        self.events.iter().rev().find_map(|(_, s)| match s {
+            Stage::Benchmarked(report) => Some(report),
+            _ => None,
+        })
+    }
+
     pub fn outcome(&self) -> Outcome {
         match self.latest().map(|(_, s)| s) {
             None => Outcome::Pending,
             Some(Stage::Active { .. }) => Outcome::Active,
             Some(Stage::Rejected { .. }) => Outcome::Rejected,
             Some(Stage::Failed { .. }) => Outcome::Failed,
+            Some(Stage::RolledBack { .. }) => Outcome::RolledBack,
             Some(_) => Outcome::InProgress,
         }
     }
@@ -113,12 +149,10 @@ impl DeviceProgress {
         let (reason, message) = match latest.map(|(_, s)| s) {
             Some(Stage::Rejected { reason, message }) => (Some(*reason), Some(message.clone())),
             Some(Stage::Failed { message }) => (None, Some(message.clone())),
+            Some(Stage::RolledBack { reason, .. }) => (None, Some(reason.clone())),
             _ => (None, None),
         };
-        let bench = self.events.iter().rev().find_map(|(_, s)| match s {
-            Stage::Benchmarked(report) => Some(report.clone()),
-            _ => None,
-        });
+        let bench = self.bench().cloned();
         ProgressView {
             stage: latest.map(|(_, s)| s.name()),
             outcome: self.outcome(),
@@ -134,6 +168,7 @@ impl DeviceProgress {
                     at: *at,
                 })
                 .collect(),
+            wave: 0,
         }
     }
 }
@@ -154,6 +189,7 @@ mod tests {
             mean_ms: 1.1,
             incumbent_p99_ms: None,
             reference_max_abs_err: Some(1e-5),
+            peak_rss_bytes: None,
             passed: true,
         })
     }

@@ -1,5 +1,9 @@
-use botfleet_protocol::messages::{RejectReason, Stage};
+use botfleet_protocol::messages::{BenchReport, Event, RejectReason, Stage, Status};
+use jiff::Timestamp;
 
+use super::fold::Outcome;
+use super::strategy::{Gate, OnError, WaveSize};
+use super::view::Summary;
 use super::*;
 
 fn dev(s: &str) -> DeviceId {
@@ -19,6 +23,10 @@ fn model() -> RolloutModel {
     }
 }
 
+fn t(s: i64) -> Timestamp {
+    Timestamp::from_second(s).unwrap()
+}
+
 fn event(device: &str, rollout: Option<&str>, at: i64, stage: Stage) -> Event {
     Event {
         device: dev(device),
@@ -26,7 +34,7 @@ fn event(device: &str, rollout: Option<&str>, at: i64, stage: Stage) -> Event {
         slot: model().slot,
         sha256: model().sha256,
         release: Some(3),
-        at: Timestamp::from_second(at).unwrap(),
+        at: t(at),
         stage,
     }
 }
@@ -38,14 +46,26 @@ fn active() -> Stage {
     }
 }
 
-fn book_with(id: &str, devices: &[&str]) -> Rollouts {
+fn rejected() -> Stage {
+    Stage::Rejected {
+        reason: RejectReason::GateMissed,
+        message: "p99 over budget".into(),
+    }
+}
+
+fn online(_: &DeviceId) -> Presence {
+    Presence::Online
+}
+
+fn names(n: usize) -> Vec<DeviceId> {
+    (0..n).map(|i| dev(&format!("robot-{i}"))).collect()
+}
+
+fn book_with(id: &str, devices: &[&str], strategy: Strategy) -> Rollouts {
     let mut book = Rollouts::default();
-    let rollout = Rollout::new(
-        rid(id),
-        model(),
-        Timestamp::from_second(0).unwrap(),
-        devices.iter().map(|d| dev(d)),
-    );
+    let devices: Vec<_> = devices.iter().map(|d| dev(d)).collect();
+    let mut rollout = Rollout::new(rid(id), model(), t(0), strategy, &devices);
+    rollout.step(t(0), online);
     book.insert(rollout);
     book
 }
@@ -56,22 +76,272 @@ fn request(version: &str) -> RolloutRequest {
         version: version.into(),
         devices: Some(vec![dev("robot-1")]),
         selector: None,
+        strategy: None,
+        supersede: false,
+    }
+}
+
+fn commanded(actions: &[Action]) -> Vec<DeviceId> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Command(d) => Some(d.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Reports `stage` for every device in the current wave.
+fn report_wave(rollout: &mut Rollout, at: i64, stage: &Stage) {
+    let wave = rollout.wave;
+    for run in rollout.devices.values_mut().filter(|r| r.wave == wave) {
+        run.progress.apply(t(at), stage);
+    }
+}
+
+fn canary_strategy() -> Strategy {
+    Strategy {
+        waves: vec![
+            WaveSize::Count(1),
+            WaveSize::Percent(50.0),
+            WaveSize::Percent(100.0),
+        ],
+        bake_s: 10,
+        ..Strategy::default()
     }
 }
 
 #[test]
+fn a_canary_then_waves_then_done_with_bake_time_between() {
+    let mut r = Rollout::new(rid("r-1"), model(), t(0), canary_strategy(), &names(10));
+    let first = commanded(&r.step(t(0), online));
+    assert_eq!(first.len(), 1, "one canary");
+    report_wave(&mut r, 1, &active());
+    assert!(r.step(t(2), online).is_empty(), "baking");
+    assert!(r.step(t(11), online).is_empty(), "bake runs from success");
+    let second = commanded(&r.step(t(12), online));
+    assert_eq!(second.len(), 4, "up to 50 %");
+    assert!(!second.contains(&first[0]));
+    report_wave(&mut r, 13, &active());
+    assert!(r.step(t(14), online).is_empty(), "baking");
+    let third = commanded(&r.step(t(24), online));
+    assert_eq!(third.len(), 5);
+    assert!(r.step(t(25), online).is_empty(), "nobody commanded twice");
+    report_wave(&mut r, 26, &active());
+    r.step(t(27), online);
+    assert_eq!(r.state, RolloutState::Completed);
+    assert_eq!(r.view(false).summary.active, 10);
+}
+
+#[test]
+fn an_error_share_over_the_threshold_pauses_and_resume_waives_it() {
+    let strategy = Strategy {
+        waves: vec![WaveSize::Count(2), WaveSize::Percent(100.0)],
+        error_threshold: 0.4,
+        ..Strategy::default()
+    };
+    let mut r = Rollout::new(rid("r-1"), model(), t(0), strategy, &names(6));
+    r.step(t(0), online);
+    report_wave(&mut r, 1, &rejected());
+    r.step(t(2), online);
+    assert_eq!(r.state, RolloutState::Paused);
+    assert!(
+        r.reason.as_deref().unwrap().contains("2 of 2"),
+        "{:?}",
+        r.reason
+    );
+    assert!(r.step(t(3), online).is_empty(), "paused starts nobody");
+    assert!(r.resume());
+    assert_eq!(commanded(&r.step(t(4), online)).len(), 4);
+}
+
+#[test]
+fn an_error_share_with_on_error_rollback_restores_every_started_device() {
+    let strategy = Strategy {
+        waves: vec![WaveSize::Count(2), WaveSize::Percent(100.0)],
+        error_threshold: 0.4,
+        on_error: OnError::Rollback,
+        ..Strategy::default()
+    };
+    let mut r = Rollout::new(rid("r-1"), model(), t(0), strategy, &names(6));
+    let started = commanded(&r.step(t(0), online));
+    r.devices
+        .get_mut(&started[0])
+        .unwrap()
+        .progress
+        .apply(t(1), &active());
+    r.devices
+        .get_mut(&started[1])
+        .unwrap()
+        .progress
+        .apply(t(1), &rejected());
+    let actions = r.step(t(2), online);
+    assert_eq!(r.state, RolloutState::RolledBack);
+    assert!(actions.contains(&Action::Rollback(started[0].clone())));
+    assert!(actions.contains(&Action::Restore(started[1].clone())));
+    let view = r.view(false);
+    assert_eq!(view.summary.rolling_back, 1);
+    assert_eq!(
+        view.summary.aborted, 4,
+        "never-started devices keep their model"
+    );
+    // The status of the device proves the previous model serves again.
+    assert!(r.observe_active(&started[0], Some((Sha256Digest::of(b"old"), 2))));
+    assert_eq!(r.view(false).summary.rolled_back, 1);
+}
+
+#[test]
+fn a_wave_below_the_success_threshold_pauses_once_settled() {
+    let strategy = Strategy {
+        waves: vec![WaveSize::Count(2), WaveSize::Percent(100.0)],
+        success_threshold: 1.0,
+        ..Strategy::default()
+    };
+    let mut r = Rollout::new(rid("r-1"), model(), t(0), strategy, &names(4));
+    let started = commanded(&r.step(t(0), online));
+    r.devices
+        .get_mut(&started[0])
+        .unwrap()
+        .progress
+        .apply(t(1), &active());
+    r.step(t(2), online);
+    assert_eq!(r.state, RolloutState::InProgress, "not settled yet");
+    r.devices
+        .get_mut(&started[1])
+        .unwrap()
+        .progress
+        .apply(t(1), &rejected());
+    r.step(t(3), online);
+    assert_eq!(r.state, RolloutState::Paused);
+}
+
+#[test]
+fn devices_past_the_deadline_time_out_or_are_skipped_and_converge_later() {
+    let strategy = Strategy {
+        deadline_s: 60,
+        ..Strategy::default()
+    };
+    let mut book = book_with("r-1", &["robot-1", "robot-2", "robot-3"], strategy);
+    book.apply(&event("robot-1", Some("r-1"), 1, active()));
+    let id = rid("r-1");
+    let offline = dev("robot-3");
+    let presence = |d: &DeviceId| {
+        if *d == offline {
+            Presence::Offline
+        } else {
+            Presence::Online
+        }
+    };
+    book.get_mut(&id).unwrap().step(t(59), presence);
+    assert_eq!(book.get(&id).unwrap().state, RolloutState::InProgress);
+    book.get_mut(&id).unwrap().step(t(60), presence);
+    let view = book.get(&id).unwrap();
+    assert_eq!(view.state, RolloutState::Completed, "never stuck");
+    let devices = view.devices.unwrap();
+    assert_eq!(devices[&dev("robot-2")].outcome, Outcome::TimedOut);
+    assert_eq!(devices[&dev("robot-3")].outcome, Outcome::Skipped);
+    // robot-3 comes back and reports: it converges.
+    book.apply(&event("robot-3", Some("r-1"), 100, active()));
+    let devices = book.get(&id).unwrap().devices.unwrap();
+    assert_eq!(devices[&dev("robot-3")].outcome, Outcome::Active);
+}
+
+#[test]
+fn the_gate_pauses_when_the_fleet_median_p99_regresses_too_much() {
+    let strategy = Strategy {
+        waves: vec![WaveSize::Count(3), WaveSize::Percent(100.0)],
+        gate: Some(Gate {
+            max_p99_regression_percent: 10.0,
+        }),
+        ..Strategy::default()
+    };
+    let bench = |p99: f64| {
+        Stage::Benchmarked(BenchReport {
+            runs: 20,
+            p50_ms: 1.0,
+            p99_ms: p99,
+            mean_ms: 1.0,
+            incumbent_p99_ms: Some(2.0),
+            reference_max_abs_err: None,
+            peak_rss_bytes: None,
+            passed: true,
+        })
+    };
+    let mut r = Rollout::new(rid("r-1"), model(), t(0), strategy, &names(6));
+    r.step(t(0), online);
+    report_wave(&mut r, 1, &bench(2.5));
+    report_wave(&mut r, 2, &active());
+    assert!(r.step(t(3), online).is_empty());
+    assert_eq!(r.state, RolloutState::Paused);
+    assert!(r.reason.as_deref().unwrap().starts_with("gate:"));
+}
+
+#[test]
+fn a_retained_status_counts_as_evidence_when_events_were_lost() {
+    let mut book = book_with("r-1", &["robot-1"], Strategy::default());
+    let mut status: Status = serde_json::from_value(serde_json::json!({
+        "online": true, "agent_version": "0.1.0", "at": "2026-01-01T00:00:00Z",
+        "active": {"orientation": {"name": "m", "version": "1.0.0", "release": 3,
+            "sha256": model().sha256, "since": "2026-01-01T00:00:00Z"}}
+    }))
+    .unwrap();
+    book.observe_status(&dev("robot-1"), &status);
+    let id = rid("r-1");
+    book.get_mut(&id).unwrap().step(t(1), online);
+    assert_eq!(book.get(&id).unwrap().state, RolloutState::Completed);
+    status.active.clear();
+    book.observe_status(&dev("robot-1"), &status);
+    assert_eq!(book.get(&id).unwrap().summary.pending, 1);
+}
+
+#[test]
+fn abort_leaves_active_devices_and_restores_the_others() {
+    let strategy = Strategy {
+        waves: vec![WaveSize::Count(2), WaveSize::Percent(100.0)],
+        ..Strategy::default()
+    };
+    let mut r = Rollout::new(rid("r-1"), model(), t(0), strategy, &names(5));
+    let started = commanded(&r.step(t(0), online));
+    r.devices
+        .get_mut(&started[0])
+        .unwrap()
+        .progress
+        .apply(t(1), &active());
+    let actions = r.abort();
+    assert_eq!(actions, vec![Action::Restore(started[1].clone())]);
+    assert_eq!(r.state, RolloutState::Aborted);
+    let summary = r.view(false).summary;
+    assert_eq!((summary.active, summary.aborted), (1, 4));
+    assert!(r.abort().is_empty(), "twice is nothing");
+    assert!(!r.resume());
+}
+
+#[test]
+fn a_live_rollout_owns_its_devices_until_superseded() {
+    let mut book = book_with("r-1", &["robot-1", "robot-2"], Strategy::default());
+    let slot = model().slot;
+    assert_eq!(book.live_owners(&slot, &[dev("robot-2")]), vec![rid("r-1")]);
+    assert!(book.live_owners(&slot, &[dev("robot-9")]).is_empty());
+    book.get_mut(&rid("r-1")).unwrap().supersede();
+    assert!(book.live_owners(&slot, &[dev("robot-2")]).is_empty());
+    let view = book.get(&rid("r-1")).unwrap();
+    assert_eq!(view.state, RolloutState::Superseded);
+}
+
+#[test]
 fn events_fold_into_outcomes_and_a_completed_state() {
-    let mut book = book_with("r-1", &["robot-1", "robot-2", "robot-3"]);
+    let mut book = book_with(
+        "r-1",
+        &["robot-1", "robot-2", "robot-3"],
+        Strategy::default(),
+    );
     let id = rid("r-1");
     assert_eq!(book.get(&id).unwrap().summary.pending, 3);
-
     book.apply(&event("robot-1", Some("r-1"), 1, Stage::Received));
     book.apply(&event("robot-1", Some("r-1"), 2, active()));
     book.apply(&event("robot-2", Some("r-1"), 1, Stage::Received));
-    let view = book.get(&id).unwrap();
-    assert_eq!(view.state, RolloutState::InProgress);
     assert_eq!(
-        view.summary,
+        book.get(&id).unwrap().summary,
         Summary {
             pending: 1,
             in_progress: 1,
@@ -79,51 +349,35 @@ fn events_fold_into_outcomes_and_a_completed_state() {
             ..Summary::default()
         }
     );
-
-    let rejected = Stage::Rejected {
-        reason: RejectReason::Untrusted,
-        message: "no trusted key".into(),
+    book.apply(&event("robot-2", Some("r-1"), 3, rejected()));
+    let failed = Stage::Failed {
+        message: "disk full".into(),
     };
-    book.apply(&event("robot-2", Some("r-1"), 3, rejected));
-    book.apply(&event(
-        "robot-3",
-        Some("r-1"),
-        3,
-        Stage::Failed {
-            message: "disk full".into(),
-        },
-    ));
+    book.apply(&event("robot-3", Some("r-1"), 3, failed));
+    book.get_mut(&id).unwrap().step(t(4), online);
     let view = book.get(&id).unwrap();
     assert_eq!(view.state, RolloutState::Completed);
     let devices = view.devices.unwrap();
-    assert_eq!(devices[&dev("robot-1")].outcome, Outcome::Active);
     assert_eq!(devices[&dev("robot-2")].outcome, Outcome::Rejected);
-    assert_eq!(
-        devices[&dev("robot-2")].reason,
-        Some(RejectReason::Untrusted)
-    );
     assert_eq!(devices[&dev("robot-3")].outcome, Outcome::Failed);
 }
 
 #[test]
 fn duplicate_events_are_idempotent() {
-    let mut book = book_with("r-1", &["robot-1"]);
+    let mut book = book_with("r-1", &["robot-1"], Strategy::default());
     let ev = event("robot-1", Some("r-1"), 1, Stage::Received);
     assert_eq!(book.apply(&ev), Applied::Recorded);
     let before = book.get(&rid("r-1"));
     assert_eq!(book.apply(&ev), Applied::Duplicate);
     assert_eq!(book.get(&rid("r-1")), before);
+    assert_eq!(book.events().duplicate, 1);
 }
 
 #[test]
 fn events_of_other_rollouts_devices_or_artifacts_are_ignored() {
-    let mut book = book_with("r-1", &["robot-1"]);
+    let mut book = book_with("r-1", &["robot-1"], Strategy::default());
     assert_eq!(
         book.apply(&event("robot-1", Some("r-other"), 1, active())),
-        Applied::UnknownRollout
-    );
-    assert_eq!(
-        book.apply(&event("robot-1", None, 1, active())),
         Applied::UnknownRollout
     );
     assert_eq!(
@@ -133,9 +387,7 @@ fn events_of_other_rollouts_devices_or_artifacts_are_ignored() {
     let mut other = event("robot-1", Some("r-1"), 1, active());
     other.sha256 = Sha256Digest::of(b"another model");
     assert_eq!(book.apply(&other), Applied::OtherArtifact);
-    let view = book.get(&rid("r-1")).unwrap();
-    assert_eq!(view.summary.pending, 1);
-    assert_eq!(view.state, RolloutState::InProgress);
+    assert_eq!(book.get(&rid("r-1")).unwrap().summary.pending, 1);
 }
 
 #[test]
@@ -147,18 +399,11 @@ fn same_key_same_body_replays_and_another_body_conflicts() {
         rollout_id: rid("r-abc"),
         devices: vec![dev("robot-1")],
     };
-    let rollout = Rollout::new(
-        rid("r-abc"),
-        model(),
-        Timestamp::UNIX_EPOCH,
-        [dev("robot-1")],
-    );
-    book.insert(rollout);
     book.remember(key.clone(), request("1.0.0"), &response);
     assert_eq!(book.replay(&key, &request("1.0.0")), Replay::Same(response));
     assert_eq!(book.replay(&key, &request("2.0.0")), Replay::Conflict);
-    let other_key = IdempotencyKey::new("airflow-run-43").unwrap();
-    assert_eq!(book.replay(&other_key, &request("1.0.0")), Replay::Fresh);
+    let (_, keys) = book.take_dirty();
+    assert_eq!(keys.len(), 1, "the key is saved with the rollout");
 }
 
 #[test]
@@ -179,14 +424,35 @@ fn a_request_names_devices_or_a_selector_not_both() {
     assert!(matches!(req.targets(), Ok(Targets::Selector(_))));
     req.selector = None;
     assert_eq!(req.targets(), Err(TargetError::Neither));
-    req.selector = Some("site".into());
-    assert!(matches!(req.targets(), Err(TargetError::Selector(_))));
 }
 
 #[test]
-fn unknown_fields_in_a_request_are_refused() {
-    let err = serde_json::from_str::<RolloutRequest>(
-        r#"{"slot":"s","version":"1","devices":["r1"],"wave":10}"#,
+fn unknown_fields_in_a_request_are_refused_and_a_strategy_is_read() {
+    assert!(
+        serde_json::from_str::<RolloutRequest>(
+            r#"{"slot":"s","version":"1","devices":["r1"],"wave":10}"#
+        )
+        .is_err()
     );
-    assert!(err.is_err());
+    let req: RolloutRequest = serde_json::from_str(
+        r#"{"slot":"s","version":"1","devices":["r1"],"strategy":{"waves":[{"count":1}],"deadline_s":0}}"#,
+    )
+    .unwrap();
+    assert!(matches!(req.strategy(), Err(TargetError::Strategy(_))));
+}
+
+#[test]
+fn a_status_is_no_evidence_for_another_release_of_the_same_bytes_nor_against_a_rejection() {
+    let mut r = Rollout::new(rid("r-1"), model(), t(0), Strategy::default(), &names(2));
+    let started = commanded(&r.step(t(0), online));
+    let same_bytes_older = Some((model().sha256, 2));
+    r.observe_active(&started[0], same_bytes_older);
+    assert_eq!(r.devices[&started[0]].outcome(), Outcome::Pending);
+    r.devices
+        .get_mut(&started[1])
+        .unwrap()
+        .progress
+        .apply(t(1), &rejected());
+    r.observe_active(&started[1], Some((model().sha256, 3)));
+    assert_eq!(r.devices[&started[1]].outcome(), Outcome::Rejected);
 }

@@ -136,6 +136,20 @@ impl TestServer {
         (status, response.json().await.unwrap())
     }
 
+    /// POST without a body; the answer must be 200.
+    pub async fn post(&self, path: &str) -> Value {
+        let response = self
+            .http
+            .post(format!("{}{path}", self.running.base_url()))
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(status, 200, "POST {path}: {body}");
+        body
+    }
+
     pub async fn rollout(&self, body: &Value, key: Option<&str>) -> (u16, Value) {
         let mut request = self.http.post(self.url("/api/v1/rollouts")).json(body);
         if let Some(key) = key {

@@ -1,0 +1,213 @@
+//! The server's embedded database: one redb file, `{data_dir}/botfleet.redb`.
+//!
+//! redb is pure Rust, ACID (copy-on-write B-trees, a commit is atomic and durable when it
+//! returns) and keeps a single file, so a kill -9 leaves either the old or the new state,
+//! never half of one. Rollouts (with every device's progress and the marks the server
+//! gave them) and the idempotency keys of the requests that made them live here as JSON
+//! values, one row per rollout or key. A rollout is written before any device is
+//! commanded for it, so a restart never commands a device twice for the same step.
+
+use std::path::{Path, PathBuf};
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+
+use crate::rollouts::{IdempotencyKey, Remembered, Rollout};
+
+const ROLLOUTS: TableDefinition<&str, &[u8]> = TableDefinition::new("rollouts");
+const IDEMPOTENCY: TableDefinition<&str, &[u8]> = TableDefinition::new("idempotency_keys");
+
+/// Why the database could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("cannot open the database {path}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: Box<redb::Error>,
+    },
+    #[error("database {operation} failed")]
+    Storage {
+        operation: &'static str,
+        #[source]
+        source: Box<redb::Error>,
+    },
+    #[error("database row {table}/{key} cannot be decoded (written by a newer server?)")]
+    Decode {
+        table: &'static str,
+        key: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("cannot encode a database row")]
+    Encode(#[source] serde_json::Error),
+}
+
+fn storage(operation: &'static str) -> impl Fn(redb::Error) -> DbError {
+    move |source| DbError::Storage {
+        operation,
+        source: Box::new(source),
+    }
+}
+
+/// What the database held at start.
+#[derive(Debug, Default)]
+pub struct Loaded {
+    pub rollouts: Vec<Rollout>,
+    pub keys: Vec<(IdempotencyKey, Remembered)>,
+}
+
+/// The database handle (cheap to share behind an `Arc`; redb serialises writers).
+#[derive(Debug)]
+pub struct Db {
+    db: Database,
+}
+
+impl Db {
+    /// Opens (or creates) the database file and its tables.
+    pub fn open(path: &Path) -> Result<Self, DbError> {
+        let db = Database::create(path).map_err(|e| DbError::Open {
+            path: path.to_owned(),
+            source: Box::new(e.into()),
+        })?;
+        let txn = db.begin_write().map_err(|e| storage("begin")(e.into()))?;
+        txn.open_table(ROLLOUTS)
+            .map_err(|e| storage("create table")(e.into()))?;
+        txn.open_table(IDEMPOTENCY)
+            .map_err(|e| storage("create table")(e.into()))?;
+        txn.commit().map_err(|e| storage("commit")(e.into()))?;
+        Ok(Self { db })
+    }
+
+    /// Everything stored.
+    pub fn load(&self) -> Result<Loaded, DbError> {
+        let txn = self
+            .db
+            .begin_read()
+            .map_err(|e| storage("begin")(e.into()))?;
+        let mut loaded = Loaded::default();
+        let table = txn
+            .open_table(ROLLOUTS)
+            .map_err(|e| storage("open")(e.into()))?;
+        for row in table.iter().map_err(|e| storage("read")(e.into()))? {
+            let (key, value) = row.map_err(|e| storage("read")(e.into()))?;
+            let rollout =
+                serde_json::from_slice(value.value()).map_err(|source| DbError::Decode {
+                    table: "rollouts",
+                    key: key.value().to_owned(),
+                    source,
+                })?;
+            loaded.rollouts.push(rollout);
+        }
+        let table = txn
+            .open_table(IDEMPOTENCY)
+            .map_err(|e| storage("open")(e.into()))?;
+        for row in table.iter().map_err(|e| storage("read")(e.into()))? {
+            let (key, value) = row.map_err(|e| storage("read")(e.into()))?;
+            let decode = |source| DbError::Decode {
+                table: "idempotency_keys",
+                key: key.value().to_owned(),
+                source,
+            };
+            let remembered = serde_json::from_slice(value.value()).map_err(decode)?;
+            // Keys were validated when they were stored; a bad one is skipped, not fatal.
+            if let Ok(id) = IdempotencyKey::new(key.value()) {
+                loaded.keys.push((id, remembered));
+            }
+        }
+        Ok(loaded)
+    }
+
+    /// Writes rollouts and keys in one durable transaction.
+    pub fn save(&self, rollouts: &[Rollout], keys: &[(String, Remembered)]) -> Result<(), DbError> {
+        if rollouts.is_empty() && keys.is_empty() {
+            return Ok(());
+        }
+        let txn = self
+            .db
+            .begin_write()
+            .map_err(|e| storage("begin")(e.into()))?;
+        {
+            let mut table = txn
+                .open_table(ROLLOUTS)
+                .map_err(|e| storage("open")(e.into()))?;
+            for rollout in rollouts {
+                let bytes = serde_json::to_vec(rollout).map_err(DbError::Encode)?;
+                table
+                    .insert(rollout.id.as_str(), bytes.as_slice())
+                    .map_err(|e| storage("write")(e.into()))?;
+            }
+            let mut table = txn
+                .open_table(IDEMPOTENCY)
+                .map_err(|e| storage("open")(e.into()))?;
+            for (key, remembered) in keys {
+                let bytes = serde_json::to_vec(remembered).map_err(DbError::Encode)?;
+                table
+                    .insert(key.as_str(), bytes.as_slice())
+                    .map_err(|e| storage("write")(e.into()))?;
+            }
+        }
+        txn.commit().map_err(|e| storage("commit")(e.into()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use botfleet_protocol::manifest::Sha256Digest;
+    use botfleet_protocol::{DeviceId, RolloutId, SlotName};
+
+    use super::*;
+    use crate::rollouts::{CreatedRollout, RolloutModel, RolloutRequest, Strategy};
+
+    #[test]
+    fn rollouts_and_keys_survive_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("botfleet.redb");
+        let device = DeviceId::new("robot-1").unwrap();
+        let model = RolloutModel {
+            slot: SlotName::new("faces").unwrap(),
+            version: "1.0.0".into(),
+            release: 1,
+            sha256: Sha256Digest::of(b"m"),
+        };
+        let id = RolloutId::new("r-1").unwrap();
+        let mut rollout = Rollout::new(
+            id.clone(),
+            model,
+            jiff::Timestamp::UNIX_EPOCH,
+            Strategy::default(),
+            std::slice::from_ref(&device),
+        );
+        rollout.step(jiff::Timestamp::UNIX_EPOCH, |_| {
+            crate::rollouts::Presence::Online
+        });
+        let remembered = Remembered {
+            request: RolloutRequest {
+                slot: SlotName::new("faces").unwrap(),
+                version: "1.0.0".into(),
+                devices: Some(vec![device.clone()]),
+                selector: None,
+                strategy: None,
+                supersede: false,
+            },
+            response: CreatedRollout {
+                rollout_id: id.clone(),
+                devices: vec![device.clone()],
+            },
+        };
+        {
+            let db = Db::open(&path).unwrap();
+            db.save(
+                std::slice::from_ref(&rollout),
+                &[("run-1".into(), remembered)],
+            )
+            .unwrap();
+        }
+        let loaded = Db::open(&path).unwrap().load().unwrap();
+        assert_eq!(loaded.rollouts.len(), 1);
+        let back = &loaded.rollouts[0];
+        assert_eq!(back.id, id);
+        assert!(back.devices[&device].commanded_at.is_some());
+        assert_eq!(loaded.keys.len(), 1);
+        assert_eq!(loaded.keys[0].0.as_str(), "run-1");
+    }
+}

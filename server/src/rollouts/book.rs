@@ -1,0 +1,229 @@
+//! Every rollout and the idempotency keys that made them, in memory. Whatever changes a
+//! record marks it dirty; the driver writes dirty records to the database.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use botfleet_protocol::messages::{Event, Status};
+use botfleet_protocol::{DeviceId, RolloutId, SlotName};
+use serde::{Deserialize, Serialize};
+
+use super::machine::{Mark, Rollout};
+use super::view::RolloutView;
+use super::{CreatedRollout, IdempotencyKey, Replay, RolloutRequest};
+
+/// What became of one event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    Recorded,
+    Duplicate,
+    /// The event names no rollout, or one this server does not know.
+    UnknownRollout,
+    /// The device is not a target of the rollout it names.
+    NotTargeted,
+    /// The event is about another artifact than the rollout's.
+    OtherArtifact,
+}
+
+/// A request made with an idempotency key, and its answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Remembered {
+    pub request: RolloutRequest,
+    pub response: CreatedRollout,
+}
+
+/// Events folded since the start, for `/metrics`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EventCounts {
+    pub recorded: u64,
+    pub duplicate: u64,
+    pub ignored: u64,
+}
+
+/// Every rollout, and the idempotency keys that made them.
+#[derive(Debug, Default)]
+pub struct Rollouts {
+    by_id: BTreeMap<RolloutId, Rollout>,
+    by_key: HashMap<IdempotencyKey, Remembered>,
+    dirty: BTreeSet<RolloutId>,
+    dirty_keys: BTreeSet<String>,
+    events: EventCounts,
+}
+
+impl Rollouts {
+    /// The book as the database left it.
+    pub fn restore(rollouts: Vec<Rollout>, keys: Vec<(IdempotencyKey, Remembered)>) -> Self {
+        Self {
+            by_id: rollouts.into_iter().map(|r| (r.id.clone(), r)).collect(),
+            by_key: keys.into_iter().collect(),
+            ..Self::default()
+        }
+    }
+
+    /// What a request with `key` should get.
+    pub fn replay(&self, key: &IdempotencyKey, request: &RolloutRequest) -> Replay {
+        match self.by_key.get(key) {
+            None => Replay::Fresh,
+            Some(seen) if &seen.request == request => Replay::Same(seen.response.clone()),
+            Some(_) => Replay::Conflict,
+        }
+    }
+
+    /// Records a new rollout.
+    pub fn insert(&mut self, rollout: Rollout) {
+        self.dirty.insert(rollout.id.clone());
+        self.by_id.insert(rollout.id.clone(), rollout);
+    }
+
+    /// Remembers that `key` and `request` made the rollout answered by `response`.
+    pub fn remember(
+        &mut self,
+        key: IdempotencyKey,
+        request: RolloutRequest,
+        response: &CreatedRollout,
+    ) {
+        self.dirty_keys.insert(key.as_str().to_owned());
+        let response = response.clone();
+        self.by_key.insert(key, Remembered { request, response });
+    }
+
+    /// Live rollouts of `slot` that own one of `devices`.
+    pub fn live_owners(&self, slot: &SlotName, devices: &[DeviceId]) -> Vec<RolloutId> {
+        self.by_id
+            .values()
+            .filter(|r| r.state.is_live() && &r.model.slot == slot)
+            .filter(|r| devices.iter().any(|d| r.devices.contains_key(d)))
+            .map(|r| r.id.clone())
+            .collect()
+    }
+
+    pub fn rollout(&self, id: &RolloutId) -> Option<&Rollout> {
+        self.by_id.get(id)
+    }
+
+    /// A rollout to change; it is marked dirty.
+    pub fn get_mut(&mut self, id: &RolloutId) -> Option<&mut Rollout> {
+        let rollout = self.by_id.get_mut(id)?;
+        self.dirty.insert(id.clone());
+        Some(rollout)
+    }
+
+    /// Steps every live rollout; only those that changed are marked dirty.
+    pub fn step_live(
+        &mut self,
+        now: jiff::Timestamp,
+        presence: impl Fn(&DeviceId) -> super::Presence + Copy,
+    ) -> Vec<(RolloutId, Vec<super::Action>)> {
+        let mut out = Vec::new();
+        for id in self.live() {
+            let Some(rollout) = self.by_id.get_mut(&id) else {
+                continue;
+            };
+            let before = rollout.fingerprint();
+            let actions = rollout.step(now, presence);
+            if !actions.is_empty() || rollout.fingerprint() != before {
+                tracing::info!(rollout = %id, state = ?rollout.state, wave = rollout.wave,
+                    reason = rollout.reason.as_deref().unwrap_or(""), "rollout moved");
+                self.dirty.insert(id.clone());
+            }
+            out.push((id, actions));
+        }
+        out
+    }
+
+    /// Ids of rollouts that the clock can still move.
+    pub fn live(&self) -> Vec<RolloutId> {
+        self.by_id
+            .values()
+            .filter(|r| {
+                r.state.is_live()
+                    || r.devices
+                        .values()
+                        .any(|d| d.mark == Some(Mark::RollingBack))
+            })
+            .map(|r| r.id.clone())
+            .collect()
+    }
+
+    /// Folds one event into the rollout it names.
+    pub fn apply(&mut self, event: &Event) -> Applied {
+        let applied = match event
+            .rollout_id
+            .as_ref()
+            .and_then(|id| self.by_id.get_mut(id))
+        {
+            None => Applied::UnknownRollout,
+            Some(rollout) => {
+                if event.sha256 != rollout.model.sha256 || event.slot != rollout.model.slot {
+                    Applied::OtherArtifact
+                } else if let Some(run) = rollout.devices.get_mut(&event.device) {
+                    if run.progress.apply(event.at, &event.stage) {
+                        // A device heard from after its deadline converges after all.
+                        if matches!(run.mark, Some(Mark::TimedOut | Mark::Skipped)) {
+                            run.mark = None;
+                        }
+                        self.dirty.insert(rollout.id.clone());
+                        Applied::Recorded
+                    } else {
+                        Applied::Duplicate
+                    }
+                } else {
+                    Applied::NotTargeted
+                }
+            }
+        };
+        match applied {
+            Applied::Recorded => self.events.recorded += 1,
+            Applied::Duplicate => self.events.duplicate += 1,
+            _ => self.events.ignored += 1,
+        }
+        applied
+    }
+
+    /// Folds a device's retained status: what serves each slot is evidence too (events
+    /// sent while the server was down are not lost when the status says how they ended).
+    pub fn observe_status(&mut self, device: &DeviceId, status: &Status) {
+        for rollout in self.by_id.values_mut() {
+            if !rollout.devices.contains_key(device) {
+                continue;
+            }
+            let serving = status
+                .active
+                .get(&rollout.model.slot)
+                .map(|m| (m.sha256, m.release));
+            if rollout.observe_active(device, serving) {
+                self.dirty.insert(rollout.id.clone());
+            }
+        }
+    }
+
+    /// Changed rollouts and keys since the last call, to be written.
+    pub fn take_dirty(&mut self) -> (Vec<Rollout>, Vec<(String, Remembered)>) {
+        let rollouts = std::mem::take(&mut self.dirty)
+            .into_iter()
+            .filter_map(|id| self.by_id.get(&id).cloned())
+            .collect();
+        let keys = std::mem::take(&mut self.dirty_keys)
+            .into_iter()
+            .filter_map(|k| {
+                let key = IdempotencyKey::new(&k).ok()?;
+                self.by_key.get(&key).map(|r| (k, r.clone()))
+            })
+            .collect();
+        (rollouts, keys)
+    }
+
+    pub fn events(&self) -> EventCounts {
+        self.events
+    }
+
+    pub fn get(&self, id: &RolloutId) -> Option<RolloutView> {
+        self.by_id.get(id).map(|r| r.view(true))
+    }
+
+    /// All rollouts, oldest first, without per-device detail.
+    pub fn list(&self) -> Vec<RolloutView> {
+        let mut all: Vec<_> = self.by_id.values().map(|r| r.view(false)).collect();
+        all.sort_by_key(|v| v.created_at);
+        all
+    }
+}

