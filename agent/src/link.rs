@@ -13,6 +13,7 @@ use tracing::{debug, info, warn};
 
 use crate::backoff::Backoff;
 use crate::config::Settings;
+use crate::store::Store;
 
 /// A connection that stays up this long resets the reconnect backoff.
 const STABLE_AFTER: Duration = Duration::from_secs(30);
@@ -91,10 +92,19 @@ pub struct Link {
     connected_tx: watch::Sender<u64>,
     /// The retained status published on a clean stop (the broker sends the will otherwise).
     offline: Vec<u8>,
+    /// Where a received desired state is kept before it is acknowledged.
+    store: Store,
 }
 
 /// Builds the session. Nothing connects until [`Link::run`] polls.
-pub fn new(settings: &Settings, will: &Status) -> (Link, Publisher, Incoming) {
+/// `last_desired` is the desired state persisted by an earlier run: the reconciler starts
+/// from it before (or without) any broker.
+pub fn new(
+    settings: &Settings,
+    will: &Status,
+    last_desired: Option<Desired>,
+    store: Store,
+) -> (Link, Publisher, Incoming) {
     let offline = serde_json::to_vec(will).unwrap_or_default();
     let mut options = MqttOptions::new(
         settings.device_id.as_str(),
@@ -105,6 +115,7 @@ pub fn new(settings: &Settings, will: &Status) -> (Link, Publisher, Incoming) {
         .set_keep_alive(Duration::from_secs(settings.config.mqtt.keep_alive_s))
         // Persistent session: QoS 1 messages for us are kept by the broker while we are away.
         .set_clean_session(false)
+        .set_manual_acks(true)
         .set_max_packet_size(MAX_PACKET_BYTES, MAX_PACKET_BYTES)
         .set_last_will(LastWill::new(
             settings
@@ -115,7 +126,7 @@ pub fn new(settings: &Settings, will: &Status) -> (Link, Publisher, Incoming) {
             true,
         ));
     let (client, eventloop) = AsyncClient::new(options, REQUEST_QUEUE);
-    let (desired_tx, desired) = watch::channel(None);
+    let (desired_tx, desired) = watch::channel(last_desired);
     let (commands_tx, commands) = mpsc::channel(16);
     let (connected_tx, connected) = watch::channel(0);
     let publisher = Publisher {
@@ -136,6 +147,7 @@ pub fn new(settings: &Settings, will: &Status) -> (Link, Publisher, Incoming) {
         commands_tx,
         connected_tx,
         offline,
+        store,
     };
     (
         link,
@@ -174,6 +186,11 @@ impl Link {
                 }
                 Ok(MqttEvent::Incoming(Packet::Publish(publish))) => {
                     self.dispatch(&publish.topic, &publish.payload);
+                    // Acknowledged only now: a desired state is on disk before the broker
+                    // forgets it, so a crash in between gets it redelivered.
+                    if let Err(e) = self.client.try_ack(&publish) {
+                        warn!(error = %e, "cannot queue the acknowledgement");
+                    }
                 }
                 Ok(_) => {}
                 Err(error) => {
@@ -240,6 +257,9 @@ impl Link {
                     });
                     if newer {
                         info!(generation = desired.generation, "desired state received");
+                        if let Err(e) = self.store.save_desired(&desired) {
+                            warn!(error = %e, "cannot keep the desired state for the next start");
+                        }
                         self.desired_tx.send_replace(Some(desired));
                     }
                 }

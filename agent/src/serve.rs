@@ -347,7 +347,12 @@ async fn run_inference(
     let (slot, model) = serving(&api, &name, version.as_deref())?;
     let result = infer_on(&model, body).await;
     // Latency as the robot's caller sees the engine, not including JSON decoding.
-    slot.record(result.as_ref().ok().map(|(_, ms)| *ms));
+    match &result {
+        Ok((_, ms)) => slot.record(&model, Some(*ms)),
+        // A malformed request is the caller's fault, not the model's.
+        Err(e) if e.0.is_server_error() => slot.record(&model, None),
+        Err(_) => {}
+    }
     let (response, _) = result?;
     Ok(Json(json!({
         "model_name": name,

@@ -20,9 +20,40 @@ pub struct ServingModel {
     pub model: Model,
     pub manifest: Verified<Manifest>,
     pub since: Timestamp,
+    /// What this model did since it began serving, for the post-swap health window.
+    health: Mutex<Window>,
+}
+
+/// A serving model's record since its swap.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Health {
+    pub requests: u64,
+    pub errors: u64,
+    pub p99_ms: Option<f64>,
 }
 
 impl ServingModel {
+    pub fn new(model: Model, manifest: Verified<Manifest>, since: Timestamp) -> Self {
+        Self {
+            model,
+            manifest,
+            since,
+            health: Mutex::default(),
+        }
+    }
+
+    /// Requests, errors and p99 since this model began serving.
+    pub fn health(&self) -> Health {
+        let w = self.health.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut lat = w.latencies_ms.clone();
+        lat.sort_by(f64::total_cmp);
+        Health {
+            requests: w.requests,
+            errors: w.errors,
+            p99_ms: percentile(&lat, 99.0),
+        }
+    }
+
     pub fn sha256(&self) -> Sha256Digest {
         self.manifest.artifact.sha256
     }
@@ -45,6 +76,25 @@ struct Window {
     latencies_ms: Vec<f64>,
 }
 
+impl Window {
+    fn add(&mut self, latency_ms: Option<f64>) {
+        self.requests += 1;
+        match latency_ms {
+            Some(ms) if self.latencies_ms.len() < MAX_SAMPLES => self.latencies_ms.push(ms),
+            Some(_) => {}
+            None => self.errors += 1,
+        }
+    }
+}
+
+/// Nearest-rank percentile of sorted values.
+fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
+    (!sorted.is_empty()).then(|| {
+        let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+        sorted[rank.clamp(1, sorted.len()) - 1]
+    })
+}
+
 /// One slot: its current model and its counters.
 #[derive(Debug, Default)]
 pub struct Slot {
@@ -57,32 +107,32 @@ impl Slot {
         self.current.load_full()
     }
 
-    /// Counts one request.
-    pub fn record(&self, latency_ms: Option<f64>) {
-        let mut w = self.window.lock().unwrap_or_else(PoisonError::into_inner);
-        w.requests += 1;
-        match latency_ms {
-            Some(ms) if w.latencies_ms.len() < MAX_SAMPLES => w.latencies_ms.push(ms),
-            Some(_) => {}
-            None => w.errors += 1,
-        }
+    /// Counts one request answered by `model` (`None`: it failed).
+    pub fn record(&self, model: &ServingModel, latency_ms: Option<f64>) {
+        self.window
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .add(latency_ms);
+        model
+            .health
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .add(latency_ms);
     }
 
     fn drain(&self) -> SlotStats {
         let w = std::mem::take(&mut *self.window.lock().unwrap_or_else(PoisonError::into_inner));
         let mut lat = w.latencies_ms;
         lat.sort_by(f64::total_cmp);
-        let pct = |p: f64| {
-            (!lat.is_empty()).then(|| {
-                let rank = ((p / 100.0) * lat.len() as f64).ceil() as usize;
-                lat[rank.clamp(1, lat.len()) - 1]
-            })
-        };
+        let pct = |p: f64| percentile(&lat, p);
         SlotStats {
             requests: w.requests,
             errors: w.errors,
             p50_ms: pct(50.0),
             p99_ms: pct(99.0),
+            // Filled in by the telemetry sampler, which sees the serving models.
+            active_version: None,
+            swaps: None,
         }
     }
 }

@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use botfleet_protocol::SignedManifest;
 use botfleet_protocol::SlotName;
 use botfleet_protocol::manifest::Sha256Digest;
+use botfleet_protocol::messages::Desired;
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
@@ -48,6 +49,20 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct State {
     pub slots: BTreeMap<SlotName, InstalledModel>,
+    /// Per slot, the signed manifest (payload digest) taken out of service by a rollback:
+    /// not installed again until the desired state names another one.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub blocked: BTreeMap<SlotName, Sha256Digest>,
+}
+
+impl State {
+    /// Artifacts that must stay in the store: every slot's current and previous model.
+    pub fn referenced(&self) -> Vec<Sha256Digest> {
+        self.slots
+            .values()
+            .flat_map(|m| std::iter::once(m.sha256).chain(m.previous.as_ref().map(|p| p.sha256)))
+            .collect()
+    }
 }
 
 /// One installed model: its signed manifest (re-verified at every start) and when it began.
@@ -56,6 +71,12 @@ pub struct InstalledModel {
     pub manifest: SignedManifest,
     pub sha256: Sha256Digest,
     pub since: Timestamp,
+    /// The rollout that installed it, for the events a later rollback reports.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout_id: Option<botfleet_protocol::RolloutId>,
+    /// The model it replaced, kept on disk for an instant rollback (one level deep).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous: Option<Box<InstalledModel>>,
 }
 
 /// The model store under one data directory.
@@ -102,6 +123,34 @@ impl Store {
         Ok(to)
     }
 
+    /// Removes committed artifacts that `keep` does not name, and partial downloads of
+    /// them; returns how many files went.
+    pub fn collect_garbage(
+        &self,
+        keep: &[Sha256Digest],
+        downloading: Option<&Sha256Digest>,
+    ) -> usize {
+        let mut removed = 0;
+        for dir in ["models", "partial"] {
+            let Ok(entries) = fs::read_dir(self.root.join(dir)) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let name = entry.file_name();
+                let stem = name.to_string_lossy();
+                let digest = stem
+                    .split('.')
+                    .next()
+                    .and_then(|d| d.parse::<Sha256Digest>().ok());
+                let wanted = digest.is_some_and(|d| keep.contains(&d) || downloading == Some(&d));
+                if !wanted && fs::remove_file(entry.path()).is_ok() {
+                    removed += 1;
+                }
+            }
+        }
+        removed
+    }
+
     /// Reads a committed artifact and checks it still has the digest it is named by.
     pub fn read_checked(&self, sha: &Sha256Digest) -> Result<Vec<u8>, StoreError> {
         let path = self.model_path(sha);
@@ -114,6 +163,31 @@ impl Store {
             return Err(StoreError::Tampered { path, actual });
         }
         Ok(bytes)
+    }
+
+    fn desired_path(&self) -> PathBuf {
+        self.root.join("desired.json")
+    }
+
+    /// The last desired state received, if any. Its manifests are verified again before use.
+    pub fn load_desired(&self) -> Result<Option<Desired>, StoreError> {
+        let path = self.desired_path();
+        match fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|source| StoreError::Corrupt { path, source }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io(&path)(e)),
+        }
+    }
+
+    /// Keeps the desired state for the next start.
+    pub fn save_desired(&self, desired: &Desired) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(desired).map_err(|source| StoreError::Corrupt {
+            path: self.desired_path(),
+            source,
+        })?;
+        write_atomic(&self.desired_path(), &bytes)
     }
 
     fn state_path(&self) -> PathBuf {
@@ -154,6 +228,10 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
     file.write_all(bytes).map_err(io(&tmp))?;
     file.sync_all().map_err(io(&tmp))?;
     drop(file);
+    // "mid-state-write", "mid-desired-write": a crash with the temp file written, not renamed.
+    if let Some(stem) = path.file_stem().and_then(|s| s.to_str()) {
+        crate::failpoint::hit(&format!("mid-{stem}-write"));
+    }
     fs::rename(&tmp, path).map_err(io(path))?;
     sync_dir(dir)
 }
@@ -183,12 +261,37 @@ mod tests {
                     },
                     sha256: Sha256Digest::of(b"x"),
                     since: Timestamp::UNIX_EPOCH,
+                    rollout_id: None,
+                    previous: None,
                 },
             )]),
+            blocked: BTreeMap::new(),
         };
         store.save_state(&state).unwrap();
         let again = Store::open(dir.path()).unwrap();
         assert_eq!(again.load_state().unwrap(), state);
+    }
+
+    #[test]
+    fn garbage_collection_keeps_what_is_referenced_and_what_downloads() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let [a, b, c] = [b"a", b"b", b"c"].map(|x| Sha256Digest::of(x));
+        for sha in [a, b, c] {
+            fs::write(store.partial_path(&sha), b"x").unwrap();
+            store.commit(&sha).unwrap();
+        }
+        fs::write(store.partial_path(&c), b"half").unwrap();
+        fs::write(
+            dir.path()
+                .join("partial")
+                .join(format!("{}.meta", a.to_hex())),
+            b"{}",
+        )
+        .unwrap();
+        assert_eq!(store.collect_garbage(&[a], Some(&c)), 1, "only b goes");
+        assert!(store.has(&a) && !store.has(&b) && store.has(&c));
+        assert!(store.partial_path(&c).exists());
     }
 
     #[test]

@@ -143,6 +143,9 @@ pub struct Compatibility {
     /// Board models (`/proc/device-tree/model` prefixes), e.g. `NVIDIA Jetson Orin Nano`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub boards: Vec<String>,
+    /// Oldest agent version that can run it (`major.minor.patch`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_agent_version: Option<String>,
 }
 
 /// A fixed input and the output it must give, checked on the robot before a swap.
@@ -167,15 +170,27 @@ pub struct Gate {
     pub warmup_runs: u32,
     /// Timed runs; p50/p99 come from these.
     pub runs: u32,
+    /// Budget for the median latency on the robot, in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_p50_ms: Option<f64>,
     /// Budget for the p99 latency on the robot, in milliseconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_p99_ms: Option<f64>,
+    /// Budget for the peak resident memory of loading and running the model, in MiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_memory_mb: Option<u64>,
     /// Allowed p99 regression against the model serving the slot now, as a fraction
     /// (0.2 = 20 % slower is still accepted).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_regression: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reference: Option<Reference>,
+    /// After the swap: the share of failed requests (0.05 = 5 %) that rolls it back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_error_rate: Option<f64>,
+    /// After the swap: the p99 of live requests, in milliseconds, that rolls it back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_serving_p99_ms: Option<f64>,
 }
 
 impl Default for Gate {
@@ -183,9 +198,13 @@ impl Default for Gate {
         Self {
             warmup_runs: 3,
             runs: 20,
+            max_p50_ms: None,
             max_p99_ms: None,
+            max_memory_mb: None,
             max_regression: None,
             reference: None,
+            max_error_rate: None,
+            max_serving_p99_ms: None,
         }
     }
 }
@@ -227,6 +246,10 @@ pub struct Manifest {
     pub provenance: Provenance,
     pub issued_at: Timestamp,
     pub expires_at: Timestamp,
+    /// A signed permission to install this release although a higher one is installed:
+    /// how a deliberate rollback to an older model gets past anti-rollback.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_downgrade: bool,
 }
 
 /// A key id: the first 8 bytes of SHA-256 of the public key, in hex.
@@ -378,6 +401,12 @@ impl TrustedKeys {
             .map(parse_public_key)
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Self::new(keys))
+    }
+
+    /// Requires `threshold` distinct trusted keys to sign (at least 1).
+    pub fn with_threshold(mut self, threshold: usize) -> Self {
+        self.threshold = threshold.max(1);
+        self
     }
 
     pub fn is_empty(&self) -> bool {

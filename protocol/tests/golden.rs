@@ -11,9 +11,11 @@ use botfleet_protocol::manifest::{
     reference_input,
 };
 use botfleet_protocol::messages::{
-    ActiveModel, BenchReport, Command, CommandKind, Desired, DesiredModel, Event, Info,
-    RejectReason, SlotStats, Stage, Status, Telemetry,
+    ActiveModel, BenchReport, BoardTelemetry, Command, CommandKind, Desired, DesiredModel,
+    DiskInfo, Event, GpuSource, GpuTelemetry, Info, JetsonInfo, RejectReason, SlotStats, Stage,
+    Status, TELEMETRY_SCHEMA, Telemetry,
 };
+use botfleet_protocol::messages::{K3sFailure, K3sNode, K3sState, K3sToken};
 use botfleet_protocol::tensor::{DataType, TensorSpec};
 use botfleet_protocol::{
     CommandId, DeviceId, ExpiryCheck, Manifest, ManifestSigner, RolloutId, SlotName, TrustedKeys,
@@ -61,17 +63,22 @@ fn manifest() -> Manifest {
         compatibility: Compatibility {
             arch: vec!["aarch64".into(), "x86_64".into()],
             boards: vec![],
+            min_agent_version: Some("0.1.0".into()),
         },
         gate: Gate {
             warmup_runs: 3,
             runs: 20,
+            max_p50_ms: None,
             max_p99_ms: Some(250.0),
+            max_memory_mb: Some(512),
             max_regression: Some(0.5),
             reference: Some(Reference {
                 seed: 42,
                 outputs: BTreeMap::from([("output".into(), vec![0.7, 0.1, 0.1, 0.1])]),
                 tolerance: 0.01,
             }),
+            max_error_rate: Some(0.05),
+            max_serving_p99_ms: None,
         },
         provenance: Provenance {
             pipeline_run: Some("train_orientation/2026-11-28T10:00:00+00:00".into()),
@@ -81,6 +88,7 @@ fn manifest() -> Manifest {
         },
         issued_at: ts("2026-11-28T10:00:00Z"),
         expires_at: ts("2036-11-28T10:00:00Z"),
+        allow_downgrade: false,
     }
 }
 
@@ -172,6 +180,16 @@ fn status_matches_its_fixture() {
             )]),
             desired_generation: Some(3),
             at: ts("2026-11-28T10:00:00Z"),
+            k3s: Some(K3sNode {
+                command_id: CommandId::new("c-7").unwrap(),
+                at: ts("2026-11-28T09:30:00Z"),
+                state: K3sState::Joined {
+                    node_name: "robot-1".into(),
+                    server_url: "https://10.0.0.1:6443".into(),
+                    k3s_version: "v1.30.4+k3s1".into(),
+                    nvidia_runtime: true,
+                },
+            }),
         },
     );
 }
@@ -186,6 +204,7 @@ fn last_will_matches_its_fixture() {
             active: BTreeMap::new(),
             desired_generation: None,
             at: ts("2026-11-28T10:00:00Z"),
+            k3s: None,
         },
     );
 }
@@ -208,6 +227,18 @@ fn info_matches_its_fixture() {
                 ("arch".into(), "aarch64".into()),
                 ("site".into(), "lab".into()),
             ]),
+            device: Some(device()),
+            machine_id: Some("5f0c3b1e9a7d4c2b8e6f1a3d5c7b9e0f".into()),
+            disks: vec![DiskInfo {
+                mount_point: "/".into(),
+                total_bytes: 62_000_000_000,
+            }],
+            jetson: Some(JetsonInfo {
+                l4t: Some("36.3.0".into()),
+                jetpack: Some("6.0".into()),
+                gpu: Some("ga10b".into()),
+            }),
+            gpus: vec![],
         },
     );
 }
@@ -231,8 +262,41 @@ fn telemetry_matches_its_fixture() {
                     errors: 0,
                     p50_ms: Some(11.5),
                     p99_ms: Some(19.0),
+                    active_version: Some("1.0.0".into()),
+                    swaps: Some(0),
                 },
             )]),
+            schema: TELEMETRY_SCHEMA,
+            device: Some(device()),
+            cpu_per_core: vec![40.0, 35.0],
+            load_5m: Some(1.0),
+            load_15m: Some(0.75),
+            swap_used_bytes: Some(0),
+            swap_total_bytes: Some(3_995_000_000),
+            disk_total_bytes: Some(62_000_000_000),
+            net_rx_bytes_per_s: Some(1_200),
+            net_tx_bytes_per_s: Some(800),
+            temperatures_c: BTreeMap::from([("cpu-thermal".into(), 48.5)]),
+            gpus: vec![GpuTelemetry {
+                source: GpuSource::JetsonSysfs,
+                name: Some("ga10b".into()),
+                load_percent: Some(25.0),
+                memory_used_bytes: None,
+                memory_total_bytes: None,
+                temperature_c: Some(47.0),
+                power_mw: Some(1_200),
+                freq_mhz: Some(612),
+                max_freq_mhz: Some(1_020),
+                throttle: vec![],
+            }],
+            board: Some(BoardTelemetry {
+                emc_freq_mhz: Some(3_199),
+                emc_load_percent: Some(12.0),
+                rails_mw: BTreeMap::from([("VDD_IN".into(), 5_400)]),
+                power_mode: Some("15W".into()),
+            }),
+            agent_cpu_percent: Some(0.5),
+            agent_rss_bytes: Some(12_000_000),
         },
     );
 }
@@ -278,6 +342,7 @@ fn every_event_stage_matches_its_fixture() {
             mean_ms: 21.4,
             incumbent_p99_ms: Some(11.0),
             reference_max_abs_err: Some(0.0004),
+            peak_rss_bytes: Some(96_468_992),
             passed: false,
         }),
         Stage::Active {
@@ -291,6 +356,10 @@ fn every_event_stage_matches_its_fixture() {
         Stage::Failed {
             message: "download stalled: no byte for 30 s".into(),
         },
+        Stage::RolledBack {
+            to: digest(),
+            reason: "health window: 12 of 40 requests failed (30.0%, 5.0% allowed)".into(),
+        },
     ];
     let events: Vec<Event> = stages.into_iter().map(event).collect();
     golden("events.json", &events);
@@ -303,6 +372,20 @@ fn command_matches_its_fixture() {
         &Command {
             command_id: CommandId::new("c-1").unwrap(),
             kind: CommandKind::ReportNow,
+        },
+    );
+}
+
+#[test]
+fn rollback_command_matches_its_fixture() {
+    golden(
+        "command_rollback.json",
+        &Command {
+            command_id: CommandId::new("c-2").unwrap(),
+            kind: CommandKind::Rollback {
+                slot: slot(),
+                reason: Some("operator: wrong labels in 1.1.0".into()),
+            },
         },
     );
 }
@@ -327,4 +410,69 @@ fn reference_input_is_the_same_everywhere() {
     )
     .unwrap();
     assert_eq!(bits, pinned);
+}
+
+#[test]
+fn every_k3s_command_matches_its_fixture() {
+    let id = || CommandId::new("c-7").unwrap();
+    golden(
+        "command_k3s_join.json",
+        &Command {
+            command_id: id(),
+            kind: CommandKind::K3sJoin {
+                server_url: "https://10.0.0.1:6443".into(),
+                token: K3sToken("K10abc::server:secret".into()),
+                node_labels: BTreeMap::from([("site".into(), "lab".into())]),
+            },
+        },
+    );
+    golden(
+        "command_k3s_leave.json",
+        &Command {
+            command_id: id(),
+            kind: CommandKind::K3sLeave,
+        },
+    );
+    golden(
+        "command_k3s_rotate_token.json",
+        &Command {
+            command_id: id(),
+            kind: CommandKind::K3sRotateToken {
+                token: K3sToken("K10def::server:newsecret".into()),
+            },
+        },
+    );
+}
+
+#[test]
+fn every_k3s_outcome_matches_its_fixture() {
+    let node = |state| K3sNode {
+        command_id: CommandId::new("c-7").unwrap(),
+        at: ts("2026-11-28T09:30:00Z"),
+        state,
+    };
+    golden(
+        "k3s_outcomes.json",
+        &vec![
+            node(K3sState::Joined {
+                node_name: "robot-1".into(),
+                server_url: "https://10.0.0.1:6443".into(),
+                k3s_version: "v1.30.4+k3s1".into(),
+                nvidia_runtime: false,
+            }),
+            node(K3sState::Left),
+            node(K3sState::Failed {
+                reason: K3sFailure::DuplicateNodeName,
+                message: "Node password rejected, duplicate hostname or contents of \
+                          '/etc/rancher/node/password' may not match server node-passwd entry"
+                    .into(),
+            }),
+        ],
+    );
+}
+
+#[test]
+fn a_k3s_token_never_shows_in_debug_output() {
+    let token = K3sToken("K10abc::server:secret".into());
+    assert!(!format!("{token:?}").contains("secret"));
 }

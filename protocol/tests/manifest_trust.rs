@@ -33,6 +33,7 @@ fn manifest(expires_at: &str) -> Manifest {
         provenance: Default::default(),
         issued_at: "2026-01-01T00:00:00Z".parse().unwrap(),
         expires_at: expires_at.parse().unwrap(),
+        allow_downgrade: false,
     }
 }
 
@@ -135,4 +136,45 @@ fn keys_round_trip_through_their_text_form() {
     assert_eq!(again.key_id(), signer.key_id());
     assert!(TrustedKeys::parse(["ed25519:short"]).is_err());
     assert!(TrustedKeys::parse(["rsa:AAAA"]).is_err());
+}
+
+#[test]
+fn a_threshold_counts_each_key_once_so_duplicate_signatures_do_not_add_up() {
+    let a = ManifestSigner::from_secret([1; 32]);
+    let b = ManifestSigner::from_secret([2; 32]);
+    let keys = TrustedKeys::new([a.public_key(), b.public_key()]).with_threshold(2);
+    let m = manifest("2027-01-01T00:00:00Z");
+    let mut twice_by_a = a.sign(&m).unwrap();
+    let again = twice_by_a.signatures[0].clone();
+    twice_by_a.signatures.push(again);
+    assert!(matches!(
+        twice_by_a.verify(&keys, now()),
+        Err(ManifestError::Untrusted { .. })
+    ));
+    let mut by_both = a.sign(&m).unwrap();
+    by_both.signatures.extend(b.sign(&m).unwrap().signatures);
+    let verified = by_both.verify(&keys, now()).unwrap();
+    assert_eq!(verified.signed_by().len(), 2);
+}
+
+#[test]
+fn a_key_removed_from_the_trusted_set_no_longer_verifies() {
+    let old = ManifestSigner::from_secret([1; 32]);
+    let new = ManifestSigner::from_secret([2; 32]);
+    let m = manifest("2027-01-01T00:00:00Z");
+    let signed = old.sign(&m).unwrap();
+    // Rotation: both trusted while agents move over...
+    assert!(
+        signed
+            .verify(
+                &TrustedKeys::new([old.public_key(), new.public_key()]),
+                now()
+            )
+            .is_ok()
+    );
+    // ...then the old one is revoked by taking it out of the configuration.
+    assert!(matches!(
+        signed.verify(&TrustedKeys::new([new.public_key()]), now()),
+        Err(ManifestError::Untrusted { .. })
+    ));
 }

@@ -6,6 +6,8 @@
 
 pub mod hostile;
 pub mod mosquitto;
+pub mod process;
+pub mod simulated;
 pub mod watch;
 
 use std::collections::BTreeMap;
@@ -31,6 +33,22 @@ pub fn reference(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("fixtures/reference")
         .join(name)
+}
+
+/// The program that runs the agent's benchmark gate child (`PROGRAM __gate`).
+///
+/// In production that is `botfleet-agent` itself; in this package it is `botfleet-demo`,
+/// which cargo builds before this package's tests run (test binaries live in
+/// `target/<profile>/deps`, the demo one level up).
+pub fn gate_program() -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    let name = format!("botfleet-demo{}", std::env::consts::EXE_SUFFIX);
+    exe.ancestors()
+        .skip(1)
+        .take(2)
+        .map(|dir| dir.join(&name))
+        .find(|candidate| candidate.is_file())
+        .unwrap_or(exe)
 }
 
 /// Which broker the fleet talks through.
@@ -131,6 +149,7 @@ impl Fleet {
             ..Default::default()
         };
         config.mqtt.url = self.mqtt_url.clone();
+        config.gate.program = gate_program();
         config.mqtt.backoff_initial_ms = 100;
         config.mqtt.backoff_max_ms = 2_000;
         config.inference.listen = "127.0.0.1:0".parse().unwrap_or(config.inference.listen);

@@ -134,3 +134,63 @@ pub async fn publish_once(
     let _ = client.disconnect().await;
     Ok(())
 }
+
+/// A device's retained status as the broker delivers it.
+pub struct StatusWatch {
+    rx: mpsc::UnboundedReceiver<botfleet_protocol::messages::Status>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for StatusWatch {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl StatusWatch {
+    pub async fn subscribe(mqtt_url: &str, prefix: &str, device: &str) -> Result<Self> {
+        let url = reqwest::Url::parse(mqtt_url)?;
+        let host = url.host_str().context("broker host")?.to_owned();
+        let port = url.port().unwrap_or(1883);
+        let topic = Topics::new(prefix)?.device(&DeviceId::new(device)?, TopicKind::Status);
+        let mut options = MqttOptions::new(
+            format!("status-{device}-{:08x}", rand::random::<u32>()),
+            host,
+            port,
+        );
+        options.set_max_packet_size(MAX_PACKET_BYTES, MAX_PACKET_BYTES);
+        let (client, mut eventloop) = AsyncClient::new(options, 16);
+        client.subscribe(topic, QoS::AtLeastOnce).await?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let task = tokio::spawn(async move {
+            let _client = client;
+            while let Ok(event) = eventloop.poll().await {
+                if let MqttEvent::Incoming(Packet::Publish(p)) = event
+                    && let Ok(s) = serde_json::from_slice(&p.payload)
+                    && tx.send(s).is_err()
+                {
+                    return;
+                }
+            }
+        });
+        Ok(Self { rx, task })
+    }
+
+    /// Waits for a status that satisfies `want`.
+    pub async fn until(
+        &mut self,
+        want: impl Fn(&botfleet_protocol::messages::Status) -> bool,
+        limit: Duration,
+    ) -> Result<botfleet_protocol::messages::Status> {
+        let deadline = tokio::time::Instant::now() + limit;
+        let mut last = None;
+        loop {
+            match tokio::time::timeout_at(deadline, self.rx.recv()).await {
+                Ok(Some(status)) if want(&status) => return Ok(status),
+                Ok(Some(status)) => last = Some(status),
+                Ok(None) => bail!("status stream ended"),
+                Err(_) => bail!("no matching status within {limit:?}; last: {last:?}"),
+            }
+        }
+    }
+}

@@ -184,6 +184,46 @@ async fn hostile_orders_are_rejected_and_the_last_good_model_keeps_serving() {
     assert_eq!(reason, RejectReason::NotLoadable, "{message}");
     s.assert_still_serving_the_good_model().await;
 
+    // Correctly signed and intact, but a truncated real model: the benchmark child fails to
+    // load it, the daemon does not notice beyond the event.
+    let whole = std::fs::read(fixture("ch_ppocr_mobile_v2.0_cls_infer.onnx")).unwrap();
+    let truncated = whole[..whole.len() / 2].to_vec();
+    let truncated_sha = Sha256Digest::of(&truncated);
+    let host = ArtifactHost::start(truncated.clone()).await.unwrap();
+    let mut m = s.good_manifest();
+    m.release += 1;
+    m.version = "1.1-truncated".into();
+    m.artifact.sha256 = truncated_sha;
+    m.artifact.size = truncated.len() as u64;
+    let (reason, message) = rejected(&s.order(&m, &server_key, host.url()).await);
+    assert_eq!(reason, RejectReason::NotLoadable, "{message}");
+    s.assert_still_serving_the_good_model().await;
+
+    // A model whose output on the reference input is not the recorded one (what a broken
+    // quantization looks like).
+    let mut m = s.good_manifest();
+    m.release += 1;
+    m.version = "1.1-wrong-output".into();
+    let reference = m
+        .gate
+        .reference
+        .as_mut()
+        .expect("the server records a reference");
+    for values in reference.outputs.values_mut() {
+        values.iter_mut().for_each(|v| *v = 1.0 - *v + 0.25);
+    }
+    let (reason, message) = rejected(&s.order(&m, &server_key, s.artifact_url(&good_sha)).await);
+    assert_eq!(reason, RejectReason::WrongOutput, "{message}");
+    s.assert_still_serving_the_good_model().await;
+
+    // Needs a newer agent than this one.
+    let mut m = s.good_manifest();
+    m.release += 1;
+    m.version = "1.1-future".into();
+    m.compatibility.min_agent_version = Some("99.0.0".into());
+    let (reason, message) = rejected(&s.order(&m, &server_key, s.artifact_url(&good_sha)).await);
+    assert_eq!(reason, RejectReason::Incompatible, "{message}");
+
     // An expired manifest.
     let mut m = s.good_manifest();
     m.release += 1;
@@ -199,6 +239,16 @@ async fn hostile_orders_are_rejected_and_the_last_good_model_keeps_serving() {
     let (reason, message) = rejected(&s.order(&m, &server_key, s.artifact_url(&good_sha)).await);
     assert_eq!(reason, RejectReason::Downgrade, "{message}");
     s.assert_still_serving_the_good_model().await;
+
+    // The same older release with a signed permission to go back is taken.
+    let mut m = s.good_manifest();
+    m.release = 0;
+    m.version = "0.9-allowed".into();
+    m.allow_downgrade = true;
+    assert!(matches!(
+        s.order(&m, &server_key, s.artifact_url(&good_sha)).await,
+        Stage::Active { .. }
+    ));
 
     // Malformed JSON on the desired topic is ignored; the agent still takes the next order.
     s.send(b"{ this is not json".to_vec()).await;

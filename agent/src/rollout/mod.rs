@@ -2,24 +2,30 @@
 //! event for every stage. Decisions live in [`plan`]; this module does the I/O.
 
 pub mod plan;
+mod recover;
+
+pub use recover::Request;
 
 use std::collections::{BTreeMap, HashSet};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use botfleet_engine::{BenchStats, Model, benchmark, reference_error, reference_inputs};
+use botfleet_engine::{BenchStats, Model, reference_inputs};
 use botfleet_protocol::manifest::Sha256Digest;
 use botfleet_protocol::messages::{BenchReport, Desired, DesiredModel, Event, RejectReason, Stage};
 use botfleet_protocol::{
-    DeviceId, ExpiryCheck, Manifest, ManifestError, SlotName, TrustedKeys, Verified,
+    DeviceId, ExpiryCheck, Manifest, ManifestError, RolloutId, SlotName, TrustedKeys, Verified,
 };
 use jiff::Timestamp;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, instrument, warn};
 
 use crate::backoff::Backoff;
 use crate::fetch::{self, FetchError, Limits};
+use crate::gate::{self, GateError, GateReport, GateRequest, ModelFile};
 use crate::link::Publisher;
 use crate::slots::{ServingModel, Slots};
 use crate::store::{InstalledModel, State, Store};
@@ -50,10 +56,25 @@ pub struct Reconciler {
     pub http: reqwest::Client,
     pub server_url: String,
     pub limits: Limits,
+    pub gate: GateSettings,
     pub board: Option<String>,
     /// The generation of the last desired state fully processed.
     pub processed: watch::Sender<Option<u64>>,
     pub state: State,
+    /// How long a new model is watched after its swap; zero: not at all.
+    pub health_window: Duration,
+    /// Where health watchers send their verdicts (the reconciler reads the other end).
+    pub requests_tx: mpsc::Sender<Request>,
+    /// Running health watchers; dropped (aborted) with the reconciler.
+    pub watchers: JoinSet<()>,
+}
+
+/// How the benchmark child is run.
+#[derive(Debug, Clone)]
+pub struct GateSettings {
+    pub program: PathBuf,
+    pub memory_limit_bytes: u64,
+    pub timeout: Duration,
 }
 
 /// Loads what `state` says was serving, re-checking signature and content. A slot that fails
@@ -90,11 +111,7 @@ async fn restore_one(
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())?;
-    Ok(ServingModel {
-        model,
-        manifest,
-        since: installed.since,
-    })
+    Ok(ServingModel::new(model, manifest, installed.since))
 }
 
 fn refusal(e: &ManifestError) -> Refusal {
@@ -115,33 +132,57 @@ impl Reconciler {
     pub async fn run(
         mut self,
         mut desired: watch::Receiver<Option<Desired>>,
+        mut requests: mpsc::Receiver<Request>,
         cancel: CancellationToken,
     ) {
         let mut refused: HashSet<Sha256Digest> = HashSet::new();
         let mut retry = Backoff::new(Duration::from_secs(5), Duration::from_secs(300));
         let mut retry_at: Option<tokio::time::Instant> = None;
+        // Set when a desired state waits to be applied without waiting for a change: the one
+        // kept from the last run, or a newer one that interrupted an install.
+        let mut pending = desired.borrow().is_some();
         loop {
-            let wait_retry = async {
-                match retry_at {
-                    Some(at) => tokio::time::sleep_until(at).await,
-                    None => std::future::pending().await,
+            if !pending {
+                let wait_retry = async {
+                    match retry_at {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    () = cancel.cancelled() => return,
+                    changed = desired.changed() => {
+                        if changed.is_err() { return; }
+                        refused.clear();
+                        retry.reset();
+                    }
+                    () = wait_retry => {}
+                    request = requests.recv() => {
+                        if let Some(request) = request {
+                            self.handle(request).await;
+                        }
+                        continue;
+                    }
                 }
-            };
-            tokio::select! {
-                () = cancel.cancelled() => return,
-                changed = desired.changed() => {
-                    if changed.is_err() { return; }
-                    refused.clear();
-                    retry.reset();
-                }
-                () = wait_retry => {}
             }
+            pending = false;
             retry_at = None;
             let Some(target) = desired.borrow_and_update().clone() else {
                 continue;
             };
             let failed = tokio::select! {
                 () = cancel.cancelled() => return,
+                changed = desired.changed() => {
+                    if changed.is_err() { return; }
+                    // Dropping the install cancels its download (the partial file stays for
+                    // a resume) or its benchmark child (killed). The swap has no await
+                    // point, so it is never cut in half.
+                    info!("desired state changed during an install; starting over");
+                    refused.clear();
+                    retry.reset();
+                    pending = true;
+                    continue;
+                }
                 failed = self.apply(&target, &mut refused) => failed,
             };
             if failed {
@@ -170,7 +211,7 @@ impl Reconciler {
             .map(|(k, v)| (k.clone(), v.manifest.payload_digest()))
             .collect();
         let mut failed = false;
-        for (slot, model) in plan::changes(desired, &installed, refused) {
+        for (slot, model) in plan::changes(desired, &installed, refused, &self.state.blocked) {
             match self.install(slot, model).await {
                 Ok(()) => {}
                 Err(Outcome::Rejected(_)) => {
@@ -185,13 +226,13 @@ impl Reconciler {
     fn emit(
         &self,
         slot: &SlotName,
-        model: &DesiredModel,
+        rollout_id: Option<&RolloutId>,
         claims: (Sha256Digest, Option<u64>),
         stage: Stage,
     ) {
         self.publisher.event(&Event {
             device: self.device.clone(),
-            rollout_id: model.rollout_id.clone(),
+            rollout_id: rollout_id.cloned(),
             slot: slot.clone(),
             sha256: claims.0,
             release: claims.1,
@@ -207,7 +248,7 @@ impl Reconciler {
             Ok(m) => (m.artifact.sha256, Some(m.release)),
             Err(_) => (model.manifest.payload_digest(), None),
         };
-        self.emit(slot, model, claims, Stage::Received);
+        self.emit(slot, model.rollout_id.as_ref(), claims, Stage::Received);
         let result = self.stages(slot, model, claims).await;
         match &result {
             Ok(()) => {}
@@ -215,7 +256,7 @@ impl Reconciler {
                 warn!(?reason, %message, "model rejected; the previous model keeps serving");
                 self.emit(
                     slot,
-                    model,
+                    model.rollout_id.as_ref(),
                     claims,
                     Stage::Rejected {
                         reason: *reason,
@@ -227,7 +268,7 @@ impl Reconciler {
                 warn!(%message, "install failed; the previous model keeps serving");
                 self.emit(
                     slot,
-                    model,
+                    model.rollout_id.as_ref(),
                     claims,
                     Stage::Failed {
                         message: message.clone(),
@@ -258,7 +299,7 @@ impl Reconciler {
         )?;
         self.emit(
             slot,
-            model,
+            model.rollout_id.as_ref(),
             claims,
             Stage::Verified {
                 key_ids: manifest
@@ -271,24 +312,35 @@ impl Reconciler {
 
         let bytes = self.fetch(slot, model, &manifest, claims).await?;
 
-        let inputs = manifest.inputs.clone();
-        let loaded = tokio::task::spawn_blocking(move || Model::load(&bytes, &inputs))
-            .await
-            .map_err(|e| Outcome::Failed(format!("loader crashed: {e}")))?
-            .map_err(|e| Outcome::Rejected((RejectReason::NotLoadable, e.to_string())))?;
+        // Load, check and benchmark in a child process first: a hostile file dies there.
+        let report = self.gate(&manifest, incumbent.as_deref()).await?;
+        let (load_ms, report, verdict) = report;
         self.emit(
             slot,
-            model,
+            model.rollout_id.as_ref(),
             claims,
-            Stage::Loaded {
-                millis: loaded.load_time().as_millis() as u64,
-            },
+            Stage::Loaded { millis: load_ms },
         );
-
-        let report = self.bench(&manifest, &loaded, incumbent.as_deref()).await;
-        let (report, verdict) = report?;
-        self.emit(slot, model, claims, Stage::Benchmarked(report));
+        self.emit(
+            slot,
+            model.rollout_id.as_ref(),
+            claims,
+            Stage::Benchmarked(report),
+        );
         verdict?;
+
+        // Proven in the child; now load it here and warm it up before it takes traffic.
+        let inputs = manifest.inputs.clone();
+        let seed = manifest.gate.reference.as_ref().map_or(0, |r| r.seed);
+        let loaded = tokio::task::spawn_blocking(move || {
+            let model = Model::load(&bytes, &inputs)?;
+            let warm = reference_inputs(&model, seed)?;
+            model.run(warm)?;
+            Ok::<_, botfleet_engine::EngineError>(model)
+        })
+        .await
+        .map_err(|e| Outcome::Failed(format!("loader crashed: {e}")))?
+        .map_err(|e| Outcome::Rejected((RejectReason::NotLoadable, e.to_string())))?;
 
         self.swap(slot, model, manifest, loaded, claims)
     }
@@ -304,40 +356,42 @@ impl Reconciler {
         let sha = manifest.artifact.sha256;
         if !self.store.has(&sha) {
             let url = self.artifact_url(&model.artifact_url);
+            let dest = self.store.partial_path(&sha);
+            let offset = tokio::fs::metadata(&dest).await.map_or(0, |m| m.len());
             self.emit(
                 slot,
-                model,
+                model.rollout_id.as_ref(),
                 claims,
                 Stage::Downloading {
                     total_bytes: manifest.artifact.size,
-                    offset: 0,
+                    offset,
                 },
             );
-            let dest = self.store.partial_path(&sha);
-            let fetched =
-                fetch::download(&self.http, &url, &manifest.artifact, &dest, self.limits).await;
-            let fetched = match fetched {
-                Ok(f) => f,
-                Err(e) => {
-                    // A wrong or oversized file is not worth resuming.
-                    let _ = tokio::fs::remove_file(&dest).await;
-                    return Err(match e {
-                        FetchError::TooLarge { .. } | FetchError::SizeMismatch { .. } => {
-                            Outcome::Rejected((RejectReason::SizeMismatch, e.to_string()))
-                        }
-                        FetchError::DigestMismatch { .. } => {
-                            Outcome::Rejected((RejectReason::DigestMismatch, e.to_string()))
-                        }
-                        other => Outcome::Failed(other.to_string()),
-                    });
-                }
-            };
+            let fetched = fetch::download(&self.http, &url, &manifest.artifact, &dest, self.limits)
+                .await
+                .map_err(|e| match e {
+                    FetchError::TooLarge { .. } | FetchError::SizeMismatch { .. } => {
+                        Outcome::Rejected((RejectReason::SizeMismatch, e.to_string()))
+                    }
+                    FetchError::DigestMismatch { .. } => {
+                        Outcome::Rejected((RejectReason::DigestMismatch, e.to_string()))
+                    }
+                    // Network, deadlines, disk: the partial file stays where resuming helps.
+                    other => Outcome::Failed(other.to_string()),
+                })?;
+            info!(
+                bytes = fetched.bytes,
+                resumed_from = fetched.resumed_from,
+                attempts = fetched.attempts,
+                "downloaded"
+            );
+            crate::failpoint::hit("after-download");
             self.store
                 .commit(&sha)
                 .map_err(|e| Outcome::Failed(e.to_string()))?;
             self.emit(
                 slot,
-                model,
+                model.rollout_id.as_ref(),
                 claims,
                 Stage::Downloaded {
                     bytes: fetched.bytes,
@@ -375,69 +429,81 @@ impl Reconciler {
         }
     }
 
-    /// Benchmarks the candidate (and the incumbent, when the gate compares) off the executor.
-    async fn bench(
+    /// Runs the gate child on the committed candidate (and the incumbent, when the gate
+    /// compares) and judges its numbers.
+    async fn gate(
         &self,
         manifest: &Verified<Manifest>,
-        candidate: &Model,
         incumbent: Option<&ServingModel>,
-    ) -> Result<(BenchReport, Result<(), Outcome>), Outcome> {
-        let gate = manifest.gate.clone();
-        let candidate = candidate.clone();
-        let incumbent = incumbent
-            .filter(|_| gate.max_regression.is_some())
-            .map(|m| {
-                (
-                    m.model.clone(),
-                    m.manifest.gate.reference.as_ref().map_or(0, |r| r.seed),
-                )
-            });
-        let measured = tokio::task::spawn_blocking(move || {
-            let not_loadable = |e: botfleet_engine::EngineError| {
-                Outcome::Rejected((RejectReason::NotLoadable, e.to_string()))
-            };
-            let ref_err = gate
-                .reference
-                .as_ref()
-                .map(|r| reference_error(&candidate, r))
-                .transpose()
-                .map_err(|e| Outcome::Rejected((RejectReason::WrongOutput, e.to_string())))?;
-            let seed = gate.reference.as_ref().map_or(0, |r| r.seed);
-            let inputs = reference_inputs(&candidate, seed).map_err(not_loadable)?;
-            let stats = benchmark(&candidate, &inputs, gate.warmup_runs, gate.runs)
-                .map_err(not_loadable)?;
-            let incumbent_stats: Option<BenchStats> = match incumbent {
-                Some((model, seed)) => reference_inputs(&model, seed)
-                    .and_then(|inputs| benchmark(&model, &inputs, gate.warmup_runs, gate.runs))
-                    .map_err(|e| warn!(error = %e, "cannot benchmark the serving model"))
-                    .ok(),
-                None => None,
-            };
-            let verdict = plan::judge(&gate, &stats, incumbent_stats.as_ref(), ref_err);
-            Ok::<_, Outcome>((stats, incumbent_stats, ref_err, verdict))
-        })
-        .await
-        .map_err(|e| Outcome::Failed(format!("benchmark crashed: {e}")))??;
-        let (stats, incumbent_stats, ref_err, verdict) = measured;
+    ) -> Result<(u64, BenchReport, Result<(), Outcome>), Outcome> {
+        let seed_of = |m: &Manifest| m.gate.reference.as_ref().map_or(0, |r| r.seed);
+        let request = GateRequest {
+            candidate: ModelFile {
+                path: self.store.model_path(&manifest.artifact.sha256),
+                inputs: manifest.inputs.clone(),
+                seed: seed_of(manifest),
+            },
+            gate: manifest.gate.clone(),
+            incumbent: incumbent
+                .filter(|_| manifest.gate.max_regression.is_some())
+                .map(|m| ModelFile {
+                    path: self.store.model_path(&m.sha256()),
+                    inputs: m.manifest.inputs.clone(),
+                    seed: seed_of(&m.manifest),
+                }),
+            memory_limit_bytes: self.gate.memory_limit_bytes,
+        };
+        let report = gate::run_in_child(&self.gate.program, &request, self.gate.timeout).await;
+        let (load_ms, candidate, incumbent, ref_err, peak) = match report {
+            Ok(GateReport::Measured {
+                load_ms,
+                candidate,
+                incumbent,
+                reference_max_abs_err,
+                peak_rss_bytes,
+            }) => (
+                load_ms,
+                candidate,
+                incumbent,
+                reference_max_abs_err,
+                peak_rss_bytes,
+            ),
+            Ok(GateReport::NotLoadable { message }) => {
+                return Err(Outcome::Rejected((RejectReason::NotLoadable, message)));
+            }
+            Ok(GateReport::WrongOutput { message }) => {
+                return Err(Outcome::Rejected((RejectReason::WrongOutput, message)));
+            }
+            Err(e @ GateError::Spawn { .. }) => return Err(Outcome::Failed(e.to_string())),
+            Err(e @ GateError::TimedOut(_)) => {
+                return Err(Outcome::Rejected((RejectReason::GateMissed, e.to_string())));
+            }
+            Err(e) => {
+                return Err(Outcome::Rejected((
+                    RejectReason::NotLoadable,
+                    e.to_string(),
+                )));
+            }
+        };
+        let stats: BenchStats = candidate.into();
+        let incumbent: Option<BenchStats> = incumbent.map(Into::into);
+        let verdict = plan::judge(&manifest.gate, &stats, incumbent.as_ref(), ref_err, peak);
         let report = BenchReport {
             runs: stats.runs,
             p50_ms: stats.p50_ms,
             p99_ms: stats.p99_ms,
             mean_ms: stats.mean_ms,
-            incumbent_p99_ms: incumbent_stats.map(|s| s.p99_ms),
+            incumbent_p99_ms: incumbent.map(|s| s.p99_ms),
             reference_max_abs_err: ref_err,
+            peak_rss_bytes: peak,
             passed: verdict.is_ok(),
         };
-        info!(
-            p50_ms = report.p50_ms,
-            p99_ms = report.p99_ms,
-            passed = report.passed,
-            "benchmarked"
-        );
-        Ok((report, verdict.map_err(Outcome::Rejected)))
+        info!(p50_ms = report.p50_ms, p99_ms = report.p99_ms, peak_rss_bytes = ?peak, passed = report.passed, "benchmarked");
+        Ok((load_ms, report, verdict.map_err(Outcome::Rejected)))
     }
 
-    /// Persists the new active model, then swaps it in.
+    /// Persists the new active model (keeping the one it replaces for rollback), then swaps
+    /// it in and starts watching its health.
     fn swap(
         &mut self,
         slot: &SlotName,
@@ -448,40 +514,44 @@ impl Reconciler {
     ) -> Result<(), Outcome> {
         let since = Timestamp::now();
         let mut next = self.state.clone();
+        let previous = next.slots.remove(slot).map(|mut p| {
+            p.previous = None; // one level of history is what rollback needs
+            Box::new(p)
+        });
         next.slots.insert(
             slot.clone(),
             InstalledModel {
                 manifest: model.manifest.clone(),
                 sha256: manifest.artifact.sha256,
                 since,
+                rollout_id: model.rollout_id.clone(),
+                previous,
             },
         );
+        next.blocked.remove(slot);
         // Persist first: after a crash the robot comes back with what it reported.
         self.store
             .save_state(&next)
             .map_err(|e| Outcome::Failed(e.to_string()))?;
         self.state = next;
+        crate::failpoint::hit("mid-swap");
         let version = manifest.version.clone();
+        let serving = Arc::new(ServingModel::new(loaded, manifest, since));
         let started = Instant::now();
-        let previous = self.slots.swap(
-            slot,
-            Arc::new(ServingModel {
-                model: loaded,
-                manifest,
-                since,
-            }),
-        );
+        let replaced = self.slots.swap(slot, Arc::clone(&serving));
         let swap_micros = started.elapsed().as_micros() as u64;
         info!(%version, swap_micros, "model active");
         self.emit(
             slot,
-            model,
+            model.rollout_id.as_ref(),
             claims,
             Stage::Active {
-                previous: previous.map(|p| p.sha256()),
+                previous: replaced.map(|p| p.sha256()),
                 swap_micros,
             },
         );
+        self.collect_garbage(None);
+        self.watch_health(slot.clone(), serving);
         Ok(())
     }
 }

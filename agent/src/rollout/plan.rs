@@ -4,6 +4,8 @@
 use std::collections::{BTreeMap, HashSet};
 
 use botfleet_engine::BenchStats;
+
+use crate::slots::Health;
 use botfleet_protocol::manifest::{Gate, Sha256Digest};
 use botfleet_protocol::messages::{Desired, DesiredModel, RejectReason};
 use botfleet_protocol::{Manifest, SlotName};
@@ -13,13 +15,16 @@ pub fn changes<'a>(
     desired: &'a Desired,
     installed: &BTreeMap<SlotName, Sha256Digest>,
     refused: &HashSet<Sha256Digest>,
+    blocked: &BTreeMap<SlotName, Sha256Digest>,
 ) -> Vec<(&'a SlotName, &'a DesiredModel)> {
     desired
         .slots
         .iter()
         .filter(|(slot, model)| {
             let id = model.manifest.payload_digest();
-            installed.get(*slot) != Some(&id) && !refused.contains(&id)
+            installed.get(*slot) != Some(&id)
+                && !refused.contains(&id)
+                && blocked.get(*slot) != Some(&id)
         })
         .collect()
 }
@@ -69,8 +74,20 @@ pub fn admit(
             ),
         ));
     }
+    if let Some(min) = &compat.min_agent_version
+        && !version_at_least(env!("CARGO_PKG_VERSION"), min)
+    {
+        return Err((
+            RejectReason::Incompatible,
+            format!(
+                "needs agent {min} or newer, this is {}",
+                env!("CARGO_PKG_VERSION")
+            ),
+        ));
+    }
     if let Some(installed) = installed_release
         && manifest.release < installed
+        && !manifest.allow_downgrade
     {
         return Err((
             RejectReason::Downgrade,
@@ -83,12 +100,33 @@ pub fn admit(
     Ok(())
 }
 
+/// `have >= want` for dotted numeric versions (`1.2.3`); anything unparsable is too old.
+fn version_at_least(have: &str, want: &str) -> bool {
+    let parse = |v: &str| -> Option<Vec<u64>> {
+        v.split(['-', '+'])
+            .next()?
+            .split('.')
+            .map(|p| p.parse().ok())
+            .collect()
+    };
+    match (parse(have), parse(want)) {
+        (Some(mut h), Some(mut w)) => {
+            let len = h.len().max(w.len());
+            h.resize(len, 0);
+            w.resize(len, 0);
+            h >= w
+        }
+        _ => false,
+    }
+}
+
 /// Whether the candidate's benchmark passes the gate.
 pub fn judge(
     gate: &Gate,
     candidate: &BenchStats,
     incumbent: Option<&BenchStats>,
     reference_error: Option<f32>,
+    peak_rss_bytes: Option<u64>,
 ) -> Result<(), Refusal> {
     if let (Some(reference), Some(err)) = (&gate.reference, reference_error)
         && (err.is_nan() || err > reference.tolerance)
@@ -98,6 +136,28 @@ pub fn judge(
             format!(
                 "reference output differs by {err:.3e}, tolerance is {:.3e}",
                 reference.tolerance
+            ),
+        ));
+    }
+    if let Some(budget) = gate.max_p50_ms
+        && candidate.p50_ms > budget
+    {
+        return Err((
+            RejectReason::GateMissed,
+            format!(
+                "p50 {:.2} ms is over the budget of {budget:.2} ms",
+                candidate.p50_ms
+            ),
+        ));
+    }
+    if let (Some(budget), Some(peak)) = (gate.max_memory_mb, peak_rss_bytes)
+        && peak > budget.saturating_mul(1024 * 1024)
+    {
+        return Err((
+            RejectReason::GateMissed,
+            format!(
+                "peak memory {} MiB is over the budget of {budget} MiB",
+                peak / (1024 * 1024)
             ),
         ));
     }
@@ -130,6 +190,31 @@ pub fn judge(
     Ok(())
 }
 
+/// Why a serving model is unhealthy, if it is, judged on at least `min_requests`.
+pub fn unhealthy(gate: &Gate, health: &Health, min_requests: u64) -> Option<String> {
+    if health.requests < min_requests {
+        return None;
+    }
+    let rate = health.errors as f64 / health.requests as f64;
+    if let Some(limit) = gate.max_error_rate
+        && rate > limit
+    {
+        return Some(format!(
+            "{} of {} requests failed ({:.1}%, {:.1}% allowed)",
+            health.errors,
+            health.requests,
+            rate * 100.0,
+            limit * 100.0
+        ));
+    }
+    if let (Some(limit), Some(p99)) = (gate.max_serving_p99_ms, health.p99_ms)
+        && p99 > limit
+    {
+        return Some(format!("serving p99 {p99:.2} ms is over {limit:.2} ms"));
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -145,8 +230,26 @@ mod tests {
     }
 
     #[test]
+    fn versions_compare_numerically() {
+        assert!(version_at_least("0.10.0", "0.9.1"));
+        assert!(version_at_least("1.2", "1.2.0"));
+        assert!(!version_at_least("1.2.0", "1.10"));
+        assert!(!version_at_least("1.0.0", "garbage"));
+        assert!(version_at_least("2.0.0-rc1", "2.0.0"));
+    }
+
+    #[test]
     fn a_gate_without_limits_passes() {
-        assert!(judge(&Gate::default(), &stats(1000.0), Some(&stats(1.0)), None).is_ok());
+        assert!(
+            judge(
+                &Gate::default(),
+                &stats(1000.0),
+                Some(&stats(1.0)),
+                None,
+                None
+            )
+            .is_ok()
+        );
     }
 
     #[test]
@@ -155,8 +258,8 @@ mod tests {
             max_p99_ms: Some(10.0),
             ..Gate::default()
         };
-        assert!(judge(&gate, &stats(9.9), None, None).is_ok());
-        let (reason, msg) = judge(&gate, &stats(10.1), None, None).unwrap_err();
+        assert!(judge(&gate, &stats(9.9), None, None, None).is_ok());
+        let (reason, msg) = judge(&gate, &stats(10.1), None, None, None).unwrap_err();
         assert_eq!(reason, RejectReason::GateMissed);
         assert!(msg.contains("budget"), "{msg}");
     }
@@ -167,9 +270,57 @@ mod tests {
             max_regression: Some(0.2),
             ..Gate::default()
         };
-        assert!(judge(&gate, &stats(11.9), Some(&stats(10.0)), None).is_ok());
-        assert!(judge(&gate, &stats(12.1), Some(&stats(10.0)), None).is_err());
-        assert!(judge(&gate, &stats(500.0), None, None).is_ok());
+        assert!(judge(&gate, &stats(11.9), Some(&stats(10.0)), None, None).is_ok());
+        assert!(judge(&gate, &stats(12.1), Some(&stats(10.0)), None, None).is_err());
+        assert!(judge(&gate, &stats(500.0), None, None, None).is_ok());
+    }
+
+    #[test]
+    fn a_serving_model_is_judged_on_errors_and_live_latency_once_it_has_enough_requests() {
+        let gate = Gate {
+            max_error_rate: Some(0.1),
+            max_serving_p99_ms: Some(50.0),
+            ..Gate::default()
+        };
+        let h = |requests, errors, p99| Health {
+            requests,
+            errors,
+            p99_ms: Some(p99),
+        };
+        assert_eq!(
+            unhealthy(&gate, &h(5, 5, 1.0), 20),
+            None,
+            "too few requests to judge"
+        );
+        assert_eq!(unhealthy(&gate, &h(100, 5, 10.0), 20), None);
+        assert!(
+            unhealthy(&gate, &h(100, 11, 10.0), 20)
+                .unwrap()
+                .contains("failed")
+        );
+        assert!(
+            unhealthy(&gate, &h(100, 0, 80.0), 20)
+                .unwrap()
+                .contains("p99")
+        );
+        assert_eq!(
+            unhealthy(&Gate::default(), &h(100, 100, 999.0), 20),
+            None,
+            "no thresholds, no verdict"
+        );
+    }
+
+    #[test]
+    fn the_median_and_memory_budgets_are_enforced() {
+        let gate = Gate {
+            max_p50_ms: Some(4.0),
+            max_memory_mb: Some(100),
+            ..Gate::default()
+        };
+        assert!(judge(&gate, &stats(8.0), None, None, Some(99 << 20)).is_ok());
+        assert!(judge(&gate, &stats(8.2), None, None, None).is_err());
+        let (_, msg) = judge(&gate, &stats(8.0), None, None, Some(101 << 20)).unwrap_err();
+        assert!(msg.contains("memory"), "{msg}");
     }
 
     #[test]
@@ -182,11 +333,13 @@ mod tests {
             }),
             ..Gate::default()
         };
-        assert!(judge(&gate, &stats(1.0), None, Some(5e-4)).is_ok());
+        assert!(judge(&gate, &stats(1.0), None, Some(5e-4), None).is_ok());
         assert_eq!(
-            judge(&gate, &stats(1.0), None, Some(0.5)).unwrap_err().0,
+            judge(&gate, &stats(1.0), None, Some(0.5), None)
+                .unwrap_err()
+                .0,
             RejectReason::WrongOutput
         );
-        assert!(judge(&gate, &stats(1.0), None, Some(f32::NAN)).is_err());
+        assert!(judge(&gate, &stats(1.0), None, Some(f32::NAN), None).is_err());
     }
 }

@@ -28,8 +28,21 @@ fn ms(d: Duration) -> String {
     format!("{:>8.1} ms", d.as_secs_f64() * 1e3)
 }
 
-#[tokio::main]
-async fn main() -> Result<()> {
+fn main() -> Result<std::process::ExitCode> {
+    // The agent runs its benchmark gate as a child of its own executable: here, this one.
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == botfleet_agent::gate::CHILD_ARG)
+    {
+        return Ok(std::process::ExitCode::from(
+            botfleet_agent::gate::child_main(),
+        ));
+    }
+    tokio::runtime::Runtime::new()?.block_on(demo())?;
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+async fn demo() -> Result<()> {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -266,6 +279,7 @@ fn stage_line(stage: &Stage) -> String {
         ),
         Stage::Rejected { reason, message } => format!("REJECTED ({reason:?}): {message}"),
         Stage::Failed { message } => format!("FAILED: {message}"),
+        Stage::RolledBack { to, reason } => format!("ROLLED BACK to {}…: {reason}", to.short()),
     }
 }
 

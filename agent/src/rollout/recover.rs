@@ -1,0 +1,158 @@
+//! Getting back to the last good model: the post-swap health window, rollback (automatic or
+//! commanded) and store garbage collection.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use botfleet_engine::reference_inputs;
+use botfleet_protocol::SlotName;
+use botfleet_protocol::manifest::Sha256Digest;
+use botfleet_protocol::messages::Stage;
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use super::{Reconciler, plan, restore_one};
+use crate::slots::ServingModel;
+
+/// Asks the reconciler to act outside a desired-state change.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Request {
+    /// Put the slot's previous model back.
+    Rollback {
+        slot: SlotName,
+        reason: String,
+        /// Only if this artifact still serves (a health verdict about a model that has
+        /// since been replaced is moot).
+        only_if: Option<Sha256Digest>,
+    },
+}
+
+/// Requests below this count say too little about a model's health.
+const MIN_REQUESTS: u64 = 20;
+/// How many times the health window looks at the model.
+const CHECKS: u32 = 6;
+
+impl Reconciler {
+    /// Watches `model` for the health window; asks for a rollback if it misbehaves.
+    pub(super) fn watch_health(&mut self, slot: SlotName, model: Arc<ServingModel>) {
+        let window = self.health_window;
+        if window.is_zero() {
+            return;
+        }
+        let requests = self.requests_tx.clone();
+        self.watchers.spawn(watch(slot, model, window, requests));
+    }
+
+    /// Removes artifacts no slot needs; `downloading` is spared.
+    pub(super) fn collect_garbage(&self, downloading: Option<&Sha256Digest>) {
+        let removed = self
+            .store
+            .collect_garbage(&self.state.referenced(), downloading);
+        if removed > 0 {
+            info!(removed, "old model files removed");
+        }
+    }
+
+    /// Handles one request.
+    pub(super) async fn handle(&mut self, request: Request) {
+        match request {
+            Request::Rollback {
+                slot,
+                reason,
+                only_if,
+            } => {
+                if let Err(message) = self.rollback(&slot, &reason, only_if).await {
+                    warn!(slot = %slot, %message, "rollback not done");
+                }
+            }
+        }
+    }
+
+    async fn rollback(
+        &mut self,
+        slot: &SlotName,
+        reason: &str,
+        only_if: Option<Sha256Digest>,
+    ) -> Result<(), String> {
+        let current = self
+            .state
+            .slots
+            .get(slot)
+            .cloned()
+            .ok_or_else(|| format!("slot {slot} has no model"))?;
+        if only_if.is_some_and(|sha| sha != current.sha256) {
+            return Ok(()); // already replaced
+        }
+        let previous = current
+            .previous
+            .clone()
+            .ok_or_else(|| format!("slot {slot} keeps no previous model"))?;
+        let restored = restore_one(&self.store, &self.trusted, &previous).await?;
+        let warm_model = restored.model.clone();
+        let seed = restored
+            .manifest
+            .gate
+            .reference
+            .as_ref()
+            .map_or(0, |r| r.seed);
+        tokio::task::spawn_blocking(move || {
+            reference_inputs(&warm_model, seed).and_then(|i| warm_model.run(i))
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+
+        let mut next = self.state.clone();
+        next.slots.insert(slot.clone(), *previous.clone());
+        next.blocked
+            .insert(slot.clone(), current.manifest.payload_digest());
+        self.store.save_state(&next).map_err(|e| e.to_string())?;
+        self.state = next;
+        self.slots.swap(slot, Arc::new(restored));
+        warn!(slot = %slot, to = %previous.sha256.short(), reason, "rolled back");
+        let release = current
+            .manifest
+            .verify(&self.trusted, botfleet_protocol::ExpiryCheck::Skip)
+            .ok()
+            .map(|m| m.release);
+        self.emit(
+            slot,
+            current.rollout_id.as_ref(),
+            (current.sha256, release),
+            Stage::RolledBack {
+                to: previous.sha256,
+                reason: reason.to_owned(),
+            },
+        );
+        self.processed.send_modify(|_| {});
+        self.collect_garbage(None);
+        Ok(())
+    }
+}
+
+async fn watch(
+    slot: SlotName,
+    model: Arc<ServingModel>,
+    window: Duration,
+    requests: mpsc::Sender<Request>,
+) {
+    let step = window / CHECKS;
+    for check in 1..=CHECKS {
+        tokio::time::sleep(step).await;
+        let health = model.health();
+        let last = check == CHECKS;
+        if health.requests < MIN_REQUESTS && !last {
+            continue;
+        }
+        if let Some(reason) = plan::unhealthy(&model.manifest.gate, &health, MIN_REQUESTS) {
+            let _ = requests
+                .send(Request::Rollback {
+                    slot,
+                    reason: format!("health window: {reason}"),
+                    only_if: Some(model.sha256()),
+                })
+                .await;
+            return;
+        }
+    }
+}

@@ -1,0 +1,113 @@
+//! The real `botfleet-agent` binary as a child process, for crash tests (SIGKILL).
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
+
+/// `target/<profile>/botfleet-agent`, which `cargo test --workspace` builds for the agent
+/// package's own tests.
+pub fn agent_binary() -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let name = format!("botfleet-agent{}", std::env::consts::EXE_SUFFIX);
+    exe.ancestors()
+        .skip(1)
+        .take(2)
+        .map(|dir| dir.join(&name))
+        .find(|p| p.is_file())
+        .context("botfleet-agent binary not found next to the tests: run `cargo test --workspace` (or `cargo build -p botfleet-agent`) first")
+}
+
+/// A running agent process; killed on drop.
+pub struct AgentProcess {
+    child: Child,
+    lines: mpsc::UnboundedReceiver<String>,
+    _config: tempfile::NamedTempFile,
+}
+
+impl AgentProcess {
+    /// Starts the agent with `config`; with `failpoint`, it stops there (see the agent's
+    /// `failpoint` module).
+    pub async fn spawn(config: &botfleet_agent::Config, failpoint: Option<&str>) -> Result<Self> {
+        let mut file = tempfile::NamedTempFile::new()?;
+        std::io::Write::write_all(&mut file, toml::to_string(config)?.as_bytes())?;
+        let mut command = Command::new(agent_binary()?);
+        command
+            .arg("--config")
+            .arg(file.path())
+            .env("RUST_LOG", "info,botfleet_agent=debug")
+            .env_remove("JOURNAL_STREAM")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        match failpoint {
+            Some(point) => command.env("BOTFLEET_FAILPOINT", point),
+            None => command.env_remove("BOTFLEET_FAILPOINT"),
+        };
+        let mut child = command.spawn().context("starting botfleet-agent")?;
+        let stderr = child.stderr.take().context("agent stderr")?;
+        let (tx, lines) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut reader = BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = reader.next_line().await {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Self {
+            child,
+            lines,
+            _config: file,
+        })
+    }
+
+    /// Waits for a stderr line containing `needle`.
+    pub async fn wait_for_line(&mut self, needle: &str, limit: Duration) -> Result<String> {
+        let mut tail = Vec::new();
+        let found = tokio::time::timeout(limit, async {
+            while let Some(line) = self.lines.recv().await {
+                if line.contains(needle) {
+                    return Some(line);
+                }
+                tail.push(line);
+                if tail.len() > 20 {
+                    tail.remove(0);
+                }
+            }
+            None
+        })
+        .await;
+        match found {
+            Ok(Some(line)) => Ok(line),
+            Ok(None) => bail!(
+                "agent exited before {needle:?}; last lines:\n{}",
+                tail.join("\n")
+            ),
+            Err(_) => bail!(
+                "no {needle:?} within {limit:?}; last lines:\n{}",
+                tail.join("\n")
+            ),
+        }
+    }
+
+    /// The lines it wrote so far that nobody waited for.
+    pub fn drain_lines(&mut self) -> Vec<String> {
+        let mut out = Vec::new();
+        while let Ok(line) = self.lines.try_recv() {
+            out.push(line);
+        }
+        out
+    }
+
+    /// SIGKILL, and reap it.
+    pub async fn kill(mut self) -> Result<()> {
+        self.child.kill().await?;
+        Ok(())
+    }
+}
