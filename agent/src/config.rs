@@ -30,6 +30,8 @@ pub enum ConfigError {
     DeviceId(#[from] botfleet_protocol::IdError),
     #[error("trusted_keys is empty: the agent would accept no model")]
     NoTrustedKeys,
+    #[error("trust_threshold {threshold} can never be met with {keys} trusted key(s)")]
+    Threshold { threshold: usize, keys: usize },
     #[error("trusted_keys: {0}")]
     TrustedKey(#[from] botfleet_protocol::manifest::KeyError),
     #[error("topic_prefix: {0}")]
@@ -49,11 +51,40 @@ pub struct Config {
     pub topic_prefix: String,
     pub server_url: String,
     pub trusted_keys: Vec<String>,
+    /// How many distinct trusted keys must sign a manifest.
+    pub trust_threshold: usize,
     pub telemetry_interval_s: u64,
     pub mqtt: MqttConfig,
     pub inference: InferenceConfig,
     pub download: DownloadConfig,
+    pub telemetry: TelemetryConfig,
+    pub gate: GateConfig,
     pub labels: BTreeMap<String, String>,
+    pub k3s: K3sConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct K3sConfig {
+    pub root: PathBuf,
+    pub unit: String,
+    pub server_url: String,
+    pub label_prefix: String,
+    pub taint: String,
+    pub join_timeout_s: u64,
+}
+
+impl Default for K3sConfig {
+    fn default() -> Self {
+        Self {
+            root: PathBuf::from("/"),
+            unit: "k3s-agent.service".to_owned(),
+            server_url: String::new(),
+            label_prefix: "botfleet.io".to_owned(),
+            taint: "edge=true:NoSchedule".to_owned(),
+            join_timeout_s: 180,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -77,6 +108,50 @@ pub struct InferenceConfig {
 pub struct DownloadConfig {
     pub stall_timeout_s: u64,
     pub total_timeout_s: u64,
+    pub attempts: u32,
+    pub retry_initial_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GateConfig {
+    /// The binary run as `PROGRAM __gate` for the benchmark child; empty: this executable.
+    pub program: PathBuf,
+    pub memory_limit_mb: u64,
+    pub timeout_s: u64,
+    /// Seconds a new model is watched after its swap (0: not at all).
+    pub health_window_s: u64,
+}
+
+impl Default for GateConfig {
+    fn default() -> Self {
+        Self {
+            program: PathBuf::new(),
+            memory_limit_mb: 4096,
+            timeout_s: 300,
+            health_window_s: 60,
+        }
+    }
+}
+
+/// Where device facts come from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// Root under which sysfs, /proc/device-tree and /etc are read (tests point it at a
+    /// fixture tree).
+    pub root: PathBuf,
+    /// Ask NVML (libnvidia-ml, loaded at run time) for discrete GPU figures.
+    pub nvml: bool,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self {
+            root: PathBuf::from("/"),
+            nvml: true,
+        }
+    }
 }
 
 impl Default for Config {
@@ -87,11 +162,15 @@ impl Default for Config {
             topic_prefix: botfleet_protocol::topics::DEFAULT_PREFIX.to_owned(),
             server_url: String::new(),
             trusted_keys: Vec::new(),
+            trust_threshold: 1,
             telemetry_interval_s: 10,
             mqtt: MqttConfig::default(),
             inference: InferenceConfig::default(),
             download: DownloadConfig::default(),
+            telemetry: TelemetryConfig::default(),
+            gate: GateConfig::default(),
             labels: BTreeMap::new(),
+            k3s: K3sConfig::default(),
         }
     }
 }
@@ -121,6 +200,8 @@ impl Default for DownloadConfig {
         Self {
             stall_timeout_s: 30,
             total_timeout_s: 900,
+            attempts: 8,
+            retry_initial_ms: 1_000,
         }
     }
 }
@@ -147,7 +228,14 @@ impl Config {
         if self.trusted_keys.is_empty() {
             return Err(ConfigError::NoTrustedKeys);
         }
-        let trusted = TrustedKeys::parse(self.trusted_keys.iter().map(String::as_str))?;
+        let trusted = TrustedKeys::parse(self.trusted_keys.iter().map(String::as_str))?
+            .with_threshold(self.trust_threshold);
+        if self.trust_threshold > self.trusted_keys.len() {
+            return Err(ConfigError::Threshold {
+                threshold: self.trust_threshold,
+                keys: self.trusted_keys.len(),
+            });
+        }
         let topics = Topics::new(self.topic_prefix.clone())?;
         let broker = BrokerAddr::parse(&self.mqtt.url)?;
         for (key, value) in [
@@ -156,6 +244,8 @@ impl Config {
             ("mqtt.backoff_initial_ms", self.mqtt.backoff_initial_ms),
             ("download.stall_timeout_s", self.download.stall_timeout_s),
             ("download.total_timeout_s", self.download.total_timeout_s),
+            ("gate.memory_limit_mb", self.gate.memory_limit_mb),
+            ("gate.timeout_s", self.gate.timeout_s),
         ] {
             if value == 0 {
                 return Err(ConfigError::Zero { key });

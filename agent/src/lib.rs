@@ -11,9 +11,15 @@
 //! [`start`] runs it all on the current tokio runtime; [`run`] is what `main` calls.
 
 pub mod backoff;
+pub mod bench;
 pub mod config;
+pub mod failpoint;
 pub mod fetch;
+pub mod gate;
+pub mod k3s;
 pub mod link;
+pub mod logging;
+pub mod notify;
 pub mod rollout;
 pub mod serve;
 pub mod slots;
@@ -40,6 +46,10 @@ use crate::store::Store;
 
 /// How long a stop may take before tasks are abandoned (systemd's stop timeout is longer).
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// How often the main loop proves it is alive (see [`notify`]).
+const HEARTBEAT: Duration = Duration::from_secs(1);
+/// Time the root K3s helper gets beyond the join timeout to start and answer.
+const K3S_HELPER_MARGIN: Duration = Duration::from_secs(60);
 
 /// Why the agent could not start or had to stop.
 #[derive(Debug, thiserror::Error)]
@@ -65,9 +75,16 @@ pub struct Running {
     inference_addr: SocketAddr,
     cancel: CancellationToken,
     tasks: JoinSet<&'static str>,
+    heartbeat: watch::Receiver<tokio::time::Instant>,
 }
 
 impl Running {
+    /// When the main loop last went round; [`notify::watchdog`] pings systemd only while
+    /// this moves.
+    pub fn heartbeat(&self) -> watch::Receiver<tokio::time::Instant> {
+        self.heartbeat.clone()
+    }
+
     /// Where the inference API listens.
     pub fn inference_addr(&self) -> SocketAddr {
         self.inference_addr
@@ -122,8 +139,15 @@ pub async fn start(config: Config) -> Result<Running, AgentError> {
         active: Default::default(),
         desired_generation: None,
         at: Timestamp::now(),
+        k3s: None,
     };
-    let (link, publisher, incoming) = link::new(&settings, &offline);
+    // A broker that considers the retained desired state delivered to our persistent session
+    // will not send it again after a restart: start from the copy kept on disk.
+    let last_desired = store.load_desired().unwrap_or_else(|e| {
+        warn!(error = %e, "ignoring the saved desired state");
+        None
+    });
+    let (link, publisher, incoming) = link::new(&settings, &offline, last_desired, store.clone());
     let (processed_tx, processed_rx) = watch::channel(None);
     let cancel = CancellationToken::new();
     let mut tasks = JoinSet::new();
@@ -139,12 +163,23 @@ pub async fn start(config: Config) -> Result<Running, AgentError> {
         commands,
         connected,
     } = incoming;
+    let (heartbeat_tx, heartbeat) = watch::channel(tokio::time::Instant::now());
+    let (requests_tx, requests_rx) = tokio::sync::mpsc::channel(16);
     let reporter = Reporter {
+        requests: requests_tx.clone(),
         publisher: publisher.clone(),
         slots: Arc::clone(&slots),
         labels: settings.config.labels.clone(),
-        sampler: telemetry::Sampler::new(&settings.config.data_dir),
+        sampler: telemetry::Sampler::new(
+            settings.device_id.clone(),
+            &settings.config.data_dir,
+            &settings.config.telemetry,
+        ),
         interval: settings.telemetry_interval(),
+        heartbeat: heartbeat_tx,
+        k3s: k3s::helper::Handoff::new(&settings.config.data_dir),
+        k3s_limit: Duration::from_secs(settings.config.k3s.join_timeout_s) + K3S_HELPER_MARGIN,
+        k3s_jobs: JoinSet::new(),
     };
     let c = cancel.clone();
     tasks.spawn(async move {
@@ -165,14 +200,28 @@ pub async fn start(config: Config) -> Result<Running, AgentError> {
         limits: fetch::Limits {
             stall: Duration::from_secs(settings.config.download.stall_timeout_s),
             total: Duration::from_secs(settings.config.download.total_timeout_s),
+            attempts: settings.config.download.attempts.max(1),
+            retry_initial: Duration::from_millis(settings.config.download.retry_initial_ms),
         },
-        board: telemetry::board(),
+        gate: rollout::GateSettings {
+            program: gate_program(&settings.config.gate.program),
+            memory_limit_bytes: settings
+                .config
+                .gate
+                .memory_limit_mb
+                .saturating_mul(1024 * 1024),
+            timeout: Duration::from_secs(settings.config.gate.timeout_s),
+        },
+        board: telemetry::board_at(&settings.config.telemetry.root),
         processed: processed_tx,
         state,
+        health_window: Duration::from_secs(settings.config.gate.health_window_s),
+        requests_tx,
+        watchers: JoinSet::new(),
     };
     let c = cancel.clone();
     tasks.spawn(async move {
-        reconciler.run(desired, c).await;
+        reconciler.run(desired, requests_rx, c).await;
         "reconciler"
     });
 
@@ -202,7 +251,16 @@ pub async fn start(config: Config) -> Result<Running, AgentError> {
         inference_addr,
         cancel,
         tasks,
+        heartbeat,
     })
+}
+
+/// The benchmark child's program: as configured, else this executable.
+fn gate_program(configured: &std::path::Path) -> std::path::PathBuf {
+    if !configured.as_os_str().is_empty() {
+        return configured.to_owned();
+    }
+    std::env::current_exe().unwrap_or_else(|_| std::path::PathBuf::from("botfleet-agent"))
 }
 
 /// Runs the agent until `shutdown` resolves (clean exit) or a task dies (error).
@@ -219,11 +277,18 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
 /// Publishes info and status on every connection, status after every reconciliation,
 /// and telemetry on a timer.
 struct Reporter {
+    /// Rollback commands go to the reconciler, which owns the slots' state.
+    requests: tokio::sync::mpsc::Sender<rollout::Request>,
     publisher: Publisher,
     slots: Arc<Slots>,
     labels: std::collections::BTreeMap<String, String>,
     sampler: telemetry::Sampler,
     interval: Duration,
+    heartbeat: watch::Sender<tokio::time::Instant>,
+    /// K3s operations go to the root helper; their outcome goes into the status.
+    k3s: k3s::helper::Handoff,
+    k3s_limit: Duration,
+    k3s_jobs: JoinSet<botfleet_protocol::messages::K3sNode>,
 }
 
 impl Reporter {
@@ -234,6 +299,7 @@ impl Reporter {
             active: self.slots.active(),
             desired_generation: processed,
             at: Timestamp::now(),
+            k3s: self.k3s.last(),
         }
     }
 
@@ -244,15 +310,25 @@ impl Reporter {
         mut commands: tokio::sync::mpsc::Receiver<botfleet_protocol::messages::Command>,
         cancel: CancellationToken,
     ) {
-        let info = telemetry::info(&self.labels);
         let mut ticker = tokio::time::interval(self.interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut beat = tokio::time::interval(HEARTBEAT);
         loop {
             tokio::select! {
                 () = cancel.cancelled() => return,
+                _ = beat.tick() => {
+                    self.heartbeat.send_replace(tokio::time::Instant::now());
+                }
+                Some(done) = self.k3s_jobs.join_next(), if !self.k3s_jobs.is_empty() => {
+                    if let Ok(node) = done {
+                        info!(command_id = %node.command_id, k3s = ?node.state, "k3s operation done");
+                    }
+                    self.publisher.status(&self.status(*processed.borrow()));
+                }
                 changed = connected.changed() => {
                     if changed.is_err() { return; }
-                    self.publisher.info(&info);
+                    // Re-read on every connection: facts change with upgrades and disks.
+                    self.publisher.info(&self.sampler.info(&self.labels));
                     self.publisher.status(&self.status(*processed.borrow()));
                 }
                 changed = processed.changed() => {
@@ -261,7 +337,7 @@ impl Reporter {
                     self.publisher.status(&self.status(p));
                 }
                 _ = ticker.tick() => {
-                    let sample = self.sampler.sample(self.slots.drain_stats());
+                    let sample = self.sampler.sample(&self.slots);
                     self.publisher.telemetry(&sample);
                 }
                 command = commands.recv() => {
@@ -269,10 +345,30 @@ impl Reporter {
                     info!(command_id = %command.command_id, "command received");
                     match command.kind {
                         CommandKind::ReportNow => {
-                            self.publisher.info(&info);
+                            self.publisher.info(&self.sampler.info(&self.labels));
                             self.publisher.status(&self.status(*processed.borrow()));
-                            let sample = self.sampler.sample(self.slots.drain_stats());
+                            let sample = self.sampler.sample(&self.slots);
                             self.publisher.telemetry(&sample);
+                        }
+                        CommandKind::Rollback { slot, reason } => {
+                            let request = rollout::Request::Rollback {
+                                slot,
+                                reason: reason.unwrap_or_else(|| format!("rollback command {}", command.command_id)),
+                                only_if: None,
+                            };
+                            if self.requests.send(request).await.is_err() {
+                                return;
+                            }
+                        }
+                        ref kind @ (CommandKind::K3sJoin { .. }
+                        | CommandKind::K3sLeave
+                        | CommandKind::K3sRotateToken { .. }) => {
+                            if let Some(op) = k3s::Operation::from_command(kind) {
+                                let handoff = self.k3s.clone();
+                                let limit = self.k3s_limit;
+                                let id = command.command_id.clone();
+                                self.k3s_jobs.spawn(async move { handoff.ask(id, op, limit).await });
+                            }
                         }
                     }
                 }

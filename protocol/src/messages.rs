@@ -21,6 +21,9 @@ pub struct Status {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub desired_generation: Option<u64>,
     pub at: Timestamp,
+    /// The K3s node this robot runs, once a join was asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub k3s: Option<K3sNode>,
 }
 
 /// The model serving one slot.
@@ -54,6 +57,59 @@ pub struct Info {
     /// Labels for selectors: derived (arch, board, …) plus configured ones.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// The device this document describes; the server drops it if the topic says otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<DeviceId>,
+    /// `/etc/machine-id`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine_id: Option<String>,
+    /// Mounted filesystems and their sizes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<DiskInfo>,
+    /// Present on NVIDIA Jetson boards.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jetson: Option<JetsonInfo>,
+    /// Discrete NVIDIA GPUs as NVML reports them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gpus: Vec<GpuInfo>,
+}
+
+/// One mounted filesystem.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DiskInfo {
+    pub mount_point: String,
+    pub total_bytes: u64,
+}
+
+/// What a Jetson board says about itself; each part is absent where it cannot be read.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct JetsonInfo {
+    /// L4T release from `/etc/nv_tegra_release`, e.g. `35.4.1`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub l4t: Option<String>,
+    /// JetPack version derived from the L4T release, where known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jetpack: Option<String>,
+    /// The integrated GPU's device-tree name (`ga10b` on Orin, `gv11b` on Xavier).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu: Option<String>,
+}
+
+/// A discrete GPU.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GpuInfo {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_total_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub driver_version: Option<String>,
+}
+
+/// The telemetry schema this build writes. A server drops telemetry of a newer schema.
+pub const TELEMETRY_SCHEMA: u32 = 1;
+
+fn telemetry_schema_v1() -> u32 {
+    1
 }
 
 /// Periodic measurements (QoS 0, not retained).
@@ -73,6 +129,95 @@ pub struct Telemetry {
     /// Inference counters per slot over the last interval.
     #[serde(default)]
     pub inference: BTreeMap<SlotName, SlotStats>,
+    /// Schema version ([`TELEMETRY_SCHEMA`]); messages without one are version 1.
+    #[serde(default = "telemetry_schema_v1")]
+    pub schema: u32,
+    /// The device measured; the server drops the message if the topic says otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<DeviceId>,
+    /// CPU use per core, in percent.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cpu_per_core: Vec<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load_5m: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load_15m: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub swap_used_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub swap_total_bytes: Option<u64>,
+    /// Size of the filesystem holding the model store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_total_bytes: Option<u64>,
+    /// Received bytes per second over all non-loopback interfaces since the last sample.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub net_rx_bytes_per_s: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub net_tx_bytes_per_s: Option<u64>,
+    /// Temperatures by sensor name (hardware monitors and thermal zones), in °C.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub temperatures_c: BTreeMap<String, f32>,
+    /// GPUs: NVML where it works, else the Jetson integrated GPU from sysfs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gpus: Vec<GpuTelemetry>,
+    /// Board-level figures of a Jetson (memory controller, power rails, power mode).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub board: Option<BoardTelemetry>,
+    /// The agent's own CPU use (percent of one core) since the last sample.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_cpu_percent: Option<f32>,
+    /// The agent's resident memory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_rss_bytes: Option<u64>,
+}
+
+/// Where GPU figures came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GpuSource {
+    Nvml,
+    JetsonSysfs,
+}
+
+/// One GPU's figures; each is absent where it cannot be read.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GpuTelemetry {
+    pub source: GpuSource,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load_percent: Option<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_used_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_total_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature_c: Option<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub power_mw: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub freq_mhz: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_freq_mhz: Option<u32>,
+    /// Why clocks are held down right now (`sw_power_cap`, `hw_thermal`, `freq_capped`, …).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub throttle: Vec<String>,
+}
+
+/// Jetson board figures; each is absent where it cannot be read.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct BoardTelemetry {
+    /// External memory controller clock.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub emc_freq_mhz: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub emc_load_percent: Option<f32>,
+    /// Power per INA3221 rail, in milliwatts.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub rails_mw: BTreeMap<String, u64>,
+    /// The nvpmodel power mode (`MAXN`, `15W`, …; the mode number if unnamed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub power_mode: Option<String>,
 }
 
 /// Inference counters of one slot over one telemetry interval.
@@ -84,6 +229,12 @@ pub struct SlotStats {
     pub p50_ms: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub p99_ms: Option<f64>,
+    /// The version serving the slot at the end of the interval.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active_version: Option<String>,
+    /// Model swaps seen during the interval.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub swaps: Option<u64>,
 }
 
 /// Retained desired state of one device, written by the server.
@@ -149,13 +300,19 @@ pub enum Stage {
     },
     /// Something went wrong that may pass (network, disk); the previous model keeps serving.
     Failed { message: String },
+    /// The model was taken out of service after it had been active (health window or an
+    /// operator's rollback); `to` serves the slot again.
+    RolledBack { to: Sha256Digest, reason: String },
 }
 
 impl Stage {
     pub fn is_terminal(&self) -> bool {
         matches!(
             self,
-            Stage::Active { .. } | Stage::Rejected { .. } | Stage::Failed { .. }
+            Stage::Active { .. }
+                | Stage::Rejected { .. }
+                | Stage::Failed { .. }
+                | Stage::RolledBack { .. }
         )
     }
 
@@ -169,6 +326,7 @@ impl Stage {
             Stage::Benchmarked(_) => "benchmarked",
             Stage::Active { .. } => "active",
             Stage::Rejected { .. } => "rejected",
+            Stage::RolledBack { .. } => "rolled_back",
             Stage::Failed { .. } => "failed",
         }
     }
@@ -211,6 +369,9 @@ pub struct BenchReport {
     pub incumbent_p99_ms: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reference_max_abs_err: Option<f32>,
+    /// Peak resident memory of the benchmark process (load + runs), in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peak_rss_bytes: Option<u64>,
     pub passed: bool,
 }
 
@@ -228,4 +389,84 @@ pub struct Command {
 pub enum CommandKind {
     /// Publish status, info and telemetry now.
     ReportNow,
+    /// Join this robot to a K3s cluster as an agent node; the outcome is reported in
+    /// [`Status::k3s`].
+    K3sJoin {
+        /// The K3s server, `https://host:6443`.
+        server_url: String,
+        token: K3sToken,
+        /// Extra node labels; the agent puts them under its own prefix.
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        node_labels: BTreeMap<String, String>,
+    },
+    /// Stop and disable the K3s agent and remove the files the join wrote.
+    K3sLeave,
+    /// Replace the join token and restart the K3s agent.
+    K3sRotateToken { token: K3sToken },
+    /// Put the slot's previous model back (kept on the robot, so no download) and refuse
+    /// the model it replaces until the desired state names another one.
+    Rollback {
+        slot: SlotName,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
+}
+
+/// A K3s join token. Its `Debug` form never shows the secret.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct K3sToken(pub String);
+
+impl std::fmt::Debug for K3sToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("K3sToken(<redacted>)")
+    }
+}
+
+/// The K3s agent node on a robot, as the robot last saw it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct K3sNode {
+    /// The command that led here.
+    pub command_id: CommandId,
+    pub at: Timestamp,
+    #[serde(flatten)]
+    pub state: K3sState,
+}
+
+/// Where a K3s join, leave or token rotation ended.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum K3sState {
+    /// `k3s-agent.service` is active with our configuration.
+    Joined {
+        node_name: String,
+        server_url: String,
+        k3s_version: String,
+        /// `default-runtime: nvidia` was set (the NVIDIA container runtime is installed).
+        nvidia_runtime: bool,
+    },
+    /// The K3s agent is stopped and disabled and our files are gone.
+    Left,
+    /// The operation failed; `reason` says what to do about it.
+    Failed { reason: K3sFailure, message: String },
+}
+
+/// Why a K3s operation failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum K3sFailure {
+    /// The robot cannot run a K3s agent (no `k3s` binary, no cgroup memory controller).
+    Preflight,
+    /// The request itself is unusable (server URL, labels).
+    BadRequest,
+    /// The server refused the join token.
+    TokenRejected,
+    /// Another node already registered this node name ("Node password rejected").
+    DuplicateNodeName,
+    /// The K3s server cannot be reached.
+    ServerUnreachable,
+    /// The K3s agent did not become active in time, for a reason not recognised.
+    NotActive,
+    /// Writing files or talking to systemd failed.
+    System,
 }

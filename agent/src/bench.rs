@@ -1,0 +1,114 @@
+//! `botfleet-agent bench`: load an ONNX file and time it, as the rollout gate would.
+
+use std::path::Path;
+
+use botfleet_engine::{Model, benchmark, reference_inputs};
+use botfleet_protocol::tensor::{DataType, TensorSpec};
+use serde::Serialize;
+
+/// Why the benchmark could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error("--input {0:?}: expected NAME:DATATYPE:DIMxDIMx… (e.g. x:FP32:1x3x224x224)")]
+    InputSpec(String),
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Engine(#[from] botfleet_engine::EngineError),
+}
+
+/// What `bench --json` prints.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BenchResult {
+    pub model: String,
+    pub load_ms: f64,
+    pub warmup: u32,
+    pub runs: u32,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub mean_ms: f64,
+}
+
+/// Parses `NAME:DATATYPE:1x3x224x224`.
+pub fn parse_input(spec: &str) -> Result<TensorSpec, BenchError> {
+    let err = || BenchError::InputSpec(spec.to_owned());
+    let mut parts = spec.rsplitn(3, ':');
+    let dims = parts.next().ok_or_else(err)?;
+    let datatype = parts.next().ok_or_else(err)?;
+    let name = parts.next().filter(|n| !n.is_empty()).ok_or_else(err)?;
+    let datatype: DataType = serde_json::from_value(serde_json::Value::String(datatype.to_owned()))
+        .map_err(|_| err())?;
+    let shape = dims
+        .split('x')
+        .map(|d| d.parse::<i64>().ok().filter(|d| *d > 0))
+        .collect::<Option<Vec<_>>>()
+        .ok_or_else(err)?;
+    Ok(TensorSpec {
+        name: name.to_owned(),
+        datatype,
+        shape,
+    })
+}
+
+/// Loads `model` with `inputs` and benchmarks it on the deterministic reference input.
+pub fn run(
+    model: &Path,
+    inputs: &[TensorSpec],
+    warmup: u32,
+    runs: u32,
+) -> Result<BenchResult, BenchError> {
+    let bytes = std::fs::read(model).map_err(|source| BenchError::Read {
+        path: model.to_owned(),
+        source,
+    })?;
+    let loaded = Model::load(&bytes, inputs)?;
+    let input = reference_inputs(&loaded, 42)?;
+    let stats = benchmark(&loaded, &input, warmup, runs)?;
+    Ok(BenchResult {
+        model: model.display().to_string(),
+        load_ms: loaded.load_time().as_secs_f64() * 1e3,
+        warmup,
+        runs: stats.runs,
+        p50_ms: stats.p50_ms,
+        p99_ms: stats.p99_ms,
+        mean_ms: stats.mean_ms,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn input_specs_parse_and_bad_ones_are_refused() {
+        let spec = parse_input("x:FP32:1x3x224x224").unwrap();
+        assert_eq!(spec.name, "x");
+        assert_eq!(spec.datatype, DataType::Fp32);
+        assert_eq!(spec.shape, vec![1, 3, 224, 224]);
+        for bad in [
+            "x:FP32",
+            "x:FP99:1x3",
+            ":FP32:1",
+            "x:FP32:1x0",
+            "x:FP32:ax3",
+        ] {
+            assert!(
+                matches!(parse_input(bad), Err(BenchError::InputSpec(_))),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_real_fixture_model_benchmarks() {
+        let model = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/models/ch_ppocr_mobile_v2.0_cls_infer.onnx");
+        let spec = parse_input("x:FP32:1x3x48x192").unwrap();
+        let result = run(&model, &[spec], 1, 3).unwrap();
+        assert_eq!(result.runs, 3);
+        assert!(result.p50_ms <= result.p99_ms);
+    }
+}
