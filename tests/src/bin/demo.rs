@@ -213,7 +213,9 @@ impl Load {
             let request = json!({ "inputs": [{ "name": "x", "shape": [1, 3, 224, 224], "datatype": "FP32",
                                                "data": reference_input(3, 3 * 224 * 224) }] });
             let (mut ok, mut failed, mut versions) = (0u64, 0u64, Vec::<String>::new());
-            while !*stopped.borrow_and_update() {
+            // After a stop request, one more request, so the answer after the swap is seen.
+            loop {
+                let last = *stopped.borrow_and_update();
                 let answer = client
                     .post(format!("{base_url}/v2/models/orientation/infer"))
                     .json(&request)
@@ -229,6 +231,9 @@ impl Load {
                         }
                     }
                     _ => failed += 1,
+                }
+                if last {
+                    break;
                 }
             }
             (ok, failed, versions)
