@@ -87,12 +87,9 @@ impl Window {
     }
 }
 
-/// Nearest-rank percentile of sorted values.
+/// Nearest-rank percentile of sorted values; `None` without values.
 fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
-    (!sorted.is_empty()).then(|| {
-        let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-        sorted[rank.clamp(1, sorted.len()) - 1]
-    })
+    (!sorted.is_empty()).then(|| botfleet_engine::percentile(sorted, p))
 }
 
 /// One slot: its current model and its counters.

@@ -50,8 +50,8 @@ pub fn reference_inputs(model: &Model, seed: u64) -> Result<Vec<Tensor>, EngineE
         .collect()
 }
 
-/// Nearest-rank percentile of sorted values.
-fn percentile(sorted: &[f64], p: f64) -> f64 {
+/// Nearest-rank percentile of sorted values (0 for none).
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
     }

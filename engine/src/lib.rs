@@ -7,6 +7,6 @@ mod bench;
 mod model;
 mod tensor;
 
-pub use bench::{BenchStats, benchmark, reference_error, reference_inputs};
+pub use bench::{BenchStats, benchmark, percentile, reference_error, reference_inputs};
 pub use model::{EngineError, GraphPort, Model, inspect};
 pub use tensor::{Tensor, TensorData};

@@ -193,6 +193,14 @@ pub struct Gate {
     pub max_serving_p99_ms: Option<f64>,
 }
 
+impl Gate {
+    /// Seed of the input the robot benchmarks and warms up with: the reference seed, so the
+    /// timed runs see the input whose output was checked.
+    pub fn input_seed(&self) -> u64 {
+        self.reference.as_ref().map_or(0, |r| r.seed)
+    }
+}
+
 impl Default for Gate {
     fn default() -> Self {
         Self {

@@ -41,14 +41,19 @@ pub fn reference(name: &str) -> PathBuf {
 /// which cargo builds before this package's tests run (test binaries live in
 /// `target/<profile>/deps`, the demo one level up).
 pub fn gate_program() -> PathBuf {
-    let exe = std::env::current_exe().unwrap_or_default();
-    let name = format!("botfleet-demo{}", std::env::consts::EXE_SUFFIX);
+    sibling_binary("botfleet-demo").unwrap_or_else(|| std::env::current_exe().unwrap_or_default())
+}
+
+/// A binary of this workspace's build next to the running test (test binaries live in
+/// `target/<profile>/deps`, the workspace's binaries one level up).
+pub fn sibling_binary(name: &str) -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let file = format!("{name}{}", std::env::consts::EXE_SUFFIX);
     exe.ancestors()
         .skip(1)
         .take(2)
-        .map(|dir| dir.join(&name))
+        .map(|dir| dir.join(&file))
         .find(|candidate| candidate.is_file())
-        .unwrap_or(exe)
 }
 
 /// Which broker the fleet talks through.

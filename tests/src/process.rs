@@ -12,14 +12,9 @@ use tokio::sync::mpsc;
 /// `target/<profile>/botfleet-agent`, which `cargo test --workspace` builds for the agent
 /// package's own tests.
 pub fn agent_binary() -> Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let name = format!("botfleet-agent{}", std::env::consts::EXE_SUFFIX);
-    exe.ancestors()
-        .skip(1)
-        .take(2)
-        .map(|dir| dir.join(&name))
-        .find(|p| p.is_file())
-        .context("botfleet-agent binary not found next to the tests: run `cargo test --workspace` (or `cargo build -p botfleet-agent`) first")
+    crate::sibling_binary("botfleet-agent").context(
+        "botfleet-agent binary not found next to the tests: run `cargo test --workspace` (or `cargo build -p botfleet-agent`) first",
+    )
 }
 
 /// A running agent process; killed on drop.

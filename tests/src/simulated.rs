@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use botfleet_protocol::messages::{Command, CommandKind, Desired};
 use botfleet_protocol::{DeviceId, ExpiryCheck, TopicKind, Topics, TrustedKeys};
-use rumqttc::{AsyncClient, Event as MqttEvent, LastWill, MqttOptions, Packet, QoS};
+use rumqttc::{AsyncClient, Event as MqttEvent, LastWill, Packet, QoS};
 use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 
@@ -54,13 +54,10 @@ impl SimAgent {
         labels: &[(&str, &str)],
         behaviour: Behaviour,
     ) -> Result<Self> {
-        let url = reqwest::Url::parse(mqtt_url)?;
-        let host = url.host_str().context("broker host")?.to_owned();
-        let port = url.port().unwrap_or(1883);
         let topics = Topics::new(prefix)?;
         let id = DeviceId::new(device)?;
         let status_topic = topics.device(&id, TopicKind::Status);
-        let mut options = MqttOptions::new(device, host, port);
+        let mut options = crate::watch::mqtt_options(mqtt_url, device)?;
         options.set_keep_alive(Duration::from_secs(5));
         options.set_max_packet_size(1 << 20, 1 << 20);
         let will = json!({"online": false, "agent_version": "sim", "at": jiff::Timestamp::now()});

@@ -21,16 +21,21 @@ impl Drop for EventWatch {
     }
 }
 
+/// Client options for `mqtt_url` (`mqtt://host:port`) with the protocol's packet cap.
+pub fn mqtt_options(mqtt_url: &str, client_id: impl Into<String>) -> Result<MqttOptions> {
+    let url = reqwest::Url::parse(mqtt_url)?;
+    let host = url.host_str().context("broker host")?.to_owned();
+    let mut options = MqttOptions::new(client_id, host, url.port().unwrap_or(1883));
+    options.set_max_packet_size(MAX_PACKET_BYTES, MAX_PACKET_BYTES);
+    Ok(options)
+}
+
 impl EventWatch {
     /// Connects, subscribes to the device's events and waits for the SUBACK.
     pub async fn subscribe(mqtt_url: &str, prefix: &str, device: &str) -> Result<Self> {
-        let url = reqwest::Url::parse(mqtt_url)?;
-        let host = url.host_str().context("broker host")?.to_owned();
-        let port = url.port().unwrap_or(1883);
         let topics = Topics::new(prefix)?;
         let topic = topics.device(&DeviceId::new(device)?, TopicKind::Events);
-        let mut options = MqttOptions::new(format!("watch-{device}"), host, port);
-        options.set_max_packet_size(MAX_PACKET_BYTES, MAX_PACKET_BYTES);
+        let options = mqtt_options(mqtt_url, format!("watch-{device}"))?;
         let (client, mut eventloop) = AsyncClient::new(options, 16);
         client.subscribe(topic, QoS::AtLeastOnce).await?;
         tokio::time::timeout(Duration::from_secs(10), async {
@@ -109,15 +114,7 @@ pub async fn publish_once(
     payload: Vec<u8>,
     retain: bool,
 ) -> Result<()> {
-    let url = reqwest::Url::parse(mqtt_url)?;
-    let host = url.host_str().context("broker host")?.to_owned();
-    let port = url.port().unwrap_or(1883);
-    let mut options = MqttOptions::new(
-        format!("publisher-{:08x}", rand::random::<u32>()),
-        host,
-        port,
-    );
-    options.set_max_packet_size(MAX_PACKET_BYTES, MAX_PACKET_BYTES);
+    let options = mqtt_options(mqtt_url, format!("publisher-{:08x}", rand::random::<u32>()))?;
     let (client, mut eventloop) = AsyncClient::new(options, 16);
     client
         .publish(topic, QoS::AtLeastOnce, retain, payload)
@@ -149,16 +146,11 @@ impl Drop for StatusWatch {
 
 impl StatusWatch {
     pub async fn subscribe(mqtt_url: &str, prefix: &str, device: &str) -> Result<Self> {
-        let url = reqwest::Url::parse(mqtt_url)?;
-        let host = url.host_str().context("broker host")?.to_owned();
-        let port = url.port().unwrap_or(1883);
         let topic = Topics::new(prefix)?.device(&DeviceId::new(device)?, TopicKind::Status);
-        let mut options = MqttOptions::new(
+        let options = mqtt_options(
+            mqtt_url,
             format!("status-{device}-{:08x}", rand::random::<u32>()),
-            host,
-            port,
-        );
-        options.set_max_packet_size(MAX_PACKET_BYTES, MAX_PACKET_BYTES);
+        )?;
         let (client, mut eventloop) = AsyncClient::new(options, 16);
         client.subscribe(topic, QoS::AtLeastOnce).await?;
         let (tx, rx) = mpsc::unbounded_channel();

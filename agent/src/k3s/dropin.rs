@@ -93,20 +93,19 @@ fn check_prefix(prefix: &str) -> Result<(), DropInError> {
     if dns && !reserved { Ok(()) } else { Err(err()) }
 }
 
+/// Kubernetes names start and end with a letter or digit.
+fn alphanumeric_ends(name: &str) -> bool {
+    let alnum = |b: Option<u8>| b.is_some_and(|b| b.is_ascii_alphanumeric());
+    alnum(name.bytes().next()) && alnum(name.bytes().last())
+}
+
 fn check_node_name(name: &str) -> Result<(), DropInError> {
     let ok = !name.is_empty()
         && name.len() <= 253
         && name
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
-        && name
-            .bytes()
-            .next()
-            .is_some_and(|b| b.is_ascii_alphanumeric())
-        && name
-            .bytes()
-            .last()
-            .is_some_and(|b| b.is_ascii_alphanumeric());
+        && alphanumeric_ends(name);
     if ok {
         Ok(())
     } else {
@@ -120,14 +119,7 @@ fn check_label_name(name: &str) -> Result<(), DropInError> {
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
-        && name
-            .bytes()
-            .next()
-            .is_some_and(|b| b.is_ascii_alphanumeric())
-        && name
-            .bytes()
-            .last()
-            .is_some_and(|b| b.is_ascii_alphanumeric());
+        && alphanumeric_ends(name);
     if ok {
         Ok(())
     } else {

@@ -114,6 +114,12 @@ async fn restore_one(
     Ok(ServingModel::new(model, manifest, installed.since))
 }
 
+/// One inference before a model takes traffic, so the first request pays no first-run cost.
+/// Blocking.
+fn warm_up(model: &Model, seed: u64) -> Result<(), botfleet_engine::EngineError> {
+    model.run(reference_inputs(model, seed)?).map(drop)
+}
+
 fn refusal(e: &ManifestError) -> Refusal {
     let reason = match e {
         ManifestError::Untrusted { .. } => RejectReason::Untrusted,
@@ -331,11 +337,10 @@ impl Reconciler {
 
         // Proven in the child; now load it here and warm it up before it takes traffic.
         let inputs = manifest.inputs.clone();
-        let seed = manifest.gate.reference.as_ref().map_or(0, |r| r.seed);
+        let seed = manifest.gate.input_seed();
         let loaded = tokio::task::spawn_blocking(move || {
             let model = Model::load(&bytes, &inputs)?;
-            let warm = reference_inputs(&model, seed)?;
-            model.run(warm)?;
+            warm_up(&model, seed)?;
             Ok::<_, botfleet_engine::EngineError>(model)
         })
         .await

@@ -4,14 +4,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use botfleet_engine::reference_inputs;
 use botfleet_protocol::SlotName;
 use botfleet_protocol::manifest::Sha256Digest;
 use botfleet_protocol::messages::Stage;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use super::{Reconciler, plan, restore_one};
+use super::{Reconciler, plan, restore_one, warm_up};
 use crate::slots::ServingModel;
 
 /// Asks the reconciler to act outside a desired-state change.
@@ -89,18 +88,11 @@ impl Reconciler {
             .ok_or_else(|| format!("slot {slot} keeps no previous model"))?;
         let restored = restore_one(&self.store, &self.trusted, &previous).await?;
         let warm_model = restored.model.clone();
-        let seed = restored
-            .manifest
-            .gate
-            .reference
-            .as_ref()
-            .map_or(0, |r| r.seed);
-        tokio::task::spawn_blocking(move || {
-            reference_inputs(&warm_model, seed).and_then(|i| warm_model.run(i))
-        })
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
+        let seed = restored.manifest.gate.input_seed();
+        tokio::task::spawn_blocking(move || warm_up(&warm_model, seed))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
 
         let mut next = self.state.clone();
         next.slots.insert(slot.clone(), *previous.clone());

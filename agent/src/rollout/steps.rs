@@ -103,12 +103,11 @@ impl Reconciler {
         manifest: &Verified<Manifest>,
         incumbent: Option<&ServingModel>,
     ) -> Result<(u64, BenchReport, Result<(), Outcome>), Outcome> {
-        let seed_of = |m: &Manifest| m.gate.reference.as_ref().map_or(0, |r| r.seed);
         let request = GateRequest {
             candidate: ModelFile {
                 path: self.store.model_path(&manifest.artifact.sha256),
                 inputs: manifest.inputs.clone(),
-                seed: seed_of(manifest),
+                seed: manifest.gate.input_seed(),
             },
             gate: manifest.gate.clone(),
             incumbent: incumbent
@@ -116,7 +115,7 @@ impl Reconciler {
                 .map(|m| ModelFile {
                     path: self.store.model_path(&m.sha256()),
                     inputs: m.manifest.inputs.clone(),
-                    seed: seed_of(&m.manifest),
+                    seed: m.manifest.gate.input_seed(),
                 }),
             memory_limit_bytes: self.gate.memory_limit_bytes,
         };
