@@ -131,6 +131,11 @@ id_type!(
     CommandId,
     "command id"
 );
+id_type!(
+    /// An event's identity, chosen by the device, so a replayed event is recognised.
+    EventId,
+    "event id"
+);
 
 #[cfg(test)]
 mod tests {

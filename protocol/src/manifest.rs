@@ -426,6 +426,63 @@ impl TrustedKeys {
     }
 }
 
+/// Decodes a signed payload and checks its signatures against `trusted`: the one signature
+/// check of this crate, shared by manifests and rollback orders. Returns the payload bytes
+/// and the distinct trusted keys that signed them.
+pub(crate) fn verify_signatures(
+    payload: &str,
+    signatures: &[ManifestSignature],
+    trusted: &TrustedKeys,
+) -> Result<(Vec<u8>, Vec<KeyId>), ManifestError> {
+    // base64 grows 4/3: refuse before decoding anything huge.
+    if payload.len() > MAX_MANIFEST_BYTES / 3 * 4 + 4 {
+        return Err(ManifestError::PayloadTooLarge(payload.len() / 4 * 3));
+    }
+    let bytes = B64
+        .decode(payload)
+        .map_err(|_| ManifestError::PayloadEncoding)?;
+    if bytes.len() > MAX_MANIFEST_BYTES {
+        return Err(ManifestError::PayloadTooLarge(bytes.len()));
+    }
+    let mut signed_by: Vec<KeyId> = Vec::new();
+    for sig in signatures {
+        let Some(key) = trusted.keys.get(&sig.key_id) else {
+            continue;
+        };
+        if signed_by.contains(&sig.key_id) {
+            continue; // each key counts once
+        }
+        let Some(signature) = B64
+            .decode(&sig.sig)
+            .ok()
+            .and_then(|s| ed25519_dalek::Signature::from_slice(&s).ok())
+        else {
+            continue;
+        };
+        if key.verify_strict(&bytes, &signature).is_ok() {
+            signed_by.push(sig.key_id.clone());
+        }
+    }
+    if signed_by.len() < trusted.threshold.max(1) {
+        let ids: Vec<&str> = signatures.iter().map(|s| s.key_id.as_str()).collect();
+        return Err(ManifestError::Untrusted {
+            signed_by: if ids.is_empty() {
+                "nobody".to_owned()
+            } else {
+                ids.join(", ")
+            },
+        });
+    }
+    Ok((bytes, signed_by))
+}
+
+impl<T> Verified<T> {
+    /// Wraps a value whose signatures [`verify_signatures`] checked.
+    pub(crate) fn checked(inner: T, signed_by: Vec<KeyId>) -> Self {
+        Self { inner, signed_by }
+    }
+}
+
 impl SignedManifest {
     /// Checks the signatures against `trusted`, then parses and checks the manifest.
     pub fn verify(
@@ -433,45 +490,7 @@ impl SignedManifest {
         trusted: &TrustedKeys,
         expiry: ExpiryCheck,
     ) -> Result<Verified<Manifest>, ManifestError> {
-        // base64 grows 4/3: refuse before decoding anything huge.
-        if self.payload.len() > MAX_MANIFEST_BYTES / 3 * 4 + 4 {
-            return Err(ManifestError::PayloadTooLarge(self.payload.len() / 4 * 3));
-        }
-        let bytes = B64
-            .decode(&self.payload)
-            .map_err(|_| ManifestError::PayloadEncoding)?;
-        if bytes.len() > MAX_MANIFEST_BYTES {
-            return Err(ManifestError::PayloadTooLarge(bytes.len()));
-        }
-        let mut signed_by: Vec<KeyId> = Vec::new();
-        for sig in &self.signatures {
-            let Some(key) = trusted.keys.get(&sig.key_id) else {
-                continue;
-            };
-            if signed_by.contains(&sig.key_id) {
-                continue; // each key counts once
-            }
-            let Some(signature) = B64
-                .decode(&sig.sig)
-                .ok()
-                .and_then(|s| ed25519_dalek::Signature::from_slice(&s).ok())
-            else {
-                continue;
-            };
-            if key.verify_strict(&bytes, &signature).is_ok() {
-                signed_by.push(sig.key_id.clone());
-            }
-        }
-        if signed_by.len() < trusted.threshold.max(1) {
-            let ids: Vec<&str> = self.signatures.iter().map(|s| s.key_id.as_str()).collect();
-            return Err(ManifestError::Untrusted {
-                signed_by: if ids.is_empty() {
-                    "nobody".to_owned()
-                } else {
-                    ids.join(", ")
-                },
-            });
-        }
+        let (bytes, signed_by) = verify_signatures(&self.payload, &self.signatures, trusted)?;
         let manifest: Manifest =
             serde_json::from_slice(&bytes).map_err(ManifestError::Malformed)?;
         if manifest.schema != MANIFEST_SCHEMA {
@@ -489,6 +508,12 @@ impl SignedManifest {
             inner: manifest,
             signed_by,
         })
+    }
+
+    /// What the manifest claims, read without any check: never a reason to trust it.
+    pub fn claims(&self) -> Option<Manifest> {
+        let bytes = B64.decode(&self.payload).ok()?;
+        serde_json::from_slice(&bytes).ok()
     }
 
     /// Identity of this signed document: SHA-256 of the payload.
@@ -539,15 +564,27 @@ impl ManifestSigner {
 
     /// Serialises `manifest` once and signs exactly those bytes.
     pub fn sign(&self, manifest: &Manifest) -> Result<SignedManifest, serde_json::Error> {
-        let bytes = serde_json::to_vec(manifest)?;
-        let sig = self.key.sign(&bytes);
+        let (payload, signatures) = self.sign_json(manifest)?;
         Ok(SignedManifest {
-            payload: B64.encode(&bytes),
-            signatures: vec![ManifestSignature {
+            payload,
+            signatures,
+        })
+    }
+
+    /// Serialises `value` once; returns those bytes in base64 and the signature over them.
+    pub(crate) fn sign_json<T: Serialize>(
+        &self,
+        value: &T,
+    ) -> Result<(String, Vec<ManifestSignature>), serde_json::Error> {
+        let bytes = serde_json::to_vec(value)?;
+        let sig = self.key.sign(&bytes);
+        Ok((
+            B64.encode(&bytes),
+            vec![ManifestSignature {
                 key_id: self.key_id.clone(),
                 sig: B64.encode(sig.to_bytes()),
             }],
-        })
+        ))
     }
 }
 

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
-use crate::ids::{CommandId, DeviceId, RolloutId, SlotName};
+use crate::ids::{CommandId, DeviceId, EventId, RolloutId, SlotName};
 use crate::manifest::{Sha256Digest, SignedManifest};
 
 /// Retained presence and state of a device. The last will is the same document with
@@ -118,6 +118,7 @@ pub struct Telemetry {
     pub at: Timestamp,
     pub uptime_s: u64,
     /// Whole-machine CPU use in percent of all cores.
+    #[serde(deserialize_with = "crate::finite::f32")]
     pub cpu_percent: f32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub load_1m: Option<f64>,
@@ -136,7 +137,11 @@ pub struct Telemetry {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub device: Option<DeviceId>,
     /// CPU use per core, in percent.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "crate::finite::vec"
+    )]
     pub cpu_per_core: Vec<f32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub load_5m: Option<f64>,
@@ -155,7 +160,11 @@ pub struct Telemetry {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub net_tx_bytes_per_s: Option<u64>,
     /// Temperatures by sensor name (hardware monitors and thermal zones), in °C.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[serde(
+        default,
+        skip_serializing_if = "BTreeMap::is_empty",
+        deserialize_with = "crate::finite::map"
+    )]
     pub temperatures_c: BTreeMap<String, f32>,
     /// GPUs: NVML where it works, else the Jetson integrated GPU from sysfs.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -164,11 +173,18 @@ pub struct Telemetry {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub board: Option<BoardTelemetry>,
     /// The agent's own CPU use (percent of one core) since the last sample.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::finite::option"
+    )]
     pub agent_cpu_percent: Option<f32>,
     /// The agent's resident memory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent_rss_bytes: Option<u64>,
+    /// Messages the agent dropped since it started (outbox full, link backlog full).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dropped_messages: Option<u64>,
 }
 
 /// Where GPU figures came from.
@@ -185,13 +201,21 @@ pub struct GpuTelemetry {
     pub source: GpuSource,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::finite::option"
+    )]
     pub load_percent: Option<f32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_used_bytes: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_total_bytes: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::finite::option"
+    )]
     pub temperature_c: Option<f32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub power_mw: Option<u64>,
@@ -210,7 +234,11 @@ pub struct BoardTelemetry {
     /// External memory controller clock.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub emc_freq_mhz: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::finite::option"
+    )]
     pub emc_load_percent: Option<f32>,
     /// Power per INA3221 rail, in milliwatts.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -258,6 +286,10 @@ pub struct DesiredModel {
 /// One step of a rollout on one device.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Event {
+    /// Unique per event, kept across resends and agent restarts: the server counts a
+    /// replay (outbox after a restart, QoS 1 redelivery) as a duplicate by it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<EventId>,
     pub device: DeviceId,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollout_id: Option<RolloutId>,
@@ -367,7 +399,11 @@ pub struct BenchReport {
     /// p99 of the model serving the slot, measured in the same run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub incumbent_p99_ms: Option<f64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::finite::option"
+    )]
     pub reference_max_abs_err: Option<f32>,
     /// Peak resident memory of the benchmark process (load + runs), in bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -409,6 +445,11 @@ pub enum CommandKind {
         slot: SlotName,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         reason: Option<String>,
+    },
+    /// [`CommandKind::Rollback`] with the server's signed order: the only rollback an
+    /// agent carries out (an unsigned one is refused with an event).
+    SignedRollback {
+        order: crate::rollback::SignedRollback,
     },
 }
 

@@ -106,6 +106,7 @@ fn rollout() -> RolloutId {
 
 fn event(stage: Stage) -> Event {
     Event {
+        id: Some(botfleet_protocol::EventId::new("e-0000000000000001").unwrap()),
         device: device(),
         rollout_id: Some(rollout()),
         slot: slot(),
@@ -297,6 +298,7 @@ fn telemetry_matches_its_fixture() {
             }),
             agent_cpu_percent: Some(0.5),
             agent_rss_bytes: Some(12_000_000),
+            dropped_messages: Some(0),
         },
     );
 }
@@ -388,6 +390,37 @@ fn rollback_command_matches_its_fixture() {
             },
         },
     );
+}
+
+fn rollback_order() -> botfleet_protocol::RollbackOrder {
+    botfleet_protocol::RollbackOrder {
+        schema: botfleet_protocol::rollback::ROLLBACK_SCHEMA,
+        device: device(),
+        slot: slot(),
+        to_sha256: digest(),
+        to_release: 1,
+        reason: Some("operator: wrong labels in 1.1.0".into()),
+        issued_at: ts("2026-11-28T10:00:00Z"),
+        expires_at: ts("2026-11-29T10:00:00Z"),
+    }
+}
+
+#[test]
+fn signed_rollback_command_matches_its_fixture_and_verifies() {
+    golden("rollback_order.json", &rollback_order());
+    let order = signer().sign_rollback(&rollback_order()).unwrap();
+    let command = Command {
+        command_id: CommandId::new("c-3").unwrap(),
+        kind: CommandKind::SignedRollback {
+            order: order.clone(),
+        },
+    };
+    golden("command_signed_rollback.json", &command);
+    let trusted = TrustedKeys::new([signer().public_key()]);
+    let verified = order
+        .verify(&trusted, &device(), ts("2026-11-28T11:00:00Z"))
+        .unwrap();
+    assert_eq!(*verified, rollback_order());
 }
 
 #[test]
