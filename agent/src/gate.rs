@@ -99,6 +99,8 @@ pub enum GateError {
     Io(#[from] std::io::Error),
     #[error("benchmark process exceeded its {0:?} deadline and was killed")]
     TimedOut(Duration),
+    #[error("benchmark process ran out of memory (limit {limit_mib} MiB): {stderr}")]
+    OutOfMemory { limit_mib: u64, stderr: String },
     #[error("benchmark process died ({status}); last words: {stderr}")]
     Died { status: String, stderr: String },
     #[error("benchmark process answered nonsense: {0}")]
@@ -158,6 +160,13 @@ pub async fn run_in_child(
             .rev()
             .find(|l| !l.trim().is_empty())
             .unwrap_or("(nothing)");
+        // Rust aborts (no unwinding) when an allocation fails outside tract's own checks.
+        if last.starts_with("memory allocation of") {
+            return Err(GateError::OutOfMemory {
+                limit_mib: request.memory_limit_bytes / (1024 * 1024),
+                stderr: last.chars().take(300).collect(),
+            });
+        }
         return Err(GateError::Died {
             status: status.to_string(),
             stderr: last.chars().take(300).collect(),
@@ -189,7 +198,11 @@ pub fn child_main() -> u8 {
         eprintln!("cannot limit memory: {e}");
         return 2;
     }
-    let report = measure(&request);
+    // A panic inside tract (a failed allocation under the limit, an assertion on a broken
+    // graph) becomes a report, not a backtrace the parent has to dig a reason out of.
+    std::panic::set_hook(Box::new(|_| {}));
+    let report = std::panic::catch_unwind(|| measure(&request))
+        .unwrap_or_else(|payload| panic_report(payload.as_ref(), request.memory_limit_bytes));
     match serde_json::to_writer(std::io::stdout(), &report) {
         Ok(()) => 0,
         Err(e) => {
@@ -252,6 +265,26 @@ pub fn measure(request: &GateRequest) -> GateReport {
         reference_max_abs_err,
         peak_rss_bytes: peak_rss(),
     }
+}
+
+/// The report for a panic while measuring. A panic payload is only text; an allocation
+/// failure is the one kind the parent must tell apart (memory, not a broken file).
+fn panic_report(payload: &(dyn std::any::Any + Send), limit_bytes: u64) -> GateReport {
+    let text = payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".to_owned());
+    let text: String = text.chars().take(300).collect();
+    let message = if text.contains("allocate") {
+        format!(
+            "out of memory: tract needed more than the {} MiB limit ({text})",
+            limit_bytes / (1024 * 1024)
+        )
+    } else {
+        format!("tract panicked: {text}")
+    };
+    GateReport::NotLoadable { message }
 }
 
 /// VmHWM of this process, where /proc tells it.

@@ -21,6 +21,9 @@ enum Behaviour {
     StallAfter { bytes: usize, etag: &'static str },
     /// A 200 whose body never ends.
     Endless,
+    /// One body byte per `every`, for as long as the client listens: never silent long
+    /// enough for a stall deadline.
+    Trickle { every: Duration, etag: &'static str },
 }
 
 struct Server {
@@ -116,6 +119,16 @@ async fn answer(
             let _ = stream.write_all(head.as_bytes()).await;
             let _ = stream.write_all(&body[..bytes]).await;
             tokio::time::sleep(Duration::from_secs(3600)).await;
+        }
+        Behaviour::Trickle { every, etag } => {
+            let head = write("200 OK", format!("ETag: \"{etag}\"\r\n"), body.len());
+            let _ = stream.write_all(head.as_bytes()).await;
+            for byte in &body {
+                if stream.write_all(&[*byte]).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(every).await;
+            }
         }
         Behaviour::Endless => {
             let _ = stream
@@ -344,4 +357,54 @@ async fn a_download_larger_than_the_free_space_is_refused_before_writing() {
         .unwrap_err();
     assert!(matches!(err, FetchError::NoSpace { .. }), "{err}");
     assert_eq!(server.requests.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn a_one_byte_per_second_server_is_cut_off_by_the_total_deadline_and_the_partial_is_resumed()
+{
+    let body = model_bytes();
+    let server = serve(
+        vec![body.clone()],
+        vec![
+            Behaviour::Trickle {
+                every: Duration::from_secs(1),
+                etag: "v1",
+            },
+            Behaviour::Good { etag: "v1" },
+        ],
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let dest = dir.path().join("part");
+    // A byte every second never trips a 3 s stall deadline: only the total one ends it.
+    let slow = Limits {
+        stall: Duration::from_secs(3),
+        total: Duration::from_secs(5),
+        ..limits()
+    };
+    let err = download(&client(), &server.url, &artifact(&body), &dest, slow)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, FetchError::TimedOut(_)), "{err}");
+    assert!(
+        err.to_string().contains("took longer than"),
+        "the error names the deadline: {err}"
+    );
+    assert_eq!(
+        server.requests.load(Ordering::SeqCst),
+        1,
+        "one slow attempt"
+    );
+    // The bytes that did arrive are good bytes of a file with a strong ETag: kept, so the
+    // next try (a later reconcile, or after a restart) asks only for the rest, and If-Range
+    // makes sure the rest belongs to the same file.
+    let kept = std::fs::metadata(&dest).unwrap().len();
+    assert!(kept > 0 && kept < body.len() as u64, "{kept} bytes kept");
+    let got = download(&client(), &server.url, &artifact(&body), &dest, limits())
+        .await
+        .unwrap();
+    assert_eq!(got.resumed_from, kept);
+    assert_eq!(std::fs::read(&dest).unwrap(), body);
+    let ranges = server.ranges.lock().unwrap().clone();
+    assert_eq!(ranges[1], Some(format!("bytes={kept}-")), "{ranges:?}");
 }

@@ -9,6 +9,7 @@ use tract_onnx::prelude::{
     Tensor as TractTensor, TypedRunnableModel, tvec,
 };
 use tract_onnx::tract_hir::infer::Factoid;
+use tract_onnx::tract_hir::ops::unimpl::UnimplementedOp;
 
 use crate::tensor::{Tensor, TensorData};
 
@@ -26,6 +27,8 @@ pub enum EngineError {
     },
     #[error("input {name:?}: {message}")]
     BadSignature { name: String, message: String },
+    #[error("unsupported operator: {}", nodes.join(", "))]
+    UnsupportedOp { nodes: Vec<String> },
     #[error("tract cannot optimise the model: {0}")]
     Optimise(String),
     #[error("input {name:?} is missing")]
@@ -210,6 +213,17 @@ impl Model {
         ignore_value_info: bool,
     ) -> Result<Self, EngineError> {
         let mut model = parse(bytes, ignore_value_info).map_err(EngineError::NotOnnx)?;
+        // tract parses an op it does not know into a placeholder that only fails later, with
+        // a message about typing; name the operator instead.
+        let unsupported: Vec<String> = model
+            .nodes()
+            .iter()
+            .filter(|n| n.op_is::<UnimplementedOp>())
+            .map(|n| format!("node {:?} is {}", n.name, n.op().name()))
+            .collect();
+        if !unsupported.is_empty() {
+            return Err(EngineError::UnsupportedOp { nodes: unsupported });
+        }
         let graph_inputs: Vec<String> = model
             .input_outlets()
             .map_err(|e| EngineError::NotOnnx(chain(&e)))?

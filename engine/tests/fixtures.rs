@@ -177,3 +177,30 @@ fn wrong_inputs_are_named_in_the_error() {
     assert_eq!(stats.runs, 5);
     assert!(stats.p50_ms > 0.0 && stats.p99_ms >= stats.p50_ms);
 }
+
+#[test]
+fn an_operator_tract_does_not_know_is_named_before_any_optimisation() {
+    let err = Model::load(
+        &fixture("unsupported_op.onnx"),
+        &[spec("x", &[1, 3, 48, 192])],
+    )
+    .unwrap_err();
+    match &err {
+        EngineError::UnsupportedOp { nodes } => {
+            assert_eq!(nodes.len(), 1, "{nodes:?}");
+            assert!(nodes[0].contains("NoSuchOp"), "{nodes:?}");
+        }
+        other => panic!("expected an unsupported operator, got {other}"),
+    }
+}
+
+#[test]
+fn the_stateful_fixture_loads_with_its_state_as_an_input_and_an_output() {
+    let model = Model::load(
+        &fixture("stateful_ema.onnx"),
+        &[spec("input", &[1, 8]), spec("state", &[1, 16])],
+    )
+    .unwrap();
+    let inputs: Vec<String> = model.inputs().map(|s| s.name.clone()).collect();
+    assert_eq!(inputs, ["input", "state"]);
+}

@@ -138,3 +138,45 @@ mod tests {
         ));
     }
 }
+
+/// How long a signed rollback order stays valid: a robot that was offline still takes it
+/// when its MQTT session hands it over later that day, and a replay after that is refused.
+pub const ROLLBACK_ORDER_TTL: jiff::SignedDuration = jiff::SignedDuration::from_secs(24 * 3600);
+
+/// Why no rollback order could be signed.
+#[derive(Debug, thiserror::Error)]
+pub enum RollbackOrderError {
+    #[error("the previous model's manifest is unreadable")]
+    Manifest,
+    #[error("cannot sign the rollback order: {0}")]
+    Sign(#[source] serde_json::Error),
+    #[error("rollback order expiry out of range: {0}")]
+    Time(#[source] jiff::Error),
+}
+
+/// Signs the order for `device` to put `to` (the model it served before) back in `slot`.
+pub fn rollback_order(
+    signer: &ManifestSigner,
+    device: &botfleet_protocol::DeviceId,
+    to: &botfleet_protocol::SignedManifest,
+    reason: String,
+    now: jiff::Timestamp,
+) -> Result<botfleet_protocol::SignedRollback, RollbackOrderError> {
+    // The server signed `to` itself: its claims are what it once vouched for.
+    let manifest = to.claims().ok_or(RollbackOrderError::Manifest)?;
+    let order = botfleet_protocol::RollbackOrder {
+        schema: botfleet_protocol::rollback::ROLLBACK_SCHEMA,
+        device: device.clone(),
+        slot: manifest.slot,
+        to_sha256: manifest.artifact.sha256,
+        to_release: manifest.release,
+        reason: Some(reason),
+        issued_at: now,
+        expires_at: now
+            .checked_add(ROLLBACK_ORDER_TTL)
+            .map_err(RollbackOrderError::Time)?,
+    };
+    signer
+        .sign_rollback(&order)
+        .map_err(RollbackOrderError::Sign)
+}

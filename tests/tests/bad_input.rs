@@ -27,9 +27,15 @@ struct Setup {
 }
 
 async fn setup() -> Setup {
+    setup_with(|_| {}).await
+}
+
+async fn setup_with(adjust: impl FnOnce(&mut botfleet_agent::Config)) -> Setup {
     let fleet = Fleet::start(BrokerKind::Embedded).await.unwrap();
     let device = fleet.device_id("robot");
-    let agent = fleet.start_agent(&device).await.unwrap();
+    let mut config = fleet.agent_config(&device, &[]);
+    adjust(&mut config);
+    let agent = fleet.start_agent_with(config).await.unwrap();
     let mut watch = fleet.watch_events(&device).await.unwrap();
     let good = fleet
         .push_model(
@@ -92,6 +98,23 @@ impl Setup {
             .await
             .unwrap();
         events.last().unwrap().stage.clone()
+    }
+
+    /// Orders `bytes` as the good model's next release, served by a host of its own: a
+    /// correctly signed manifest for an intact but hostile file.
+    async fn order_artifact(
+        &mut self,
+        version: &str,
+        bytes: Vec<u8>,
+        signer: &ManifestSigner,
+    ) -> Stage {
+        let host = ArtifactHost::start(bytes.clone()).await.unwrap();
+        let mut m = self.good_manifest();
+        m.release += 1;
+        m.version = version.into();
+        m.artifact.sha256 = Sha256Digest::of(&bytes);
+        m.artifact.size = bytes.len() as u64;
+        self.order(&m, signer, host.url()).await
     }
 
     async fn send(&self, payload: Vec<u8>) {
@@ -182,6 +205,7 @@ async fn hostile_orders_are_rejected_and_the_last_good_model_keeps_serving() {
     m.artifact.size = garbage.len() as u64;
     let (reason, message) = rejected(&s.order(&m, &server_key, host.url()).await);
     assert_eq!(reason, RejectReason::NotLoadable, "{message}");
+    assert!(message.contains("not a loadable ONNX model"), "{message}");
     s.assert_still_serving_the_good_model().await;
 
     // Correctly signed and intact, but a truncated real model: the benchmark child fails to
@@ -197,6 +221,35 @@ async fn hostile_orders_are_rejected_and_the_last_good_model_keeps_serving() {
     m.artifact.size = truncated.len() as u64;
     let (reason, message) = rejected(&s.order(&m, &server_key, host.url()).await);
     assert_eq!(reason, RejectReason::NotLoadable, "{message}");
+    assert!(message.contains("not a loadable ONNX model"), "{message}");
+    s.assert_still_serving_the_good_model().await;
+
+    // Random bytes (not even text): the parser refuses them.
+    let noise: Vec<u8> = (0..4096).map(|_| rand::random::<u8>()).collect();
+    let (reason, message) = rejected(&s.order_artifact("1.1-noise", noise, &server_key).await);
+    assert_eq!(reason, RejectReason::NotLoadable, "{message}");
+    assert!(message.contains("not a loadable ONNX model"), "{message}");
+    s.assert_still_serving_the_good_model().await;
+
+    // A graph that materialises a 4 TiB constant: the gate child's allocation fails (the
+    // address-space limit), the daemon never tries.
+    let absurd = std::fs::read(fixture("absurd_dims.onnx")).unwrap();
+    let (reason, message) = rejected(&s.order_artifact("1.1-absurd", absurd, &server_key).await);
+    assert_eq!(reason, RejectReason::NotLoadable, "{message}");
+    assert!(message.contains("out of memory"), "{message}");
+    s.assert_still_serving_the_good_model().await;
+
+    // An operator no runtime implements: named in the event.
+    let unknown = std::fs::read(fixture("unsupported_op.onnx")).unwrap();
+    let (reason, message) = rejected(
+        &s.order_artifact("1.1-no-such-op", unknown, &server_key)
+            .await,
+    );
+    assert_eq!(reason, RejectReason::NotLoadable, "{message}");
+    assert!(
+        message.contains("unsupported operator") && message.contains("NoSuchOp"),
+        "{message}"
+    );
     s.assert_still_serving_the_good_model().await;
 
     // A model whose output on the reference input is not the recorded one (what a broken
@@ -314,6 +367,24 @@ async fn a_model_that_misses_its_gate_is_rejected_with_its_numbers() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_that_outlives_the_gate_deadline_is_killed_and_the_daemon_keeps_serving() {
+    // Long enough for the real model's gate on a loaded CI machine, far too short for the
+    // ten million runs asked below.
+    let mut s = setup_with(|config| config.gate.timeout_s = 20).await;
+    let good_sha = s.good["sha256"].as_str().unwrap().to_owned();
+    let server_key = s.server_key();
+    let mut m = s.good_manifest();
+    m.release += 1;
+    m.version = "1.1-endless-gate".into();
+    m.gate.runs = 10_000_000;
+    let (reason, message) = rejected(&s.order(&m, &server_key, s.artifact_url(&good_sha)).await);
+    assert_eq!(reason, RejectReason::GateMissed, "{message}");
+    assert!(message.contains("deadline"), "{message}");
+    s.assert_still_serving_the_good_model().await;
+    s.fleet.shutdown(vec![s.agent]).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_inference_requests_get_a_4xx_with_a_clear_message() {
     let s = setup().await;
     let data = reference_input(7, 3 * 48 * 192);
@@ -339,7 +410,8 @@ async fn bad_inference_requests_get_a_4xx_with_a_clear_message() {
             "values",
         ),
         (json!({"inputs": []}), 400, "missing"),
-        (json!({"nonsense": true}), 422, "inputs"),
+        // The OIP v2 server answers every malformed body with 400.
+        (json!({"nonsense": true}), 400, "inputs"),
     ];
     for (request, status, needle) in cases {
         let (got, answer) = s.fleet.infer(&s.agent, SLOT, &request).await.unwrap();

@@ -10,7 +10,10 @@ use botfleet_e2e::watch::publish_once;
 use botfleet_e2e::{BrokerKind, Fleet, describe, fixture};
 use botfleet_protocol::manifest::reference_input;
 use botfleet_protocol::messages::{Command, CommandKind, Stage};
-use botfleet_protocol::{CommandId, DeviceId, SlotName, TopicKind, Topics};
+use botfleet_protocol::rollback::ROLLBACK_SCHEMA;
+use botfleet_protocol::{
+    CommandId, DeviceId, ManifestSigner, RollbackOrder, SlotName, TopicKind, Topics,
+};
 use common::ROLLOUT_LIMIT;
 use serde_json::{Value, json};
 
@@ -69,12 +72,25 @@ async fn a_rollback_command_restores_the_previous_model_and_it_stays_rolled_back
     );
 
     let topics = Topics::new(fleet.prefix.clone()).unwrap();
+    // The order the server signs (rollback_signed.rs covers the ones a robot refuses).
+    let key = std::fs::read_to_string(fleet.dir.path().join("server/signing.key")).unwrap();
+    let now = jiff::Timestamp::now();
+    let order = ManifestSigner::parse(&key)
+        .unwrap()
+        .sign_rollback(&RollbackOrder {
+            schema: ROLLBACK_SCHEMA,
+            device: DeviceId::new(device.clone()).unwrap(),
+            slot: SlotName::new(SLOT).unwrap(),
+            to_sha256: v1["sha256"].as_str().unwrap().parse().unwrap(),
+            to_release: v1["manifest"]["release"].as_u64().unwrap_or(1),
+            reason: Some("operator says so".into()),
+            issued_at: now,
+            expires_at: now + jiff::SignedDuration::from_secs(3600),
+        })
+        .unwrap();
     let command = Command {
         command_id: CommandId::new("c-rollback-1").unwrap(),
-        kind: CommandKind::Rollback {
-            slot: SlotName::new(SLOT).unwrap(),
-            reason: Some("operator says so".into()),
-        },
+        kind: CommandKind::SignedRollback { order },
     };
     publish_once(
         &fleet.mqtt_url,

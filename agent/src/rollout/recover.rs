@@ -4,9 +4,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use botfleet_protocol::SlotName;
 use botfleet_protocol::manifest::Sha256Digest;
-use botfleet_protocol::messages::Stage;
+use botfleet_protocol::messages::{RejectReason, Stage};
+use botfleet_protocol::{CommandId, ManifestError, RollbackError, SignedRollback, SlotName};
+use jiff::Timestamp;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
@@ -23,6 +24,16 @@ pub enum Request {
         /// Only if this artifact still serves (a health verdict about a model that has
         /// since been replaced is moot).
         only_if: Option<Sha256Digest>,
+    },
+    /// The server's signed rollback order: verified here, then carried out.
+    Ordered {
+        command_id: CommandId,
+        order: SignedRollback,
+    },
+    /// A rollback command without a signed order: refused with an event.
+    Unsigned {
+        command_id: CommandId,
+        slot: SlotName,
     },
 }
 
@@ -64,7 +75,103 @@ impl Reconciler {
                     warn!(slot = %slot, %message, "rollback not done");
                 }
             }
+            Request::Ordered { command_id, order } => {
+                self.ordered_rollback(&command_id, &order).await;
+            }
+            Request::Unsigned { command_id, slot } => {
+                self.refuse_rollback(
+                    &slot,
+                    &command_id,
+                    RejectReason::Untrusted,
+                    "the command carries no signed rollback order",
+                );
+            }
         }
+    }
+
+    /// Carries out a signed rollback order once it verified for this device, now.
+    async fn ordered_rollback(&mut self, command_id: &CommandId, signed: &SignedRollback) {
+        let claimed_slot = signed.claims().map(|o| o.slot);
+        let order = match signed.verify(&self.trusted, &self.device, Timestamp::now()) {
+            Ok(order) => order.into_inner(),
+            Err(err) => {
+                let reason = match &err {
+                    RollbackError::Signature(ManifestError::Untrusted { .. }) => {
+                        RejectReason::Untrusted
+                    }
+                    RollbackError::Expired { .. } => RejectReason::Expired,
+                    RollbackError::OtherDevice { .. } => RejectReason::Incompatible,
+                    RollbackError::Signature(_)
+                    | RollbackError::Malformed(_)
+                    | RollbackError::Schema(_) => RejectReason::BadManifest,
+                };
+                match claimed_slot {
+                    Some(slot) => {
+                        self.refuse_rollback(&slot, command_id, reason, &err.to_string());
+                    }
+                    None => warn!(%command_id, error = %err, "unreadable rollback order ignored"),
+                }
+                return;
+            }
+        };
+        let slot = order.slot.clone();
+        let Some(current) = self.state.slots.get(&slot) else {
+            self.refuse_rollback(
+                &slot,
+                command_id,
+                RejectReason::Incompatible,
+                "the slot serves no model",
+            );
+            return;
+        };
+        if current.sha256 == order.to_sha256 {
+            info!(slot = %slot, %command_id, "rollback order already carried out");
+            return;
+        }
+        let kept = current.previous.as_ref().map(|p| p.sha256);
+        if kept != Some(order.to_sha256) {
+            let message = format!(
+                "the order goes back to {} but the slot keeps {}",
+                order.to_sha256.short(),
+                kept.map_or_else(|| "no previous model".to_owned(), |k| k.short())
+            );
+            self.refuse_rollback(&slot, command_id, RejectReason::Incompatible, &message);
+            return;
+        }
+        let reason = order
+            .reason
+            .clone()
+            .unwrap_or_else(|| format!("rollback order {command_id}"));
+        if let Err(message) = self.rollback(&slot, &reason, None).await {
+            warn!(slot = %slot, %message, "rollback not done");
+            let reason = RejectReason::NotLoadable;
+            self.refuse_rollback(&slot, command_id, reason, &message);
+        }
+    }
+
+    /// Reports a refused rollback command. The event names no rollout: the rollout the
+    /// slot's model came from is not refused, only this command.
+    fn refuse_rollback(
+        &self,
+        slot: &SlotName,
+        command_id: &CommandId,
+        reason: RejectReason,
+        why: &str,
+    ) {
+        warn!(slot = %slot, %command_id, why, "rollback command refused");
+        let claims = self.state.slots.get(slot).map_or_else(
+            || (Sha256Digest::of(b""), None),
+            |current| (current.sha256, None),
+        );
+        self.emit(
+            slot,
+            None,
+            claims,
+            Stage::Rejected {
+                reason,
+                message: format!("rollback command {command_id} refused: {why}"),
+            },
+        );
     }
 
     async fn rollback(
