@@ -46,9 +46,99 @@ impl Backoff {
     }
 }
 
+/// Reconnect pacing for one link: the backoff, reset once a connection stayed up for
+/// `stable_after` (a link that flaps every few seconds keeps backing off).
+#[derive(Debug, Clone)]
+pub struct Reconnect {
+    backoff: Backoff,
+    stable_after: Duration,
+    connected_at: Option<tokio::time::Instant>,
+}
+
+impl Reconnect {
+    pub fn new(backoff: Backoff, stable_after: Duration) -> Self {
+        Self {
+            backoff,
+            stable_after,
+            connected_at: None,
+        }
+    }
+
+    /// The broker accepted the connection.
+    pub fn connected(&mut self) {
+        self.connected_at = Some(tokio::time::Instant::now());
+    }
+
+    /// The connection (or an attempt) failed: how long to wait before the next attempt.
+    pub fn lost(&mut self) -> Duration {
+        if self
+            .connected_at
+            .take()
+            .is_some_and(|at| at.elapsed() >= self.stable_after)
+        {
+            self.backoff.reset();
+        }
+        self.backoff.next_delay()
+    }
+
+    /// The ceiling of the next delay.
+    pub fn ceiling(&self) -> Duration {
+        self.backoff.ceiling()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn reconnect() -> Reconnect {
+        Reconnect::new(
+            Backoff::new(Duration::from_secs(1), Duration::from_secs(128)),
+            Duration::from_secs(30),
+        )
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_that_stays_up_resets_the_backoff() {
+        let mut r = reconnect();
+        for _ in 0..5 {
+            r.lost();
+        }
+        assert_eq!(r.ceiling(), Duration::from_secs(32));
+        r.connected();
+        tokio::time::advance(Duration::from_secs(31)).await;
+        assert!(r.lost() <= Duration::from_secs(1));
+        assert_eq!(r.ceiling(), Duration::from_secs(2));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_flapping_connection_keeps_backing_off() {
+        let mut r = reconnect();
+        for _ in 0..5 {
+            r.lost();
+        }
+        r.connected();
+        tokio::time::advance(Duration::from_secs(5)).await;
+        r.lost();
+        assert_eq!(r.ceiling(), Duration::from_secs(64));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn attempts_during_a_long_outage_stay_within_the_budget() {
+        // Every failed attempt sleeps its delay: in 10 minutes of outage a client makes
+        // only a handful of attempts once the ceiling reached the cap, never a tight loop.
+        let mut r = reconnect();
+        let start = tokio::time::Instant::now();
+        let mut attempts = 0u32;
+        while start.elapsed() < Duration::from_secs(600) {
+            attempts += 1;
+            let delay = r.lost();
+            tokio::time::advance(delay).await;
+        }
+        assert!(r.ceiling() == Duration::from_secs(128));
+        assert!(attempts >= 8, "{attempts}");
+        assert!(attempts < 60, "{attempts} attempts in 10 minutes");
+    }
     use rand::SeedableRng;
     use rand::rngs::StdRng;
 

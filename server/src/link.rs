@@ -158,6 +158,8 @@ pub struct LinkOptions {
     pub port: u16,
     pub client_id: String,
     pub keep_alive: Duration,
+    /// TLS and credentials (none for the embedded broker).
+    pub security: crate::tls::MqttSecurity,
 }
 
 /// The task that owns the MQTT session.
@@ -189,6 +191,7 @@ impl Link {
             .set_keep_alive(options.keep_alive)
             .set_max_packet_size(MAX_PACKET_BYTES, MAX_PACKET_BYTES)
             .set_request_channel_capacity(REQUEST_CAPACITY);
+        options.security.apply(&mut mqtt);
         let (client, eventloop) = AsyncClient::new(mqtt, REQUEST_CAPACITY);
         let (state, state_rx) = watch::channel(LinkState::Connecting { last_error: None });
         let publisher = Publisher {

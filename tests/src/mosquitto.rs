@@ -1,5 +1,7 @@
-//! A real Mosquitto broker on a loopback port, for one fleet.
+//! A real Mosquitto broker on a loopback port (or a given address), for one fleet; it can be
+//! killed and started again on the same port, with or without persistence.
 
+use std::net::IpAddr;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -9,26 +11,56 @@ use tokio::process::{Child, Command};
 
 /// A running `mosquitto`, killed on drop.
 pub struct Mosquitto {
-    child: Child,
+    child: Option<Child>,
+    addr: IpAddr,
     port: u16,
-    _dir: tempfile::TempDir,
+    persistence: bool,
+    dir: tempfile::TempDir,
 }
 
 impl Mosquitto {
-    /// Starts `mosquitto` (from PATH) on a free loopback port and waits for its
-    /// "running" log line.
+    /// Starts `mosquitto` (from PATH) on a free loopback port, without persistence, and
+    /// waits for its "running" log line.
     pub async fn start() -> Result<Self> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let dir = tempfile::tempdir()?;
-        let conf = dir.path().join("mosquitto.conf");
+        Self::start_on(IpAddr::from([127, 0, 0, 1]), false).await
+    }
+
+    /// Starts one listening on `addr` (a free port); with `persistence`, sessions, queued
+    /// messages and retained messages survive [`Self::kill`] + [`Self::restart`] (saved
+    /// after every change, so even SIGKILL loses nothing).
+    pub async fn start_on(addr: IpAddr, persistence: bool) -> Result<Self> {
+        let port = std::net::TcpListener::bind((addr, 0))?.local_addr()?.port();
+        let mut broker = Self {
+            child: None,
+            addr,
+            port,
+            persistence,
+            dir: tempfile::tempdir()?,
+        };
+        broker.restart().await?;
+        Ok(broker)
+    }
+
+    /// Starts the broker again on the same address and port (after [`Self::kill`]).
+    pub async fn restart(&mut self) -> Result<()> {
+        self.kill().await?;
+        let conf = self.dir.path().join("mosquitto.conf");
+        let persistence = if self.persistence {
+            format!(
+                "persistence true\npersistence_location {}/\nautosave_interval 1\nautosave_on_changes true\n",
+                self.dir.path().display()
+            )
+        } else {
+            "persistence false\n".to_owned()
+        };
         std::fs::write(
             &conf,
             format!(
-                "user root\nlistener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
+                "user root\nlistener {} {}\nallow_anonymous true\n{persistence}\
                  log_dest stderr\nlog_type error\nlog_type warning\nlog_type notice\nlog_type information\n\
                  max_packet_size {}\n",
+                self.port,
+                self.addr,
                 botfleet_protocol::MAX_PACKET_BYTES
             ),
         )?;
@@ -61,24 +93,39 @@ impl Mosquitto {
         }
         // Keep draining its log so it never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Ok(Self {
-            child,
-            port,
-            _dir: dir,
-        })
+        self.child = Some(child);
+        Ok(())
     }
 
     pub fn url(&self) -> String {
-        format!("mqtt://127.0.0.1:{}", self.port)
+        format!("mqtt://{}:{}", self.addr, self.port)
     }
 
     pub fn port(&self) -> u16 {
         self.port
     }
 
-    /// Kills the broker now (network fault tests).
+    /// Whether the next [`Self::restart`] keeps what the broker saved. Turning it off
+    /// also deletes what was saved: the broker comes back knowing nothing (no sessions, no
+    /// retained messages).
+    pub fn set_persistence(&mut self, on: bool) -> Result<()> {
+        self.persistence = on;
+        if !on {
+            for entry in std::fs::read_dir(self.dir.path())? {
+                let path = entry?.path();
+                if path.extension().is_some_and(|e| e == "db") {
+                    std::fs::remove_file(path)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Kills the broker now with SIGKILL (network fault tests); a no-op when not running.
     pub async fn kill(&mut self) -> Result<()> {
-        self.child.kill().await?;
+        if let Some(mut child) = self.child.take() {
+            child.kill().await?;
+        }
         Ok(())
     }
 }
