@@ -6,15 +6,28 @@
 //! gave them) and the idempotency keys of the requests that made them live here as JSON
 //! values, one row per rollout or key. A rollout is written before any device is
 //! commanded for it, so a restart never commands a device twice for the same step.
+//!
+//! Models (metadata and signed manifest; the artifact bytes stay content-addressed files)
+//! are keyed `{slot}/{version}`; devices (last status, info, telemetry, presence, operator
+//! labels) by device id. Tables a database lacks are created when it is opened, so a file
+//! written by an older server of this schema opens as it is.
 
 use std::path::{Path, PathBuf};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 
+use crate::devices::DeviceView;
+use crate::registry::StoredModel;
 use crate::rollouts::{IdempotencyKey, Remembered, Rollout};
 
-const ROLLOUTS: TableDefinition<&str, &[u8]> = TableDefinition::new("rollouts");
-const IDEMPOTENCY: TableDefinition<&str, &[u8]> = TableDefinition::new("idempotency_keys");
+type Table = TableDefinition<'static, &'static str, &'static [u8]>;
+
+const ROLLOUTS: Table = TableDefinition::new("rollouts");
+const IDEMPOTENCY: Table = TableDefinition::new("idempotency_keys");
+const MODELS: Table = TableDefinition::new("models");
+const DEVICES: Table = TableDefinition::new("devices");
 
 /// Why the database could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -70,10 +83,10 @@ impl Db {
             source: Box::new(e.into()),
         })?;
         let txn = db.begin_write().map_err(|e| storage("begin")(e.into()))?;
-        txn.open_table(ROLLOUTS)
-            .map_err(|e| storage("create table")(e.into()))?;
-        txn.open_table(IDEMPOTENCY)
-            .map_err(|e| storage("create table")(e.into()))?;
+        for table in [ROLLOUTS, IDEMPOTENCY, MODELS, DEVICES] {
+            txn.open_table(table)
+                .map_err(|e| storage("create table")(e.into()))?;
+        }
         txn.commit().map_err(|e| storage("commit")(e.into()))?;
         Ok(Self { db })
     }
@@ -148,6 +161,84 @@ impl Db {
         }
         txn.commit().map_err(|e| storage("commit")(e.into()))
     }
+
+    /// Every row of `table`, decoded.
+    fn rows<T: DeserializeOwned>(
+        &self,
+        table: Table,
+        name: &'static str,
+    ) -> Result<Vec<T>, DbError> {
+        let txn = self
+            .db
+            .begin_read()
+            .map_err(|e| storage("begin")(e.into()))?;
+        let opened = txn
+            .open_table(table)
+            .map_err(|e| storage("open")(e.into()))?;
+        let mut out = Vec::new();
+        for row in opened.iter().map_err(|e| storage("read")(e.into()))? {
+            let (key, value) = row.map_err(|e| storage("read")(e.into()))?;
+            let decoded =
+                serde_json::from_slice(value.value()).map_err(|source| DbError::Decode {
+                    table: name,
+                    key: key.value().to_owned(),
+                    source,
+                })?;
+            out.push(decoded);
+        }
+        Ok(out)
+    }
+
+    /// Writes `rows` (key, value) into `table` in one durable transaction.
+    fn put<'a, T: Serialize + 'a>(
+        &self,
+        table: Table,
+        rows: impl IntoIterator<Item = (String, &'a T)>,
+    ) -> Result<(), DbError> {
+        let txn = self
+            .db
+            .begin_write()
+            .map_err(|e| storage("begin")(e.into()))?;
+        {
+            let mut opened = txn
+                .open_table(table)
+                .map_err(|e| storage("open")(e.into()))?;
+            for (key, value) in rows {
+                let bytes = serde_json::to_vec(value).map_err(DbError::Encode)?;
+                opened
+                    .insert(key.as_str(), bytes.as_slice())
+                    .map_err(|e| storage("write")(e.into()))?;
+            }
+        }
+        txn.commit().map_err(|e| storage("commit")(e.into()))
+    }
+
+    /// Every model record.
+    pub fn load_models(&self) -> Result<Vec<StoredModel>, DbError> {
+        self.rows(MODELS, "models")
+    }
+
+    /// Stores a model record (durable when this returns).
+    pub fn save_model(&self, model: &StoredModel) -> Result<(), DbError> {
+        let key = format!("{}/{}", model.slot, model.version);
+        self.put(MODELS, [(key, model)])
+    }
+
+    /// Every device.
+    pub fn load_devices(&self) -> Result<Vec<DeviceView>, DbError> {
+        self.rows(DEVICES, "devices")
+    }
+
+    /// Stores devices in one transaction (durable when this returns).
+    pub fn save_devices(&self, devices: &[DeviceView]) -> Result<(), DbError> {
+        if devices.is_empty() {
+            return Ok(());
+        }
+        self.put(
+            DEVICES,
+            devices.iter().map(|d| (d.device_id.as_str().to_owned(), d)),
+        )
+    }
 }
 
 #[cfg(test)]
@@ -209,5 +300,23 @@ mod tests {
         assert!(back.devices[&device].commanded_at.is_some());
         assert_eq!(loaded.keys.len(), 1);
         assert_eq!(loaded.keys[0].0.as_str(), "run-1");
+    }
+
+    #[test]
+    fn a_database_without_the_model_and_device_tables_opens_and_gains_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("botfleet.redb");
+        {
+            // What a server before models and devices moved here left behind.
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            txn.open_table(ROLLOUTS).unwrap();
+            txn.open_table(IDEMPOTENCY).unwrap();
+            txn.commit().unwrap();
+        }
+        let db = Db::open(&path).unwrap();
+        assert!(db.load().unwrap().rollouts.is_empty());
+        assert!(db.load_models().unwrap().is_empty());
+        assert!(db.load_devices().unwrap().is_empty());
     }
 }

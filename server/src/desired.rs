@@ -39,6 +39,10 @@ pub enum DesiredError {
     Encode(#[source] serde_json::Error),
 }
 
+/// From this many documents on, [`DesiredStore::commit_all`] flushes them with one
+/// `syncfs` rather than one fsync each (which, for a few, would flush more than needed).
+const BATCH_FROM: usize = 16;
+
 /// Desired documents by device, mirrored on disk.
 #[derive(Debug)]
 pub struct DesiredStore {
@@ -128,6 +132,35 @@ impl DesiredStore {
         self.docs.insert(device.clone(), doc);
     }
 
+    /// Writes every document to disk (each atomically, flushed together), then remembers
+    /// them: what a wave of thousands of devices needs.
+    pub async fn commit_all(&mut self, docs: &[(DeviceId, Desired)]) -> Result<(), DesiredError> {
+        if docs.len() < BATCH_FROM {
+            for (device, doc) in docs {
+                self.commit(device, doc.clone()).await?;
+            }
+            return Ok(());
+        }
+        let mut files = Vec::with_capacity(docs.len());
+        for (device, doc) in docs {
+            let bytes = serde_json::to_vec_pretty(doc).map_err(DesiredError::Encode)?;
+            files.push((self.dir.join(format!("{device}.json")), bytes));
+        }
+        let dir = self.dir.clone();
+        tokio::task::spawn_blocking(move || files::write_many_atomic(&dir, &files, 0o640))
+            .await
+            .map_err(|join| io::Error::other(join.to_string()))
+            .and_then(|r| r)
+            .map_err(|source| DesiredError::Write {
+                path: self.dir.clone(),
+                source,
+            })?;
+        for (device, doc) in docs {
+            self.docs.insert(device.clone(), doc.clone());
+        }
+        Ok(())
+    }
+
     /// Writes `doc` for `device` to disk (atomically), then remembers it.
     pub async fn commit(&mut self, device: &DeviceId, doc: Desired) -> Result<(), DesiredError> {
         let bytes = serde_json::to_vec_pretty(&doc).map_err(DesiredError::Encode)?;
@@ -146,6 +179,10 @@ impl DesiredStore {
 
     pub fn iter(&self) -> impl Iterator<Item = (&DeviceId, &Desired)> {
         self.docs.iter()
+    }
+
+    pub fn get(&self, device: &DeviceId) -> Option<&Desired> {
+        self.docs.get(device)
     }
 }
 

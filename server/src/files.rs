@@ -60,6 +60,39 @@ pub fn write_atomic(dest: &Path, bytes: &[u8], mode: u32, replace: Replace) -> i
     result
 }
 
+/// Writes many files of one directory atomically, each with permission bits `mode`: every
+/// file is new-or-old, never half written. Instead of an fsync per file (about a
+/// millisecond each: ten seconds for ten thousand robots' desired documents) the data of all
+/// temp files is flushed with one `syncfs`, then they are renamed and the directory is
+/// flushed once.
+pub fn write_many_atomic(dir: &Path, files: &[(PathBuf, Vec<u8>)], mode: u32) -> io::Result<()> {
+    let mut temps = Vec::with_capacity(files.len());
+    let result = (|| {
+        for (dest, bytes) in files {
+            let temp = temp_path(dest)?;
+            let mut file = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(mode)
+                .open(&temp)?;
+            temps.push(temp);
+            file.write_all(bytes)?;
+        }
+        let dir_file = File::open(dir)?;
+        rustix::fs::syncfs(&dir_file)?;
+        for ((dest, _), temp) in files.iter().zip(&temps) {
+            std::fs::rename(temp, dest)?;
+        }
+        dir_file.sync_all()
+    })();
+    if result.is_err() {
+        for temp in &temps {
+            let _ = std::fs::remove_file(temp);
+        }
+    }
+    result
+}
+
 /// Flushes the directory entry of `path` (the rename) to disk.
 pub fn sync_dir(path: &Path) -> io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
@@ -103,6 +136,26 @@ mod tests {
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn many_files_are_written_and_replaced_with_no_temp_left() {
+        let dir = tempfile::tempdir().unwrap();
+        let files: Vec<(PathBuf, Vec<u8>)> = (0..20)
+            .map(|i| (dir.path().join(format!("{i}.json")), vec![b'a'; i]))
+            .collect();
+        write_many_atomic(dir.path(), &files, 0o640).unwrap();
+        let again: Vec<(PathBuf, Vec<u8>)> = files
+            .iter()
+            .map(|(p, _)| (p.clone(), b"new".to_vec()))
+            .collect();
+        write_many_atomic(dir.path(), &again, 0o640).unwrap();
+        for (path, _) in &again {
+            assert_eq!(std::fs::read(path).unwrap(), b"new");
+            let mode = std::fs::metadata(path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o640);
+        }
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 20);
     }
 
     #[test]

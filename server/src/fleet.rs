@@ -1,20 +1,52 @@
 //! The server's in-memory picture of the fleet: devices and rollouts, fed by the MQTT link,
 //! read by the HTTP API. Each part sits behind its own short-held lock.
+//!
+//! Changed devices are written to the database in batches ([`Fleet::run_device_writer`],
+//! every [`DEVICE_WRITE_EVERY`]): a busy fleet sends telemetry all the time, and one commit
+//! per message would spend the disk on fsyncs. An operator's label change is written before
+//! its answer ([`Fleet::save_devices`]), together with whatever else was pending.
 
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
 
 use botfleet_protocol::DeviceId;
 use jiff::Timestamp;
+use tokio_util::sync::CancellationToken;
 
-use crate::devices::Devices;
+use crate::changes::{Change, Changes};
+use crate::db::{Db, DbError};
+use crate::devices::{DeviceView, Devices, LabelChange, LabelChangeError};
+use crate::history::History;
 use crate::inbound::Inbound;
 use crate::rollouts::{Applied, Rollouts};
 
+/// How often changed devices are written to the database.
+pub const DEVICE_WRITE_EVERY: Duration = Duration::from_millis(250);
+
+/// Why an operator's label change (or a device write) did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum LabelError {
+    #[error(transparent)]
+    Refused(#[from] LabelChangeError),
+    #[error("the devices cannot be stored")]
+    Store(#[source] DbError),
+    #[error("a database task failed: {0}")]
+    Task(String),
+}
+
 /// Devices and rollouts.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Fleet {
     devices: Mutex<Devices>,
     rollouts: Mutex<Rollouts>,
+    /// Recent telemetry per device, for the dashboard's plots.
+    history: Mutex<History>,
+    /// Notices for live views (the dashboard's event stream).
+    pub changes: Changes,
+    db: Arc<Db>,
+    /// Held while dirty devices are taken and written, so an older batch never lands after a
+    /// newer one.
+    writing: tokio::sync::Mutex<()>,
 }
 
 /// Locks `m`; a panic elsewhere while holding it leaves plain data, still usable.
@@ -23,11 +55,15 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Fleet {
-    /// A fleet picture starting from rollouts loaded from the database.
-    pub fn with_rollouts(rollouts: Rollouts) -> Self {
+    /// A fleet picture starting from what the database held.
+    pub fn restore(rollouts: Rollouts, devices: Devices, db: Arc<Db>) -> Self {
         Self {
-            devices: Mutex::default(),
+            devices: Mutex::new(devices),
             rollouts: Mutex::new(rollouts),
+            history: Mutex::default(),
+            changes: Changes::default(),
+            db,
+            writing: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -39,15 +75,24 @@ impl Fleet {
         lock(&self.rollouts)
     }
 
+    pub fn history(&self) -> MutexGuard<'_, History> {
+        lock(&self.history)
+    }
+
     /// Folds one message from `device` in.
     pub fn apply(&self, device: &DeviceId, message: Inbound, now: Timestamp) {
+        // Events reach live views when the rollout they change is saved.
+        let device_changed = !matches!(message, Inbound::Event(_));
         match message {
             Inbound::Status(status) => {
                 self.rollouts().observe_status(device, &status);
                 self.devices().apply_status(device, status, now);
             }
             Inbound::Info(info) => self.devices().apply_info(device, info, now),
-            Inbound::Telemetry(t) => self.devices().apply_telemetry(device, *t, now),
+            Inbound::Telemetry(t) => {
+                self.history().record(device, &t, now);
+                self.devices().apply_telemetry(device, *t, now);
+            }
             Inbound::Event(event) => {
                 self.devices().touch(device, now);
                 let applied = self.rollouts().apply(&event);
@@ -65,6 +110,63 @@ impl Fleet {
                         "event not part of a known rollout; ignored"
                     ),
                 }
+            }
+        }
+        if device_changed {
+            self.changes.notify(Change::Device { id: device.clone() });
+        }
+    }
+
+    /// Writes every changed device to the database; durable when this returns.
+    pub async fn save_devices(&self) -> Result<usize, LabelError> {
+        let _writing = self.writing.lock().await;
+        let batch = self.devices().take_dirty();
+        if batch.is_empty() {
+            return Ok(0);
+        }
+        let db = self.db.clone();
+        let (result, batch) = tokio::task::spawn_blocking(move || (db.save_devices(&batch), batch))
+            .await
+            .map_err(|e| LabelError::Task(e.to_string()))?;
+        match result {
+            Ok(()) => Ok(batch.len()),
+            Err(err) => {
+                // Written next time; nothing is lost while the server runs.
+                self.devices()
+                    .mark_dirty(batch.into_iter().map(|d| d.device_id));
+                Err(LabelError::Store(err))
+            }
+        }
+    }
+
+    /// Changes a device's operator labels and stores them before answering.
+    pub async fn change_labels(
+        &self,
+        id: &DeviceId,
+        change: LabelChange,
+    ) -> Result<DeviceView, LabelError> {
+        let view = self.devices().change_labels(id, change)?;
+        self.changes.notify(Change::Device { id: id.clone() });
+        self.save_devices().await?;
+        tracing::info!(device = %id, labels = ?view.operator_labels, "operator labels set");
+        Ok(view)
+    }
+
+    /// Writes changed devices every [`DEVICE_WRITE_EVERY`] until cancelled, then once more.
+    pub async fn run_device_writer(&self, cancel: CancellationToken) {
+        let mut tick = tokio::time::interval(DEVICE_WRITE_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let stop = tokio::select! {
+                () = cancel.cancelled() => true,
+                _ = tick.tick() => false,
+            };
+            let pending = stop || self.devices().is_dirty();
+            if pending && let Err(err) = self.save_devices().await {
+                tracing::error!(error = %err, "devices not written to the database; retrying");
+            }
+            if stop {
+                return;
             }
         }
     }

@@ -1,11 +1,12 @@
-//! The model registry: signed model records and their artifacts, on disk.
+//! The model registry: signed model records and their artifacts.
 //!
 //! ```text
 //! {data_dir}/artifacts/{sha256}            the model bytes, content-addressed
-//! {data_dir}/models/{slot}/{version}.json  the record: metadata + signed manifest
+//! {data_dir}/botfleet.redb, table models   the record: metadata + signed manifest
 //! ```
-//! Every write is temp → fsync → rename, so a crash leaves the old state or the new one.
-//! All records are loaded at start; uploads are serialised at the commit step only, so two
+//! The artifact is written first (temp → fsync → rename), then the record is committed to
+//! the database; a crash in between leaves an unreferenced artifact, never a record without
+//! its bytes. All records are loaded at start; uploads are serialised at the commit step only, so two
 //! pipelines can upload at once while release numbers stay unique and monotonic per slot.
 
 use std::collections::BTreeMap;
@@ -21,6 +22,7 @@ use bytes::Bytes;
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
+use crate::db::{Db, DbError};
 use crate::files::{self, Replace};
 use crate::intake::{self, IntakeError, ModelMetadata, ModelVersion};
 
@@ -50,12 +52,8 @@ pub enum RegistryError {
         #[source]
         source: io::Error,
     },
-    #[error("model record {path} is not valid")]
-    Corrupt {
-        path: PathBuf,
-        #[source]
-        source: serde_json::Error,
-    },
+    #[error("the model records cannot be read or written")]
+    Db(#[from] DbError),
     #[error("cannot sign the manifest")]
     Sign(#[source] serde_json::Error),
     #[error("a model check task failed: {0}")]
@@ -71,7 +69,7 @@ fn io_err(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> Regist
     }
 }
 
-/// A model record as stored on disk.
+/// A model record as stored in the database.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StoredModel {
     pub slot: SlotName,
@@ -128,7 +126,7 @@ type Key = (SlotName, ModelVersion);
 #[derive(Debug)]
 pub struct Registry {
     artifacts: PathBuf,
-    models: PathBuf,
+    db: Arc<Db>,
     public_url: String,
     signer: Arc<ManifestSigner>,
     records: RwLock<BTreeMap<Key, StoredModel>>,
@@ -136,50 +134,31 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// Opens (or creates) the registry under `data_dir` and loads every record.
+    /// Opens (or creates) the artifact store under `data_dir` and loads every record from
+    /// the database.
     pub fn open(
         data_dir: &Path,
+        db: Arc<Db>,
         public_url: String,
         signer: Arc<ManifestSigner>,
     ) -> Result<Self, RegistryError> {
         let artifacts = data_dir.join("artifacts");
-        let models = data_dir.join("models");
-        for dir in [&artifacts, &models] {
-            files::create_dir(dir).map_err(io_err("create", dir))?;
-        }
+        files::create_dir(&artifacts).map_err(io_err("create", &artifacts))?;
         let stale = files::remove_stale_temps(&artifacts).map_err(io_err("clean", &artifacts))?;
         if stale > 0 {
             tracing::info!(stale, "removed unfinished artifact writes");
         }
         let mut records = BTreeMap::new();
-        for slot_dir in std::fs::read_dir(&models).map_err(io_err("read", &models))? {
-            let slot_dir = slot_dir.map_err(io_err("read", &models))?.path();
-            if !slot_dir.is_dir() {
-                continue;
+        for record in db.load_models()? {
+            if !artifacts.join(record.sha256.to_hex()).is_file() {
+                tracing::error!(slot = %record.slot, version = %record.version, sha256 = %record.sha256, "artifact missing; downloads of this model will fail");
             }
-            files::remove_stale_temps(&slot_dir).map_err(io_err("clean", &slot_dir))?;
-            for file in std::fs::read_dir(&slot_dir).map_err(io_err("read", &slot_dir))? {
-                let path = file.map_err(io_err("read", &slot_dir))?.path();
-                if path.extension().is_none_or(|e| e != "json") {
-                    tracing::warn!(path = %path.display(), "ignoring a file that is not a model record");
-                    continue;
-                }
-                let bytes = std::fs::read(&path).map_err(io_err("read", &path))?;
-                let record: StoredModel =
-                    serde_json::from_slice(&bytes).map_err(|source| RegistryError::Corrupt {
-                        path: path.clone(),
-                        source,
-                    })?;
-                if !artifacts.join(record.sha256.to_hex()).is_file() {
-                    tracing::error!(path = %path.display(), sha256 = %record.sha256, "artifact missing; downloads of this model will fail");
-                }
-                records.insert((record.slot.clone(), record.version.clone()), record);
-            }
+            records.insert((record.slot.clone(), record.version.clone()), record);
         }
         tracing::info!(models = records.len(), "model registry loaded");
         Ok(Self {
             artifacts,
-            models,
+            db,
             public_url,
             signer,
             records: RwLock::new(records),
@@ -198,6 +177,11 @@ impl Registry {
             artifact_url: self.artifact_url(&stored.sha256),
             stored: stored.clone(),
         }
+    }
+
+    /// The key that signs manifests and rollback orders.
+    pub fn signer(&self) -> &ManifestSigner {
+        &self.signer
     }
 
     pub fn artifact_url(&self, digest: &Sha256Digest) -> String {
@@ -314,17 +298,13 @@ impl Registry {
     /// Writes the artifact (unless the same bytes are there already), then the record.
     async fn write(&self, stored: &StoredModel, bytes: Bytes) -> Result<(), RegistryError> {
         let artifact = self.artifacts.join(stored.sha256.to_hex());
-        let slot_dir = self.models.join(stored.slot.as_str());
-        let record = slot_dir.join(format!("{}.json", stored.version));
-        let json = serde_json::to_vec_pretty(stored).map_err(RegistryError::Sign)?;
-        let (a, s, r) = (artifact.clone(), slot_dir.clone(), record.clone());
+        let (db, record) = (self.db.clone(), stored.clone());
         let result = tokio::task::spawn_blocking(move || {
-            if !a.is_file() {
-                files::write_atomic(&a, &bytes, 0o644, Replace::Allow)
-                    .map_err(io_err("write", &a))?;
+            if !artifact.is_file() {
+                files::write_atomic(&artifact, &bytes, 0o644, Replace::Allow)
+                    .map_err(io_err("write", &artifact))?;
             }
-            files::create_dir(&s).map_err(io_err("create", &s))?;
-            files::write_atomic(&r, &json, 0o644, Replace::Allow).map_err(io_err("write", &r))
+            db.save_model(&record).map_err(RegistryError::from)
         })
         .await;
         result.map_err(|e| RegistryError::Task(e.to_string()))?

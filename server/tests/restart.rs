@@ -129,3 +129,86 @@ async fn a_killed_server_resumes_its_rollout_without_commanding_anyone_twice() {
     }
     server.stop().await;
 }
+
+fn hello_info(labels: Value) -> Vec<u8> {
+    json!({"agent_version": "0.1.0", "hostname": "h", "arch": "x86_64", "cpu_cores": 2,
+           "memory_total_bytes": 1, "labels": labels})
+    .to_string()
+    .into_bytes()
+}
+
+fn presence(online: bool) -> Vec<u8> {
+    json!({"online": online, "agent_version": "0.1.0", "at": "2026-01-01T00:00:00Z"})
+        .to_string()
+        .into_bytes()
+}
+
+#[tokio::test]
+async fn models_devices_with_their_labels_and_presence_and_rollouts_survive_a_kill() {
+    let server = TestServer::start().await;
+    let record = server.upload_pnet("faces", "1.0.0").await;
+    for (id, online) in [("robot-1", true), ("robot-2", false)] {
+        let mut robot = MqttClient::connect(server.mqtt_addr(), id).await;
+        let info = hello_info(json!({"site": "lab"}));
+        robot.publish(&topic(id, TopicKind::Info), true, info).await;
+        let status = presence(online);
+        robot
+            .publish(&topic(id, TopicKind::Status), true, status)
+            .await;
+    }
+    server
+        .wait_for("/api/v1/devices", |v| {
+            v.as_array().is_some_and(|all| {
+                all.len() == 2 && all.iter().all(|d| d["reported_labels"]["site"] == "lab")
+            })
+        })
+        .await;
+    // The label change is stored before its answer, with every device change pending.
+    let response = server
+        .http
+        .put(server.url("/api/v1/devices/robot-1/labels"))
+        .json(&json!({"labels": {"ring": "canary"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let body = json!({"slot": "faces", "version": "1.0.0", "selector": "ring=canary"});
+    let (status, created) = server.rollout(&body, None).await;
+    assert_eq!(status, 202, "{created}");
+    assert_eq!(created["devices"], json!(["robot-1"]));
+    let (_, devices_before) = server.get("/api/v1/devices").await;
+    let dir = kill(server).await;
+
+    // The embedded broker died with the server: nothing retained can refill the registry,
+    // what shows now comes from the database.
+    let server = TestServer::start_in(dir).await;
+    let (_, models) = server.get("/api/v1/models").await;
+    assert_eq!(models.as_array().unwrap().len(), 1, "{models}");
+    assert_eq!(models[0]["signed_manifest"], record["signed_manifest"]);
+    let (_, again) = server.get("/api/v1/models/faces/1.0.0").await;
+    assert_eq!(again["sha256"], record["sha256"]);
+    let (_, devices) = server.get("/api/v1/devices").await;
+    assert_eq!(devices, devices_before);
+    let (_, one) = server.get("/api/v1/devices/robot-1").await;
+    assert_eq!(one["online"], true, "{one}");
+    assert_eq!(one["operator_labels"], json!({"ring": "canary"}));
+    assert_eq!(one["labels"], json!({"ring": "canary", "site": "lab"}));
+    let (_, two) = server.get("/api/v1/devices/robot-2").await;
+    assert_eq!(two["online"], false, "{two}");
+    let id = created["rollout_id"].as_str().unwrap();
+    let (status, rollout) = server.get(&format!("/api/v1/rollouts/{id}")).await;
+    assert_eq!(status, 200, "{rollout}");
+    assert!(rollout["devices"]["robot-1"].is_object(), "{rollout}");
+    // The restored labels still pick targets.
+    let (status, conflict) = server.rollout(&body, None).await;
+    assert_eq!(
+        status, 409,
+        "robot-1 is still owned by the live rollout: {conflict}"
+    );
+    // The artifact is still served.
+    let url = record["artifact_url"].as_str().unwrap();
+    let path = &url[url.find("/artifacts/").unwrap()..];
+    let bytes = server.http.get(server.url(path)).send().await.unwrap();
+    assert_eq!(bytes.status().as_u16(), 200);
+    server.stop().await;
+}

@@ -254,6 +254,50 @@ async fn an_offline_device_is_skipped_at_the_deadline_and_converges_when_it_retu
 }
 
 #[tokio::test]
+async fn a_device_that_returns_after_its_retained_desired_was_lost_gets_it_again() {
+    let fleet = Fleet::start(BrokerKind::Mosquitto).await.unwrap();
+    let agents = sims(&fleet, 1, OK).await;
+    let gone = sim(&fleet, "away", OK).await;
+    let away = gone.id.clone();
+    drop(gone);
+    let offline = tokio::time::timeout(WAIT, async {
+        loop {
+            let d = fleet.get(&format!("/api/v1/devices/{away}")).await;
+            if d.is_ok_and(|d| d["online"] == false) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(offline.is_ok());
+    push(&fleet, "1.0.0").await;
+    let mut targets = ids(&agents);
+    targets.push(away.clone());
+    let id = start(
+        &fleet,
+        json!({"slot": "faces", "version": "1.0.0", "devices": targets,
+        "strategy": {"deadline_s": 2}}),
+    )
+    .await;
+    wait_rollout(&fleet, &id, |v| v["state"] == "completed").await;
+
+    // The broker loses the retained document while the server stays connected (an
+    // empty retained message clears it), so the device finds nothing when it returns.
+    let topic = format!("{}/devices/{away}/desired", fleet.prefix);
+    botfleet_e2e::watch::publish_once(&fleet.mqtt_url, topic, Vec::new(), true)
+        .await
+        .unwrap();
+    let key = fleet.server.public_key();
+    let _back = SimAgent::start(&fleet.mqtt_url, &fleet.prefix, &away, &key, &[], OK)
+        .await
+        .unwrap();
+    // Its status shows no processed generation: the server publishes the document again.
+    wait_rollout(&fleet, &id, |v| v["devices"][&away]["outcome"] == "active").await;
+    fleet.server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
 async fn a_slow_device_times_out_while_online() {
     let fleet = Fleet::start(BrokerKind::Mosquitto).await.unwrap();
     let slow = sim(&fleet, "slow", Behaviour::Slow(Duration::from_secs(30))).await;

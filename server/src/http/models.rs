@@ -27,7 +27,7 @@ impl From<RegistryError> for ApiError {
                 StatusCode::CONFLICT
             }
             RegistryError::Io { .. }
-            | RegistryError::Corrupt { .. }
+            | RegistryError::Db(_)
             | RegistryError::Sign(_)
             | RegistryError::Task(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };

@@ -156,7 +156,10 @@ impl Rollouts {
                 if event.sha256 != rollout.model.sha256 || event.slot != rollout.model.slot {
                     Applied::OtherArtifact
                 } else if let Some(run) = rollout.devices.get_mut(&event.device) {
-                    if run.progress.apply(event.at, &event.stage) {
+                    if run
+                        .progress
+                        .record(event.id.as_ref(), event.at, &event.stage)
+                    {
                         // A device heard from after its deadline converges after all.
                         if matches!(run.mark, Some(Mark::TimedOut | Mark::Skipped)) {
                             run.mark = None;

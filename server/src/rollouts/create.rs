@@ -14,6 +14,7 @@ use crate::db::{Db, DbError};
 use crate::desired::{DesiredError, DesiredStore};
 use crate::fleet::Fleet;
 use crate::intake::{IntakeError, ModelVersion};
+use crate::keys;
 use crate::link::{self, PublishError, Publisher};
 use crate::registry::Registry;
 use crate::rollouts::{
@@ -254,21 +255,35 @@ impl RolloutService {
                             (device, Some(model))
                         }
                         Action::Rollback(device) => {
-                            // The robot keeps its previous model: it swaps back, no download.
-                            commands.push((
-                                device.clone(),
-                                Command {
-                                    command_id: CommandId::new(format!("rollback-{id}"))?,
-                                    kind: CommandKind::Rollback {
-                                        slot: slot.clone(),
-                                        reason: Some(format!("rollout {id} rolled back")),
-                                    },
-                                },
-                            ));
                             let previous = rollout
                                 .devices
                                 .get(&device)
                                 .and_then(|r| r.previous.clone());
+                            // The robot keeps its previous model: it swaps back, no download,
+                            // on a signed order naming that model.
+                            match &previous {
+                                Some(to) => match keys::rollback_order(
+                                    self.registry.signer(),
+                                    &device,
+                                    &to.manifest,
+                                    format!("rollout {id} rolled back"),
+                                    Timestamp::now(),
+                                ) {
+                                    Ok(order) => commands.push((
+                                        device.clone(),
+                                        Command {
+                                            command_id: CommandId::new(format!("rollback-{id}"))?,
+                                            kind: CommandKind::SignedRollback { order },
+                                        },
+                                    )),
+                                    Err(err) => {
+                                        tracing::error!(%device, error = %err, "no rollback order signed");
+                                    }
+                                },
+                                None => {
+                                    tracing::info!(%device, %slot, "no previous model to roll back to");
+                                }
+                            }
                             (device, previous)
                         }
                         Action::Restore(device) => {
@@ -292,8 +307,9 @@ impl RolloutService {
             self.publisher.publish_command(&device, &command).await?;
             tracing::info!(%device, command = %command.command_id, "rollback command published");
         }
+        // Durable first, all at once (a wave may be thousands), then published.
+        desired.commit_all(&docs).await?;
         for (device, doc) in docs {
-            desired.commit(&device, doc.clone()).await?;
             self.publisher.publish_desired(&device, &doc).await?;
             tracing::debug!(%device, generation = doc.generation, "desired state published");
         }
@@ -320,6 +336,7 @@ impl RolloutService {
     /// Writes every changed rollout and key to the database.
     pub async fn save(&self) -> Result<(), CreateError> {
         let (rollouts, keys) = self.fleet.rollouts().take_dirty();
+        self.fleet.changes.rollouts(rollouts.iter().map(|r| &r.id));
         if rollouts.is_empty() && keys.is_empty() {
             return Ok(());
         }
@@ -328,6 +345,26 @@ impl RolloutService {
             .await
             .map_err(|join| CreateError::DbTask(join.to_string()))??;
         Ok(())
+    }
+
+    /// Publishes `device`'s desired document again when the device came back having
+    /// processed an older generation (or none): its retained copy may be gone (a broker
+    /// that lost it while this server stayed connected, a cleared retained message).
+    /// `true` when it was published.
+    pub async fn republish_if_behind(
+        &self,
+        device: &DeviceId,
+        processed: Option<u64>,
+    ) -> Result<bool, PublishError> {
+        let desired = self.desired.lock().await;
+        let Some(doc) = desired.get(device) else {
+            return Ok(false);
+        };
+        if processed.is_some_and(|generation| generation >= doc.generation) {
+            return Ok(false);
+        }
+        self.publisher.publish_desired(device, doc).await?;
+        Ok(true)
     }
 
     /// Publishes every device's desired document again (after a reconnect: a broker without

@@ -4,6 +4,7 @@
 //! stage order), the latest one decides the outcome, and an event seen twice (QoS 1
 //! redelivery) changes nothing.
 
+use botfleet_protocol::EventId;
 use botfleet_protocol::messages::{BenchReport, RejectReason, Stage};
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
@@ -87,6 +88,10 @@ pub struct ProgressView {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct DeviceProgress {
     events: Vec<(Timestamp, Stage)>,
+    /// Ids of the events recorded (newest last, as many as events are kept): a replay from
+    /// the agent's outbox carries the id it had the first time.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    ids: Vec<EventId>,
 }
 
 /// Order of stages within one instant: a later stage wins a tie.
@@ -106,10 +111,25 @@ fn rank(stage: &Stage) -> u8 {
 }
 
 impl DeviceProgress {
-    /// Records one event; `false` when it was already recorded.
+    /// Records one event without an id; `false` when it was already recorded.
+    #[cfg(test)]
     pub fn apply(&mut self, at: Timestamp, stage: &Stage) -> bool {
-        if self.events.iter().any(|(t, s)| *t == at && s == stage) {
+        self.record(None, at, stage)
+    }
+
+    /// Records one event, known by its id when it has one (agents since the outbox send
+    /// one) and otherwise by its time and stage; `false` when it was already recorded.
+    pub fn record(&mut self, id: Option<&EventId>, at: Timestamp, stage: &Stage) -> bool {
+        if id.is_some_and(|id| self.ids.contains(id))
+            || self.events.iter().any(|(t, s)| *t == at && s == stage)
+        {
             return false;
+        }
+        if let Some(id) = id {
+            self.ids.push(id.clone());
+            if self.ids.len() > MAX_HISTORY {
+                self.ids.remove(0);
+            }
         }
         let key = (at, rank(stage));
         let pos = self.events.partition_point(|(t, s)| (*t, rank(s)) <= key);
@@ -192,6 +212,16 @@ mod tests {
             peak_rss_bytes: None,
             passed: true,
         })
+    }
+
+    #[test]
+    fn an_event_replayed_with_its_id_is_a_duplicate_even_with_another_time() {
+        let mut p = DeviceProgress::default();
+        let id = EventId::new("e-1").unwrap();
+        assert!(p.record(Some(&id), t(1), &bench(2.0)));
+        assert!(!p.record(Some(&id), t(2), &bench(2.0)));
+        assert!(p.record(Some(&EventId::new("e-2").unwrap()), t(2), &bench(2.0)));
+        assert_eq!(p.view().history.len(), 2);
     }
 
     #[test]

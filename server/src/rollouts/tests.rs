@@ -29,6 +29,7 @@ fn t(s: i64) -> Timestamp {
 
 fn event(device: &str, rollout: Option<&str>, at: i64, stage: Stage) -> Event {
     Event {
+        id: None,
         device: dev(device),
         rollout_id: rollout.map(rid),
         slot: model().slot,
