@@ -1,6 +1,7 @@
 //! The command line: `serve` runs the server; the other commands manage keys or drive a
-//! running server through its REST API and print its JSON answers.
+//! running server through its REST API and print its answers (`--output json`: as is).
 
+use std::io::IsTerminal as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -11,6 +12,7 @@ use serde_json::{Value, json};
 use crate::client::{ApiClient, ClientError, PushMetadata};
 use crate::config::{Config, ConfigError, DEFAULT_TOML};
 use crate::keys::{self, KeyFileError};
+use crate::progress::Shown;
 
 /// botfleet control plane: model intake and signing, artifact serving, rollouts over MQTT.
 #[derive(Debug, Parser)]
@@ -58,6 +60,16 @@ pub enum Command {
 pub enum DeviceCommand {
     /// List devices: presence, status, info, telemetry.
     List(ServerArg),
+    /// Set (`key=value`) or remove (`key-`) operator labels; the operator's win over the
+    /// labels the device reports.
+    Label {
+        id: String,
+        /// `key=value` to set, `key-` to remove.
+        #[arg(required = true)]
+        edits: Vec<String>,
+        #[command(flatten)]
+        server: ServerArg,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -81,6 +93,34 @@ pub struct ServerArg {
     /// Base URL of the server's API.
     #[arg(long, env = "BOTFLEET_SERVER", default_value = "http://127.0.0.1:8080")]
     pub server: String,
+    /// API token (`[auth]` in the server's config); needed when the server has tokens.
+    #[arg(long, env = "BOTFLEET_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// `text` for people, `json` (the API's answer as is) for scripts.
+    #[arg(long, value_enum, default_value_t = Output::Text)]
+    pub output: Output,
+}
+
+/// How a command prints its answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    Text,
+    Json,
+}
+
+impl ServerArg {
+    fn client(&self) -> Result<ApiClient, ClientError> {
+        let mut client = ApiClient::new(&self.server, self.token.as_deref())?;
+        client.progress = self.output == Output::Text && std::io::stderr().is_terminal();
+        Ok(client)
+    }
+
+    fn show(&self, shown: Shown, value: &Value) {
+        match self.output {
+            Output::Json => print_json(value),
+            Output::Text => print_line(&crate::progress::text(shown, value)),
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -171,6 +211,9 @@ pub enum RolloutCommand {
     /// Show a rollout's progress per device.
     Status {
         id: String,
+        /// Follow it live (a progress bar per wave) until it is no longer in progress.
+        #[arg(long)]
+        watch: bool,
         #[command(flatten)]
         server: ServerArg,
     },
@@ -189,6 +232,8 @@ pub enum CliError {
     Key(#[from] KeyFileError),
     #[error(transparent)]
     Client(#[from] ClientError),
+    #[error(transparent)]
+    Labels(#[from] crate::labels::LabelError),
 }
 
 /// Resolves when SIGINT or SIGTERM arrives.
@@ -217,10 +262,14 @@ pub async fn shutdown_signal() {
 }
 
 fn print_json(value: &Value) {
-    match serde_json::to_string_pretty(value) {
-        Ok(text) => println!("{text}"),
-        Err(_) => println!("{value}"),
-    }
+    let text = serde_json::to_string_pretty(value).unwrap_or_else(|_| value.to_string());
+    print_line(&text);
+}
+
+/// Prints to stdout; a closed pipe (`| head`) is not an error worth a panic.
+fn print_line(text: &str) {
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stdout().lock(), "{text}");
 }
 
 /// The config `serve` runs with: file (or defaults), then flags.
@@ -281,17 +330,15 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                 inputs,
             }
             .build()?;
-            print_json(
-                &ApiClient::new(&server.server)?
-                    .push_model(&file, &meta)
-                    .await?,
+            server.show(
+                Shown::Other,
+                &server.client()?.push_model(&file, &meta).await?,
             );
         }
         Command::Model(ModelCommand::List(server)) => {
-            print_json(
-                &ApiClient::new(&server.server)?
-                    .get("/api/v1/models")
-                    .await?,
+            server.show(
+                Shown::Models,
+                &server.client()?.get("/api/v1/models").await?,
             );
         }
         Command::Rollout(RolloutCommand::Create {
@@ -319,22 +366,29 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             if supersede {
                 body["supersede"] = json!(true);
             }
-            let client = ApiClient::new(&server.server)?;
-            print_json(
-                &client
-                    .create_rollout(&body, idempotency_key.as_deref())
-                    .await?,
-            );
+            let client = server.client()?;
+            let created = client
+                .create_rollout(&body, idempotency_key.as_deref())
+                .await?;
+            server.show(Shown::Other, &created);
         }
-        Command::Rollout(RolloutCommand::Status { id, server }) => {
-            let path = format!("/api/v1/rollouts/{id}");
-            print_json(&ApiClient::new(&server.server)?.get(&path).await?);
+        Command::Rollout(RolloutCommand::Status { id, watch, server }) => {
+            let client = server.client()?;
+            if watch {
+                let json = server.output == Output::Json;
+                let last = crate::progress::watch(&client, &id, json).await?;
+                if !json {
+                    server.show(Shown::Rollout, &last);
+                }
+            } else {
+                let path = format!("/api/v1/rollouts/{id}");
+                server.show(Shown::Rollout, &client.get(&path).await?);
+            }
         }
         Command::Rollout(RolloutCommand::List(server)) => {
-            print_json(
-                &ApiClient::new(&server.server)?
-                    .get("/api/v1/rollouts")
-                    .await?,
+            server.show(
+                Shown::Rollouts,
+                &server.client()?.get("/api/v1/rollouts").await?,
             );
         }
         Command::Rollout(
@@ -351,13 +405,18 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                 _ => return Ok(()),
             };
             let path = format!("/api/v1/rollouts/{id}/{verb}");
-            print_json(&ApiClient::new(&server.server)?.post(&path).await?);
+            server.show(Shown::Rollout, &server.client()?.post(&path).await?);
+        }
+        Command::Device(DeviceCommand::Label { id, edits, server }) => {
+            let patch = crate::labels::LabelPatch::parse_args(&edits)?;
+            let path = format!("/api/v1/devices/{id}/labels");
+            let body = json!({"set": patch.set, "remove": patch.remove});
+            server.show(Shown::Other, &server.client()?.patch(&path, &body).await?);
         }
         Command::Devices(server) | Command::Device(DeviceCommand::List(server)) => {
-            print_json(
-                &ApiClient::new(&server.server)?
-                    .get("/api/v1/devices")
-                    .await?,
+            server.show(
+                Shown::Devices,
+                &server.client()?.get("/api/v1/devices").await?,
             );
         }
     }
@@ -420,6 +479,25 @@ mod tests {
             "--supersede",
         ]);
         assert!(cli.is_ok());
+    }
+
+    #[test]
+    fn device_label_takes_edits_and_needs_at_least_one() {
+        let cli = Cli::try_parse_from([
+            "botfleet-server",
+            "device",
+            "label",
+            "r1",
+            "ring=canary",
+            "old-",
+        ])
+        .unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Device(DeviceCommand::Label { ref id, ref edits, .. })
+                if id == "r1" && edits.len() == 2
+        ));
+        assert!(Cli::try_parse_from(["botfleet-server", "device", "label", "r1"]).is_err());
     }
 
     #[test]

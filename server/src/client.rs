@@ -31,15 +31,25 @@ pub enum ClientError {
     Input(String),
     #[error("cannot set up the HTTP client")]
     Setup(#[source] reqwest::Error),
-    #[error("request to {url} failed")]
+    #[error(
+        "cannot reach {url}; is botfleet-server running there? (set --server or BOTFLEET_SERVER)"
+    )]
     Http {
         url: String,
         #[source]
         source: reqwest::Error,
     },
-    /// The server's own one-line error.
-    #[error("{message} (HTTP {status})")]
+    /// The server's own one-line error, and what to do about it where that is clear.
+    #[error("{message} (HTTP {status}){}", hint(*status))]
     Server { status: StatusCode, message: String },
+}
+
+fn hint(status: StatusCode) -> &'static str {
+    match status {
+        StatusCode::UNAUTHORIZED => "; pass --token or set BOTFLEET_TOKEN",
+        StatusCode::FORBIDDEN => "; use a token with the operator role",
+        _ => "",
+    }
 }
 
 /// Parses `NAME:DATATYPE:DxDxD` (the name may itself contain ':').
@@ -128,10 +138,14 @@ impl PushMetadata {
 pub struct ApiClient {
     http: reqwest::Client,
     base: String,
+    /// Sent as `Authorization: Bearer`; never printed.
+    token: Option<String>,
+    /// Draw progress bars on stderr.
+    pub progress: bool,
 }
 
 impl ApiClient {
-    pub fn new(base: &str) -> Result<Self, ClientError> {
+    pub fn new(base: &str, token: Option<&str>) -> Result<Self, ClientError> {
         let http = reqwest::Client::builder()
             .user_agent(concat!("botfleet-server-cli/", env!("CARGO_PKG_VERSION")))
             .build()
@@ -139,6 +153,8 @@ impl ApiClient {
         Ok(Self {
             http,
             base: base.trim_end_matches('/').to_owned(),
+            token: token.filter(|t| !t.is_empty()).map(str::to_owned),
+            progress: false,
         })
     }
 
@@ -150,6 +166,10 @@ impl ApiClient {
         let http = |source| ClientError::Http {
             url: url.clone(),
             source,
+        };
+        let request = match &self.token {
+            Some(token) => request.bearer_auth(token),
+            None => request,
         };
         let response = request.send().await.map_err(http)?;
         let status = response.status();
@@ -175,6 +195,13 @@ impl ApiClient {
         self.send(url.clone(), self.http.post(&url)).await
     }
 
+    /// `PATCH` with a JSON body (label edits).
+    pub async fn patch(&self, path: &str, body: &Value) -> Result<Value, ClientError> {
+        let url = self.url(path);
+        self.send(url.clone(), self.http.patch(&url).json(body))
+            .await
+    }
+
     pub async fn push_model(&self, file: &Path, metadata: &Value) -> Result<Value, ClientError> {
         let bytes = tokio::fs::read(file)
             .await
@@ -186,12 +213,18 @@ impl ApiClient {
             || "model.onnx".to_owned(),
             |n| n.to_string_lossy().into_owned(),
         );
-        let form = Form::new()
-            .text("metadata", metadata.to_string())
-            .part("model", Part::bytes(bytes).file_name(file_name));
+        let length = bytes.len() as u64;
+        let (body, bar) = crate::progress::upload_body(bytes, self.progress);
+        let form = Form::new().text("metadata", metadata.to_string()).part(
+            "model",
+            Part::stream_with_length(body, length).file_name(file_name),
+        );
         let url = self.url("/api/v1/models");
-        self.send(url.clone(), self.http.post(&url).multipart(form))
-            .await
+        let answer = self
+            .send(url.clone(), self.http.post(&url).multipart(form))
+            .await;
+        bar.finish_and_clear();
+        answer
     }
 
     pub async fn create_rollout(

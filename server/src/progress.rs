@@ -1,0 +1,259 @@
+//! What the CLI shows a person: per-wave progress bars for `rollout status --watch`, an
+//! upload bar for `model push`, and short text views of the API's JSON (`--output json`
+//! prints the JSON itself, for scripts).
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde_json::Value;
+
+use crate::client::{ApiClient, ClientError};
+
+/// How often `--watch` looks again.
+const WATCH_EVERY: Duration = Duration::from_millis(500);
+/// Upload chunk: the bar moves as each is sent.
+const CHUNK: usize = 64 * 1024;
+
+/// Outcomes that end a device's part in a rollout.
+const TERMINAL: [&str; 9] = [
+    "active",
+    "rejected",
+    "failed",
+    "timed_out",
+    "skipped",
+    "aborted",
+    "superseded",
+    "rolled_back",
+    "rolling_back",
+];
+
+fn style(template: &str) -> ProgressStyle {
+    ProgressStyle::with_template(template).unwrap_or_else(|_| ProgressStyle::default_bar())
+}
+
+/// The file's bytes as a stream that moves `bar` as reqwest sends them.
+pub fn upload_body(bytes: Vec<u8>, show: bool) -> (reqwest::Body, ProgressBar) {
+    let bar = if show {
+        ProgressBar::with_draw_target(Some(bytes.len() as u64), ProgressDrawTarget::stderr())
+    } else {
+        ProgressBar::hidden()
+    };
+    bar.set_style(style(
+        "upload {bar:40} {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec}",
+    ));
+    let chunks: Vec<Bytes> = Bytes::from(bytes)
+        .chunks(CHUNK)
+        .map(Bytes::copy_from_slice)
+        .collect();
+    let counted = bar.clone();
+    let stream = futures_util::stream::iter(chunks.into_iter().map(move |chunk| {
+        counted.inc(chunk.len() as u64);
+        Ok::<Bytes, std::io::Error>(chunk)
+    }));
+    (reqwest::Body::wrap_stream(stream), bar)
+}
+
+/// Counts of a wave's devices by where they stand.
+fn wave_counts(view: &Value, wave: u64) -> (u64, u64, String) {
+    let mut by: std::collections::BTreeMap<String, u64> = Default::default();
+    let (mut total, mut done) = (0, 0);
+    for device in view["devices"]
+        .as_object()
+        .into_iter()
+        .flat_map(|d| d.values())
+    {
+        if device["wave"].as_u64() != Some(wave) {
+            continue;
+        }
+        total += 1;
+        let outcome = device["outcome"].as_str().unwrap_or("pending");
+        if TERMINAL.contains(&outcome) {
+            done += 1;
+        }
+        let stage = match (outcome, device["stage"].as_str()) {
+            ("in_progress", Some("loaded" | "benchmarked")) => "benchmarking",
+            ("in_progress", _) => "downloading",
+            (other, _) => other,
+        };
+        *by.entry(stage.to_owned()).or_default() += 1;
+    }
+    let words: Vec<String> = by.iter().map(|(k, n)| format!("{k} {n}")).collect();
+    (total, done, words.join(" · "))
+}
+
+/// Follows a rollout until it is no longer live: one bar per wave (or one JSON line per
+/// change with `json`).
+pub async fn watch(client: &ApiClient, id: &str, json: bool) -> Result<Value, ClientError> {
+    let path = format!("/api/v1/rollouts/{id}");
+    let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
+    let mut bars: Vec<ProgressBar> = Vec::new();
+    let header = multi.add(ProgressBar::new_spinner());
+    header.set_style(style("{msg}"));
+    let mut last = Value::Null;
+    loop {
+        let view = client.get(&path).await?;
+        if json {
+            if view != last {
+                println!("{view}");
+            }
+        } else {
+            let waves = view["waves"].as_u64().unwrap_or(0);
+            while (bars.len() as u64) < waves {
+                let bar = multi.add(ProgressBar::new(0));
+                bar.set_style(style("wave {prefix:>2} {bar:30} {pos}/{len} {msg}"));
+                bar.set_prefix((bars.len() + 1).to_string());
+                bars.push(bar);
+            }
+            header.set_message(format!(
+                "rollout {id}: {} {} · {} · wave {} of {waves}",
+                view["slot"].as_str().unwrap_or(""),
+                view["version"].as_str().unwrap_or(""),
+                view["state"].as_str().unwrap_or(""),
+                view["wave"].as_u64().unwrap_or(0) + 1,
+            ));
+            for (wave, bar) in bars.iter().enumerate() {
+                let (total, done, words) = wave_counts(&view, wave as u64);
+                bar.set_length(total);
+                bar.set_position(done);
+                bar.set_message(words);
+            }
+        }
+        let live = matches!(view["state"].as_str(), Some("in_progress" | "paused"));
+        if !live {
+            for bar in &bars {
+                bar.finish();
+            }
+            header.finish();
+            return Ok(view);
+        }
+        last = view;
+        tokio::time::sleep(WATCH_EVERY).await;
+    }
+}
+
+fn s<'a>(v: &'a Value, key: &str) -> &'a str {
+    v[key].as_str().unwrap_or("-")
+}
+
+/// A short text view of an API answer; `what` names the command's kind of answer.
+pub fn text(what: Shown, v: &Value) -> String {
+    let rows = v.as_array().cloned().unwrap_or_default();
+    let mut out = String::new();
+    match what {
+        Shown::Models => {
+            for m in rows {
+                out += &format!(
+                    "{:<16} {:<24} {:<10} release {:<4} {:>10} B  {:<12} key {}\n",
+                    s(&m, "slot"),
+                    s(&m, "name"),
+                    s(&m, "version"),
+                    m["release"],
+                    m["size"],
+                    s(&m, "quantization"),
+                    s(&m, "key_id")
+                );
+            }
+        }
+        Shown::Rollouts => {
+            for r in rows {
+                out += &format!(
+                    "{:<16} {:<12} {:<10} {:<12} wave {}/{}  active {}\n",
+                    s(&r, "rollout_id"),
+                    s(&r, "slot"),
+                    s(&r, "version"),
+                    s(&r, "state"),
+                    r["wave"].as_u64().unwrap_or(0) + 1,
+                    r["waves"],
+                    r["summary"]["active"]
+                );
+            }
+        }
+        Shown::Devices => {
+            for d in rows {
+                let presence = if d["online"] == true {
+                    "online"
+                } else {
+                    "offline"
+                };
+                let labels: Vec<String> = d["labels"]
+                    .as_object()
+                    .into_iter()
+                    .flatten()
+                    .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
+                    .collect();
+                out += &format!(
+                    "{:<24} {:<8} last seen {:<28} {}\n",
+                    s(&d, "device_id"),
+                    presence,
+                    s(&d, "last_seen"),
+                    labels.join(",")
+                );
+            }
+        }
+        Shown::Rollout => {
+            out += &format!(
+                "rollout {}: {} {} is {} (wave {} of {})\n",
+                s(v, "rollout_id"),
+                s(v, "slot"),
+                s(v, "version"),
+                s(v, "state"),
+                v["wave"].as_u64().unwrap_or(0) + 1,
+                v["waves"]
+            );
+            for (device, p) in v["devices"].as_object().into_iter().flatten() {
+                out += &format!(
+                    "  {device:<24} wave {} {:<12} {}\n",
+                    p["wave"].as_u64().unwrap_or(0) + 1,
+                    s(p, "outcome"),
+                    p["message"].as_str().unwrap_or("")
+                );
+            }
+        }
+        Shown::Other => out = serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string()),
+    }
+    out.trim_end().to_owned()
+}
+
+/// Which view `text` draws.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shown {
+    Models,
+    Rollouts,
+    Rollout,
+    Devices,
+    Other,
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn a_wave_counts_its_devices_by_stage() {
+        let view = json!({"devices": {
+            "a": {"wave": 0, "outcome": "active"},
+            "b": {"wave": 1, "outcome": "in_progress", "stage": "benchmarked"},
+            "c": {"wave": 1, "outcome": "in_progress", "stage": "downloading"},
+            "d": {"wave": 1, "outcome": "failed"},
+        }});
+        assert_eq!(wave_counts(&view, 0), (1, 1, "active 1".to_owned()));
+        assert_eq!(
+            wave_counts(&view, 1),
+            (3, 1, "benchmarking 1 · downloading 1 · failed 1".to_owned())
+        );
+    }
+
+    #[test]
+    fn a_rollout_reads_as_one_line_per_device() {
+        let view = json!({"rollout_id": "r-1", "slot": "faces", "version": "1.0.0",
+            "state": "paused", "wave": 0, "waves": 2,
+            "devices": {"robot-1": {"wave": 0, "outcome": "active"}}});
+        let shown = text(Shown::Rollout, &view);
+        assert!(shown.starts_with("rollout r-1: faces 1.0.0 is paused (wave 1 of 2)"));
+        assert!(shown.contains("robot-1"));
+    }
+}
