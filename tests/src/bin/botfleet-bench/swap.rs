@@ -1,0 +1,172 @@
+//! Hot swap under load: a client at a fixed rate on one slot (open loop: each request is
+//! timed from when it was due, so a stall shows as latency) while the slot's model is
+//! reloaded and swapped between the float and INT8 fixture, as the agent does after a
+//! rollout (load on a blocking thread, then one pointer swap).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use botfleet_agent::bench::local_serving;
+use botfleet_agent::slots::Slots;
+use botfleet_engine::Model;
+use botfleet_protocol::SlotName;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+use crate::fixtures::Fixture;
+use crate::serving::{bodies, post, serve};
+use crate::stats::Summary;
+
+/// One answered (or failed) request: when it was due, its latency, the version that answered.
+struct Answer {
+    due: Instant,
+    done: Instant,
+    version: Option<String>,
+}
+
+/// Median of a few in-process runs of `f`.
+pub fn one_run(f: &Fixture) -> Result<Duration> {
+    let mut times = Vec::new();
+    for _ in 0..7 {
+        let input = f.input.clone();
+        let t = Instant::now();
+        f.model.run(input)?;
+        times.push(t.elapsed());
+    }
+    times.sort();
+    Ok(times[3])
+}
+
+pub async fn run(
+    float: &Fixture,
+    int8: &Fixture,
+    swaps: usize,
+    rate: f64,
+    steady: Duration,
+) -> Result<Value> {
+    let slot = SlotName::new("bench")?;
+    let slots = Arc::new(Slots::default());
+    slots.swap(
+        &slot,
+        Arc::new(local_serving(
+            slot.clone(),
+            float.model.clone(),
+            &float.bytes,
+            "float-0",
+        )?),
+    );
+    let url = format!("{}/v2/models/bench/infer", serve(Arc::clone(&slots)).await?);
+    let b = Arc::new(bodies(&float.input)?);
+    let http = reqwest::Client::new();
+    for _ in 0..5 {
+        post(&http, &url, &b.binary, Some(b.header_len))
+            .await?
+            .bytes()
+            .await?;
+    }
+
+    let (tx, mut rx) = mpsc::unbounded_channel::<Answer>();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let client = {
+        let (stop, url, b, http) = (stop.clone(), url.clone(), Arc::clone(&b), http.clone());
+        tokio::spawn(async move {
+            let period = Duration::from_secs_f64(1.0 / rate);
+            let mut ticks = tokio::time::interval(period);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    due = ticks.tick() => {
+                        let (tx, url, b, http) = (tx.clone(), url.clone(), Arc::clone(&b), http.clone());
+                        tokio::spawn(async move {
+                            let version = async {
+                                let r = post(&http, &url, &b.binary, Some(b.header_len)).await?;
+                                let len: usize = r.headers().get("inference-header-content-length")
+                                    .and_then(|v| v.to_str().ok()?.parse().ok()).context("no header length")?;
+                                let body = r.bytes().await?;
+                                let head: Value = serde_json::from_slice(&body[..len.min(body.len())])?;
+                                Ok::<_, anyhow::Error>(head["model_version"].as_str().unwrap_or_default().to_owned())
+                            }.await.ok();
+                            let _ = tx.send(Answer { due: due.into_std(), done: Instant::now(), version });
+                        });
+                    }
+                }
+            }
+        })
+    };
+
+    tokio::time::sleep(steady).await;
+    let swaps_started = Instant::now();
+    let mut swap_at = Vec::with_capacity(swaps);
+    let mut load_ms = Vec::with_capacity(swaps);
+    let mut swap_us = Vec::with_capacity(swaps);
+    for i in 1..=swaps {
+        let (f, kind) = if i % 2 == 1 {
+            (int8, "int8")
+        } else {
+            (float, "float")
+        };
+        let (bytes, specs) = (f.bytes.clone(), f.specs.clone());
+        let t = Instant::now();
+        let model = tokio::task::spawn_blocking(move || Model::load(&bytes, &specs)).await??;
+        load_ms.push(t.elapsed().as_secs_f64() * 1e3);
+        let version = format!("{kind}-{i}");
+        let serving = local_serving(slot.clone(), model, &f.bytes, &version)?;
+        let serving = Arc::new(serving);
+        let t = Instant::now();
+        slots.swap(&slot, serving);
+        swap_us.push(t.elapsed().as_secs_f64() * 1e6);
+        swap_at.push((Instant::now(), version));
+    }
+    let swaps_ended = Instant::now();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.cancel();
+    client.await?;
+    // Let the last requests finish.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut answers = Vec::new();
+    while let Ok(a) = rx.try_recv() {
+        answers.push(a);
+    }
+    let failed = answers.iter().filter(|a| a.version.is_none()).count();
+    let latency = |a: &Answer| (a.done - a.due).as_secs_f64() * 1e3;
+    let steady_ms: Vec<f64> = answers
+        .iter()
+        .filter(|a| a.due < swaps_started)
+        .map(latency)
+        .collect();
+    let during_ms: Vec<f64> = answers
+        .iter()
+        .filter(|a| a.due >= swaps_started && a.due <= swaps_ended)
+        .map(latency)
+        .collect();
+    // From each swap to the first answer by the new version (bounded below by the
+    // request period: it is when the next request happens to come).
+    let first_answer: Vec<f64> = swap_at
+        .iter()
+        .filter_map(|(at, version)| {
+            answers
+                .iter()
+                .filter(|a| a.version.as_deref() == Some(version.as_str()))
+                .map(|a| a.done)
+                .min()
+                .map(|first| first.saturating_duration_since(*at).as_secs_f64() * 1e3)
+        })
+        .collect();
+    println!("swap: {} requests, {failed} failed", answers.len());
+    Ok(json!({
+        "float": float.name,
+        "int8": int8.name,
+        "rate_per_s": rate,
+        "swaps": swaps,
+        "requests": answers.len(),
+        "failed": failed,
+        "steady_ms": Summary::of(&steady_ms),
+        "during_swaps_ms": Summary::of(&during_ms),
+        "swap_gap_us": Summary::of(&swap_us),
+        "new_version_first_answer_ms": Summary::of(&first_answer),
+        "load_ms": Summary::of(&load_ms),
+        "swapping_s": (swaps_ended - swaps_started).as_secs_f64(),
+    }))
+}
