@@ -40,6 +40,8 @@ pub enum ConfigError {
     MqttUrl { url: String, message: String },
     #[error("{key} must be greater than zero")]
     Zero { key: &'static str },
+    #[error("mqtt: {0}")]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// The agent's configuration as written in TOML.
@@ -94,6 +96,17 @@ pub struct MqttConfig {
     pub keep_alive_s: u64,
     pub backoff_initial_ms: u64,
     pub backoff_max_ms: u64,
+    /// CA that signed the broker's certificate (`mqtts://` only).
+    pub ca_file: PathBuf,
+    /// This robot's client certificate (CN = device id) and its key, PEM.
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    pub username: String,
+    /// File holding the password (else `BOTFLEET_MQTT_PASSWORD`); never logged.
+    pub password_file: PathBuf,
+    /// Bounds of the on-disk outbox of events and status waiting for the broker's PUBACK.
+    pub outbox_max_entries: usize,
+    pub outbox_max_bytes: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -182,6 +195,13 @@ impl Default for MqttConfig {
             keep_alive_s: 30,
             backoff_initial_ms: 1_000,
             backoff_max_ms: 128_000,
+            ca_file: PathBuf::new(),
+            cert_file: PathBuf::new(),
+            key_file: PathBuf::new(),
+            username: String::new(),
+            password_file: PathBuf::new(),
+            outbox_max_entries: 1_000,
+            outbox_max_bytes: 4 * 1024 * 1024,
         }
     }
 }
@@ -238,6 +258,15 @@ impl Config {
         }
         let topics = Topics::new(self.topic_prefix.clone())?;
         let broker = BrokerAddr::parse(&self.mqtt.url)?;
+        let mqtt_security = crate::tls::MqttSecurity::load(crate::tls::SecurityFiles {
+            tls: BrokerAddr::is_tls(&self.mqtt.url),
+            ca_file: &self.mqtt.ca_file,
+            cert_file: &self.mqtt.cert_file,
+            key_file: &self.mqtt.key_file,
+            username: &self.mqtt.username,
+            password_file: &self.mqtt.password_file,
+            password_env: std::env::var(crate::tls::PASSWORD_ENV).ok(),
+        })?;
         for (key, value) in [
             ("telemetry_interval_s", self.telemetry_interval_s),
             ("mqtt.keep_alive_s", self.mqtt.keep_alive_s),
@@ -256,6 +285,7 @@ impl Config {
             trusted,
             topics,
             broker,
+            mqtt_security,
             config: self.clone(),
         })
     }
@@ -275,9 +305,11 @@ impl BrokerAddr {
             message: message.to_owned(),
         };
         let parsed = reqwest::Url::parse(url).map_err(|e| err(&e.to_string()))?;
-        if parsed.scheme() != "mqtt" {
-            return Err(err("scheme must be mqtt://"));
-        }
+        let default_port = match parsed.scheme() {
+            "mqtt" => 1883,
+            "mqtts" => 8883,
+            _ => return Err(err("scheme must be mqtt:// or mqtts://")),
+        };
         let host = parsed
             .host_str()
             .ok_or_else(|| err("no host"))?
@@ -286,8 +318,15 @@ impl BrokerAddr {
             .to_owned();
         Ok(Self {
             host,
-            port: parsed.port().unwrap_or(1883),
+            port: parsed.port().unwrap_or(default_port),
         })
+    }
+
+    /// `mqtts://`: TLS (see `crate::tls`).
+    pub fn is_tls(url: &str) -> bool {
+        url.trim()
+            .get(..8)
+            .is_some_and(|s| s.eq_ignore_ascii_case("mqtts://"))
     }
 }
 
@@ -298,6 +337,8 @@ pub struct Settings {
     pub trusted: TrustedKeys,
     pub topics: Topics,
     pub broker: BrokerAddr,
+    /// TLS and credentials for the broker, loaded at validation.
+    pub mqtt_security: crate::tls::MqttSecurity,
     pub config: Config,
 }
 

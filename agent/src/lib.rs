@@ -20,11 +20,13 @@ pub mod k3s;
 pub mod link;
 pub mod logging;
 pub mod notify;
+pub mod outbox;
 pub mod rollout;
 pub mod serve;
 pub mod slots;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -67,6 +69,8 @@ pub enum AgentError {
     HttpClient(#[from] reqwest::Error),
     #[error("task {0} stopped unexpectedly")]
     TaskDied(&'static str),
+    #[error("outbox: {0}")]
+    Outbox(#[from] outbox::OutboxError),
 }
 
 /// A started agent.
@@ -147,7 +151,7 @@ pub async fn start(config: Config) -> Result<Running, AgentError> {
         warn!(error = %e, "ignoring the saved desired state");
         None
     });
-    let (link, publisher, incoming) = link::new(&settings, &offline, last_desired, store.clone());
+    let (link, publisher, incoming) = link::new(&settings, &offline, last_desired, store.clone())?;
     let (processed_tx, processed_rx) = watch::channel(None);
     let cancel = CancellationToken::new();
     let mut tasks = JoinSet::new();
@@ -350,11 +354,20 @@ impl Reporter {
                             let sample = self.sampler.sample(&self.slots);
                             self.publisher.telemetry(&sample);
                         }
-                        CommandKind::Rollback { slot, reason } => {
-                            let request = rollout::Request::Rollback {
+                        CommandKind::Rollback { slot, .. } => {
+                            // Only a signed order may take a model out of service.
+                            let request = rollout::Request::Unsigned {
+                                command_id: command.command_id,
                                 slot,
-                                reason: reason.unwrap_or_else(|| format!("rollback command {}", command.command_id)),
-                                only_if: None,
+                            };
+                            if self.requests.send(request).await.is_err() {
+                                return;
+                            }
+                        }
+                        CommandKind::SignedRollback { order } => {
+                            let request = rollout::Request::Ordered {
+                                command_id: command.command_id,
+                                order,
                             };
                             if self.requests.send(request).await.is_err() {
                                 return;

@@ -41,6 +41,8 @@ pub enum ConfigError {
     ConnectTimeout(u64),
     #[error("max_model_bytes must be at least 1")]
     MaxModelBytes,
+    #[error("mqtt TLS or credentials")]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// The whole server configuration.
@@ -60,6 +62,8 @@ pub struct Config {
     pub mqtt: MqttConfig,
     pub signing: SigningConfig,
     pub metrics: MetricsConfig,
+    /// API tokens and roles; none: the API is open.
+    pub auth: crate::auth::AuthConfig,
 }
 
 /// Cardinality limits of the per-device series on `GET /metrics`.
@@ -97,6 +101,15 @@ pub struct MqttConfig {
     pub keep_alive_s: u64,
     /// How long start-up waits for CONNACK and SUBACK.
     pub connect_timeout_s: u64,
+    /// `mqtts://` only: the CA that signed the broker's certificate.
+    pub ca_file: PathBuf,
+    /// The control plane's client certificate (CN `botfleet-server` with the shipped
+    /// Mosquitto ACL) and its key, PEM.
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    pub username: String,
+    /// File holding the password (else `BOTFLEET_MQTT_PASSWORD`); never logged.
+    pub password_file: PathBuf,
 }
 
 /// The manifest signing key.
@@ -118,6 +131,7 @@ impl Default for Config {
             mqtt: MqttConfig::default(),
             signing: SigningConfig::default(),
             metrics: MetricsConfig::default(),
+            auth: crate::auth::AuthConfig::default(),
         }
     }
 }
@@ -130,6 +144,11 @@ impl Default for MqttConfig {
             client_id: "botfleet-server".to_owned(),
             keep_alive_s: 30,
             connect_timeout_s: 30,
+            ca_file: PathBuf::new(),
+            cert_file: PathBuf::new(),
+            key_file: PathBuf::new(),
+            username: String::new(),
+            password_file: PathBuf::new(),
         }
     }
 }
@@ -172,6 +191,8 @@ pub struct Settings {
     pub public_url: Option<String>,
     pub keep_alive: Duration,
     pub connect_timeout: Duration,
+    /// TLS and credentials for an external broker, loaded at validation.
+    pub mqtt_security: crate::tls::MqttSecurity,
 }
 
 impl Config {
@@ -200,6 +221,15 @@ impl Config {
         } else {
             BrokerTarget::External(parse_mqtt_url(self.mqtt.url.trim())?)
         };
+        let mqtt_security = crate::tls::MqttSecurity::load(crate::tls::SecurityFiles {
+            tls: self.mqtt.url.trim().starts_with("mqtts://"),
+            ca_file: &self.mqtt.ca_file,
+            cert_file: &self.mqtt.cert_file,
+            key_file: &self.mqtt.key_file,
+            username: &self.mqtt.username,
+            password_file: &self.mqtt.password_file,
+            password_env: std::env::var(crate::tls::PASSWORD_ENV).ok(),
+        })?;
         if self.mqtt.client_id.trim().is_empty() {
             return Err(ConfigError::ClientId);
         }
@@ -232,20 +262,27 @@ impl Config {
             public_url,
             keep_alive: Duration::from_secs(self.mqtt.keep_alive_s),
             connect_timeout: Duration::from_secs(self.mqtt.connect_timeout_s),
+            mqtt_security,
         })
     }
 }
 
-/// Parses `mqtt://host[:port]` (port 1883 when absent; `tcp://` is accepted as a synonym).
+/// Parses `mqtt://host[:port]` (port 1883 when absent; `tcp://` is accepted as a synonym)
+/// or `mqtts://host[:port]` (TLS, port 8883 when absent).
 pub fn parse_mqtt_url(url: &str) -> Result<BrokerAddr, ConfigError> {
     let bad = |reason| ConfigError::MqttUrl {
         url: url.to_owned(),
         reason,
     };
-    let rest = url
-        .strip_prefix("mqtt://")
-        .or_else(|| url.strip_prefix("tcp://"))
-        .ok_or_else(|| bad("only mqtt://host:port is supported"))?;
+    let (rest, default_port) = match url.strip_prefix("mqtts://") {
+        Some(rest) => (rest, 8883),
+        None => (
+            url.strip_prefix("mqtt://")
+                .or_else(|| url.strip_prefix("tcp://"))
+                .ok_or_else(|| bad("only mqtt://host:port or mqtts://host:port is supported"))?,
+            1883,
+        ),
+    };
     let rest = rest.strip_suffix('/').unwrap_or(rest);
     if rest.contains(['/', '@', '?', '#']) {
         return Err(bad(
@@ -271,7 +308,7 @@ pub fn parse_mqtt_url(url: &str) -> Result<BrokerAddr, ConfigError> {
         return Err(bad("the host is empty"));
     }
     let port = match port {
-        None => 1883,
+        None => default_port,
         Some(p) => p
             .parse::<u16>()
             .ok()
@@ -337,7 +374,6 @@ mod tests {
         assert_eq!(ok("mqtt://[::1]:1999").url(), "mqtt://[::1]:1999");
         for bad in [
             "http://x:1",
-            "mqtts://x:8883",
             "mqtt://",
             "mqtt://x:0",
             "mqtt://x:70000",
@@ -370,8 +406,9 @@ mod tests {
         ));
         assert!(matches!(
             with(|c| c.mqtt.url = "mqtts://x".into()),
-            Err(ConfigError::MqttUrl { .. })
+            Err(ConfigError::Tls(_))
         ));
+        assert_eq!(parse_mqtt_url("mqtts://x").unwrap().port, 8883);
         let ok = with(|c| c.public_url = "https://models.example/".into()).unwrap();
         assert_eq!(ok.public_url.as_deref(), Some("https://models.example"));
     }

@@ -5,7 +5,7 @@
 //!
 //! ```text
 //!  pipeline ──HTTP──► http ──► registry (intake: load + test-run with the engine, sign)
-//!                      │          └─ {data_dir}/artifacts, {data_dir}/models
+//!                      │          └─ {data_dir}/artifacts, records in db
 //!                      └──► rollouts::create ──► desired (on disk) ──► link ──MQTT──► agents
 //!  agents ──MQTT status/info/telemetry/events──► link ──► fleet (devices + rollout folds)
 //! ```
@@ -16,14 +16,17 @@
 //! - `registry` + `intake`: model uploads become signed manifests and stored artifacts.
 //! - `rollouts`: plans in waves, the pure rollout state machine, the event fold, idempotency,
 //!   and the service that drives them; `db`: the embedded database (redb) they survive in.
-//! - `devices` + `fleet`: what the server knows about each robot.
+//! - `devices` + `fleet`: what the server knows about each robot (kept in `db`); `labels`:
+//!   the operator labels set on the server next to the ones a robot reports.
 //! - `http`: the REST API; [`cli`] drives the same API from a shell.
 //!
 //! [`start`] brings everything up and returns a [`Running`] server once HTTP listens and the
 //! MQTT session is subscribed; [`run`] is what `main` calls. All tasks share one
 //! cancellation token; the first task that fails stops the server with its error.
 
+pub mod auth;
 mod broker;
+mod changes;
 pub mod cli;
 mod client;
 pub mod config;
@@ -32,15 +35,19 @@ mod desired;
 mod devices;
 mod files;
 mod fleet;
+mod history;
 mod http;
 mod inbound;
 mod intake;
 mod keys;
+mod labels;
 mod link;
+mod progress;
 mod registry;
 mod rollouts;
 mod service;
 mod tasks;
+pub mod tls;
 
 pub use config::Config;
 pub use service::{Error, Running, run, start};

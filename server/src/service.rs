@@ -8,13 +8,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use botfleet_protocol::manifest::format_public_key;
-use tokio::sync::watch;
+use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::{self, BrokerError};
+use crate::changes::Change;
 use crate::config::{BrokerTarget, Config, ConfigError, Settings};
 use crate::db::{Db, DbError};
 use crate::desired::{DesiredError, DesiredStore};
+use crate::devices::Devices;
 use crate::fleet::Fleet;
 use crate::http::{self, App};
 use crate::keys::{self, KeyFileError};
@@ -40,6 +42,8 @@ pub enum Error {
     },
     #[error(transparent)]
     Key(#[from] KeyFileError),
+    #[error(transparent)]
+    Auth(#[from] crate::auth::AuthError),
     #[error(transparent)]
     Registry(#[from] RegistryError),
     #[error(transparent)]
@@ -185,14 +189,17 @@ pub async fn start(config: Config) -> Result<Running, Error> {
         format!("http://{}", reachable(http_addr))
     });
 
+    let access = Arc::new(crate::auth::Access::new(&settings.config.auth)?);
+    let db = Arc::new(Db::open(&data_dir.join("botfleet.redb"))?);
     let registry = Arc::new(Registry::open(
         &data_dir,
+        db.clone(),
         public_url.clone(),
         signer.clone(),
     )?);
     let desired = DesiredStore::open(&data_dir.join("desired"))?;
-    let db = Arc::new(Db::open(&data_dir.join("botfleet.redb"))?);
     let loaded = db.load()?;
+    let devices = Devices::restore(db.load_devices()?);
     if !loaded.rollouts.is_empty() {
         tracing::info!(
             rollouts = loaded.rollouts.len(),
@@ -209,10 +216,11 @@ pub async fn start(config: Config) -> Result<Running, Error> {
         }
     };
 
-    let fleet = Arc::new(Fleet::with_rollouts(Rollouts::restore(
-        loaded.rollouts,
-        loaded.keys,
-    )));
+    let fleet = Arc::new(Fleet::restore(
+        Rollouts::restore(loaded.rollouts, loaded.keys),
+        devices,
+        db.clone(),
+    ));
     let (link, publisher, mut link_state) =
         Link::new(&link_options, settings.topics.clone(), fleet.clone());
     let rollouts = Arc::new(RolloutService::new(
@@ -225,17 +233,27 @@ pub async fn start(config: Config) -> Result<Running, Error> {
     let app = Arc::new(App {
         registry,
         rollouts: rollouts.clone(),
-        fleet,
+        fleet: fleet.clone(),
         key_id: signer.key_id().to_string(),
         public_key: public_key.clone(),
         max_model_bytes: settings.config.max_model_bytes,
         metrics: settings.config.metrics,
+        access,
+        stop: tasks.cancel_token().clone(),
     });
 
     let cancel = tasks.cancel_token().clone();
     tasks.spawn("mqtt-link", {
         let cancel = cancel.clone();
         async move { link.run(cancel).await.map_err(Error::from) }
+    });
+    tasks.spawn("device-writer", {
+        let fleet = fleet.clone();
+        let cancel = cancel.clone();
+        async move {
+            fleet.run_device_writer(cancel).await;
+            Ok(())
+        }
     });
     tasks.spawn("rollout-driver", {
         let rollouts = rollouts.clone();
@@ -247,8 +265,9 @@ pub async fn start(config: Config) -> Result<Running, Error> {
     });
     tasks.spawn(
         "republish",
-        republish(rollouts, link_state.clone(), cancel.clone()),
+        republish(rollouts.clone(), link_state.clone(), cancel.clone()),
     );
+    tasks.spawn("rejoin", rejoin(rollouts, fleet.clone(), cancel.clone()));
     tasks.spawn("http", {
         let router = http::router(app);
         let stop = cancel.clone().cancelled_owned();
@@ -336,8 +355,56 @@ async fn broker_target(
         port,
         client_id: settings.config.mqtt.client_id.clone(),
         keep_alive: settings.keep_alive,
+        security: settings.mqtt_security.clone(),
     };
     Ok((options, url))
+}
+
+/// Publishes a device's desired document again when it comes back online behind it.
+async fn rejoin(
+    service: Arc<RolloutService>,
+    fleet: Arc<Fleet>,
+    cancel: CancellationToken,
+) -> Result<(), Error> {
+    let mut changes = fleet.changes.subscribe();
+    // Devices seen online, so that only a return (offline → online) is acted on: a
+    // device busy with a long download reports an older generation for a while.
+    let mut online = std::collections::HashSet::new();
+    loop {
+        let change = tokio::select! {
+            () = cancel.cancelled() => return Ok(()),
+            change = changes.recv() => change,
+        };
+        let id = match change {
+            Ok(Change::Device { id }) => id,
+            Ok(Change::Rollout { .. }) => continue,
+            // Fell behind: the next status of each device is acted on again.
+            Err(broadcast::error::RecvError::Lagged(_)) => {
+                online.clear();
+                continue;
+            }
+            Err(broadcast::error::RecvError::Closed) => return Ok(()),
+        };
+        let Some(view) = fleet.devices().get(&id) else {
+            continue;
+        };
+        if !view.online {
+            online.remove(&id);
+            continue;
+        }
+        if !online.insert(id.clone()) {
+            continue;
+        }
+        let processed = view.status.as_ref().and_then(|s| s.desired_generation);
+        match service.republish_if_behind(&id, processed).await {
+            Ok(true) => {
+                tracing::info!(device = %id, "desired document published again for a returning device")
+            }
+            Ok(false) => {}
+            // The link is down: the republish after its reconnect covers this device.
+            Err(e) => tracing::warn!(device = %id, error = %e, "cannot publish desired document"),
+        }
+    }
 }
 
 /// Publishes every desired document again after each new MQTT session.

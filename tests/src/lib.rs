@@ -7,6 +7,7 @@
 pub mod hostile;
 pub mod mosquitto;
 pub mod process;
+pub mod secure_broker;
 pub mod simulated;
 pub mod watch;
 
@@ -63,6 +64,9 @@ pub enum BrokerKind {
     Embedded,
     /// A real Mosquitto: `BOTFLEET_MOSQUITTO_URL` if set, else one started for this fleet.
     Mosquitto,
+    /// A Mosquitto started for this fleet alone, even when `BOTFLEET_MOSQUITTO_URL` is set:
+    /// fault tests kill and restart it ([`Fleet::mosquitto`]).
+    OwnMosquitto,
 }
 
 /// A short random suffix, so fleets sharing one broker never share a name.
@@ -103,12 +107,13 @@ impl Fleet {
         let prefix = format!("botfleet-test/{tag}");
         let mosquitto = match broker {
             BrokerKind::Embedded => None,
+            BrokerKind::OwnMosquitto => Some(Mosquitto::start().await?),
             BrokerKind::Mosquitto if std::env::var_os("BOTFLEET_MOSQUITTO_URL").is_some() => None,
             BrokerKind::Mosquitto => Some(Mosquitto::start().await?),
         };
         let external = match broker {
             BrokerKind::Embedded => String::new(),
-            BrokerKind::Mosquitto => match &mosquitto {
+            BrokerKind::Mosquitto | BrokerKind::OwnMosquitto => match &mosquitto {
                 Some(m) => m.url(),
                 None => std::env::var("BOTFLEET_MOSQUITTO_URL")?,
             },
@@ -137,6 +142,11 @@ impl Fleet {
             tag,
             _mosquitto: mosquitto,
         })
+    }
+
+    /// The Mosquitto this fleet started, if any (fault tests kill and restart it).
+    pub fn mosquitto(&mut self) -> Option<&mut Mosquitto> {
+        self._mosquitto.as_mut()
     }
 
     /// A device id unique to this fleet.

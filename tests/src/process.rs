@@ -28,9 +28,25 @@ impl AgentProcess {
     /// Starts the agent with `config`; with `failpoint`, it stops there (see the agent's
     /// `failpoint` module).
     pub async fn spawn(config: &botfleet_agent::Config, failpoint: Option<&str>) -> Result<Self> {
+        Self::spawn_wrapped(config, failpoint, &[]).await
+    }
+
+    /// As [`Self::spawn`], run through `wrapper` (e.g. `ip netns exec NAME`).
+    pub async fn spawn_wrapped(
+        config: &botfleet_agent::Config,
+        failpoint: Option<&str>,
+        wrapper: &[&str],
+    ) -> Result<Self> {
         let mut file = tempfile::NamedTempFile::new()?;
         std::io::Write::write_all(&mut file, toml::to_string(config)?.as_bytes())?;
-        let mut command = Command::new(agent_binary()?);
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(agent_binary()?);
+                c
+            }
+            None => Command::new(agent_binary()?),
+        };
         command
             .arg("--config")
             .arg(file.path())
@@ -98,6 +114,11 @@ impl AgentProcess {
             out.push(line);
         }
         out
+    }
+
+    /// Its process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
     }
 
     /// SIGKILL, and reap it.

@@ -111,7 +111,13 @@ impl SimAgent {
                     continue;
                 };
                 if let Ok(command) = serde_json::from_slice::<Command>(&p.payload) {
-                    if let CommandKind::Rollback { slot, .. } = command.kind
+                    // A simulated robot checks no signature: it only plays the swap back.
+                    let slot = match command.kind {
+                        CommandKind::Rollback { slot, .. } => Some(slot),
+                        CommandKind::SignedRollback { order } => order.claims().map(|o| o.slot),
+                        _ => None,
+                    };
+                    if let Some(slot) = slot
                         && let Some(old) = serving.before.remove(slot.as_str())
                     {
                         if let Some(taken_out) = serving.now.insert(slot.to_string(), old) {
@@ -285,4 +291,82 @@ async fn react(
 fn bench(p99: f64, incumbent: Option<f64>, passed: bool) -> Value {
     json!({"stage": "benchmarked", "runs": 20, "p50_ms": p99 / 2.0, "p99_ms": p99,
         "mean_ms": p99 / 2.0, "incumbent_p99_ms": incumbent, "passed": passed})
+}
+
+/// What a [`Reconnector`] saw, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attempt {
+    /// The connection (or an attempt to make one) failed at this instant.
+    Failed(tokio::time::Instant),
+    /// The broker accepted the connection (CONNACK) at this instant.
+    Connected(tokio::time::Instant),
+}
+
+/// A bare MQTT session that reconnects the way the agent's link does: the agent's
+/// default backoff (full jitter, doubling to the cap) and its reset rule
+/// ([`botfleet_agent::backoff::Reconnect`]). It records every attempt, for reconnect storms.
+#[derive(Debug)]
+pub struct Reconnector {
+    pub id: String,
+    log: std::sync::Arc<std::sync::Mutex<Vec<Attempt>>>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Reconnector {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Reconnector {
+    pub fn start(mqtt_url: &str, id: &str) -> Result<Self> {
+        use botfleet_agent::backoff::{Backoff, Reconnect};
+        let defaults = botfleet_agent::Config::default().mqtt;
+        let mut options = crate::watch::mqtt_options(mqtt_url, id)?;
+        options
+            .set_keep_alive(Duration::from_secs(defaults.keep_alive_s))
+            .set_clean_session(false);
+        let (_client, mut eventloop) = AsyncClient::new(options, 10);
+        let mut reconnect = Reconnect::new(
+            Backoff::new(
+                Duration::from_millis(defaults.backoff_initial_ms),
+                Duration::from_millis(defaults.backoff_max_ms),
+            ),
+            botfleet_agent::link::STABLE_AFTER,
+        );
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let record = std::sync::Arc::clone(&log);
+        let push = move |a| {
+            if let Ok(mut log) = record.lock() {
+                log.push(a);
+            }
+        };
+        let task = tokio::spawn(async move {
+            // The client handle lives as long as the loop, or rumqttc stops polling.
+            let _client = _client;
+            loop {
+                match eventloop.poll().await {
+                    Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => {
+                        push(Attempt::Connected(tokio::time::Instant::now()));
+                        reconnect.connected();
+                    }
+                    Ok(_) => {}
+                    Err(_) => {
+                        push(Attempt::Failed(tokio::time::Instant::now()));
+                        tokio::time::sleep(reconnect.lost()).await;
+                    }
+                }
+            }
+        });
+        Ok(Self {
+            id: id.to_owned(),
+            log,
+            task,
+        })
+    }
+
+    /// Everything seen so far.
+    pub fn log(&self) -> Vec<Attempt> {
+        self.log.lock().map(|l| l.clone()).unwrap_or_default()
+    }
 }

@@ -106,6 +106,32 @@ impl EventWatch {
     }
 }
 
+impl EventWatch {
+    /// Waits for the first event (from now on) that `wanted` accepts; events that belong to
+    /// no rollout (a refused command) are only seen this way.
+    pub async fn until_event(
+        &mut self,
+        limit: Duration,
+        mut wanted: impl FnMut(&Event) -> bool,
+    ) -> Result<Event> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let event = match tokio::time::timeout_at(deadline, self.rx.recv()).await {
+                Ok(Some(e)) => e,
+                Ok(None) => bail!("event stream ended"),
+                Err(_) => bail!(
+                    "no such event within {limit:?}; saw: {}",
+                    crate::describe(&self.seen)
+                ),
+            };
+            self.seen.push(event.clone());
+            if wanted(&event) {
+                return Ok(event);
+            }
+        }
+    }
+}
+
 /// Publishes one message as a separate client and waits for the broker's PUBACK:
 /// what an attacker (or a buggy tool) with broker access could send.
 pub async fn publish_once(

@@ -237,6 +237,7 @@ impl Reconciler {
         stage: Stage,
     ) {
         self.publisher.event(&Event {
+            id: Some(crate::outbox::event_id()),
             device: self.device.clone(),
             rollout_id: rollout_id.cloned(),
             slot: slot.clone(),

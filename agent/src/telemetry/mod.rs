@@ -133,6 +133,8 @@ impl Sampler {
             board: self.jetson.board(),
             agent_cpu_percent,
             agent_rss_bytes,
+            // Filled in by the link, which does the dropping.
+            dropped_messages: None,
         }
     }
 

@@ -12,14 +12,26 @@
 //! GET  /api/v1/openapi.json                  this API as an OpenAPI 3.1 document
 //! GET  /metrics                              Prometheus text: rollouts, devices, events
 //! GET  /api/v1/devices[/{id}]                devices: status, info, telemetry
+//! PUT  /api/v1/devices/{id}/labels          {"labels":{..}}: replace the operator labels
+//! PATCH /api/v1/devices/{id}/labels         {"set":{..},"remove":[..]}: edit them
+//! GET  /api/v1/devices/{id}/telemetry        the last hour of telemetry (`?since=`)
+//! GET  /api/v1/events/stream                 server-sent change notices (`?ticket=`)
+//! POST /api/v1/events/ticket                 a 60 s ticket to open the stream with
+//! GET  /api/v1/session                       the caller's role
+//! GET  / and /web/{file}                     the dashboard (embedded)
+//! With `[auth]` tokens configured, `/api` needs `Authorization: Bearer <token>`.
 //! ```
 //! Every error is JSON: `{"error": "<one line>"}`.
 
+mod access;
+mod dashboard;
 mod devices;
+mod history;
 mod metrics;
 mod models;
 mod openapi;
 mod rollouts;
+mod stream;
 
 use std::error::Error as StdError;
 use std::sync::Arc;
@@ -28,7 +40,7 @@ use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, State};
 use axum::http::StatusCode;
 use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -51,6 +63,10 @@ pub struct App {
     pub max_model_bytes: u64,
     /// Cardinality limits of the per-device metrics.
     pub metrics: crate::config::MetricsConfig,
+    /// API tokens and stream tickets.
+    pub access: Arc<crate::auth::Access>,
+    /// Cancelled when the server stops: long-lived responses (the event stream) end then.
+    pub stop: tokio_util::sync::CancellationToken,
 }
 
 type AppState = State<Arc<App>>;
@@ -192,7 +208,22 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/metrics", get(metrics::metrics))
         .route("/api/v1/devices", get(devices::list))
         .route("/api/v1/devices/{id}", get(devices::get))
+        .route(
+            "/api/v1/devices/{id}/labels",
+            put(devices::replace_labels).patch(devices::patch_labels),
+        )
+        .route("/api/v1/devices/{id}/telemetry", get(history::telemetry))
+        .route(access::STREAM_PATH, get(stream::stream))
+        .route("/api/v1/events/ticket", post(access::new_ticket))
+        .route("/api/v1/session", get(access::session))
+        .route("/", get(dashboard::index))
+        .route("/web/{*path}", get(dashboard::file))
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
+        // Last, so that it guards every route above, whoever added it.
+        .layer(axum::middleware::from_fn_with_state(
+            app.access.clone(),
+            access::check,
+        ))
         .with_state(app)
 }
