@@ -172,10 +172,13 @@ impl Devices {
 
     /// The status as delivered last. Not ordered by its `at`: a last will carries the time
     /// the agent connected, older than the statuses it published since, yet it is newer news.
-    pub fn apply_status(&mut self, id: &DeviceId, status: Status, now: Timestamp) {
+    /// `true` when the device came online (it was offline or unknown).
+    pub fn apply_status(&mut self, id: &DeviceId, status: Status, now: Timestamp) -> bool {
         let view = self.entry(id, now);
+        let returned = status.online && !view.online;
         view.online = status.online;
         view.status = Some(status);
+        returned
     }
 
     pub fn apply_info(&mut self, id: &DeviceId, info: Info, now: Timestamp) {

@@ -44,10 +44,16 @@ pub struct Fleet {
     /// Notices for live views (the dashboard's event stream).
     pub changes: Changes,
     db: Arc<Db>,
+    /// Devices that just came online (offline or unknown before): the server checks that
+    /// their desired document still reaches them.
+    returned: tokio::sync::broadcast::Sender<DeviceId>,
     /// Held while dirty devices are taken and written, so an older batch never lands after a
     /// newer one.
     writing: tokio::sync::Mutex<()>,
 }
+
+/// Returned devices a slow reader may fall behind by.
+const RETURNED_BACKLOG: usize = 1024;
 
 /// Locks `m`; a panic elsewhere while holding it leaves plain data, still usable.
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -63,8 +69,15 @@ impl Fleet {
             history: Mutex::default(),
             changes: Changes::default(),
             db,
+            returned: tokio::sync::broadcast::channel(RETURNED_BACKLOG).0,
             writing: tokio::sync::Mutex::new(()),
         }
+    }
+
+    /// Devices as they come online. A reader that falls behind (a whole fleet reconnecting
+    /// at once) misses some: the republish after the server's own reconnect covers those.
+    pub fn returned(&self) -> tokio::sync::broadcast::Receiver<DeviceId> {
+        self.returned.subscribe()
     }
 
     pub fn devices(&self) -> MutexGuard<'_, Devices> {
@@ -86,7 +99,9 @@ impl Fleet {
         match message {
             Inbound::Status(status) => {
                 self.rollouts().observe_status(device, &status);
-                self.devices().apply_status(device, status, now);
+                if self.devices().apply_status(device, status, now) {
+                    let _ = self.returned.send(device.clone());
+                }
             }
             Inbound::Info(info) => self.devices().apply_info(device, info, now),
             Inbound::Telemetry(t) => {

@@ -12,7 +12,6 @@ use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::{self, BrokerError};
-use crate::changes::Change;
 use crate::config::{BrokerTarget, Config, ConfigError, Settings};
 use crate::db::{Db, DbError};
 use crate::desired::{DesiredError, DesiredStore};
@@ -366,36 +365,24 @@ async fn rejoin(
     fleet: Arc<Fleet>,
     cancel: CancellationToken,
 ) -> Result<(), Error> {
-    let mut changes = fleet.changes.subscribe();
-    // Devices seen online, so that only a return (offline → online) is acted on: a
-    // device busy with a long download reports an older generation for a while.
-    let mut online = std::collections::HashSet::new();
+    let mut returned = fleet.returned();
     loop {
-        let change = tokio::select! {
+        let id = tokio::select! {
             () = cancel.cancelled() => return Ok(()),
-            change = changes.recv() => change,
+            id = returned.recv() => match id {
+                Ok(id) => id,
+                Err(broadcast::error::RecvError::Lagged(missed)) => {
+                    tracing::debug!(missed, "returning devices not checked (a mass reconnect)");
+                    continue;
+                }
+                Err(broadcast::error::RecvError::Closed) => return Ok(()),
+            },
         };
-        let id = match change {
-            Ok(Change::Device { id }) => id,
-            Ok(Change::Rollout { .. }) => continue,
-            // Fell behind: the next status of each device is acted on again.
-            Err(broadcast::error::RecvError::Lagged(_)) => {
-                online.clear();
-                continue;
-            }
-            Err(broadcast::error::RecvError::Closed) => return Ok(()),
-        };
-        let Some(view) = fleet.devices().get(&id) else {
-            continue;
-        };
-        if !view.online {
-            online.remove(&id);
-            continue;
-        }
-        if !online.insert(id.clone()) {
-            continue;
-        }
-        let processed = view.status.as_ref().and_then(|s| s.desired_generation);
+        let processed = fleet
+            .devices()
+            .get(&id)
+            .and_then(|view| view.status)
+            .and_then(|status| status.desired_generation);
         match service.republish_if_behind(&id, processed).await {
             Ok(true) => {
                 tracing::info!(device = %id, "desired document published again for a returning device")
