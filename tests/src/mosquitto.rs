@@ -58,7 +58,10 @@ impl Mosquitto {
             format!(
                 "user root\nlistener {} {}\nallow_anonymous true\n{persistence}\
                  log_dest stderr\nlog_type error\nlog_type warning\nlog_type notice\nlog_type information\n\
-                 max_packet_size {}\n",
+                 max_packet_size {}\n\
+                 # As deploy/mosquitto/mosquitto.conf: the server subscribes to the whole\n\
+                 # fleet, and a wave's events must queue for it, not be dropped at 1,000.\n\
+                 max_queued_messages 200000\n",
                 self.port,
                 self.addr,
                 botfleet_protocol::MAX_PACKET_BYTES
