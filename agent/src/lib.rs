@@ -26,7 +26,8 @@ pub mod serve;
 pub mod slots;
 pub mod store;
 pub mod telemetry;
-pub mod tls;
+/// How the MQTT sessions authenticate (shared with the other side of the link).
+pub use botfleet_mqtt_tls as tls;
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -47,7 +47,8 @@ mod registry;
 mod rollouts;
 mod service;
 mod tasks;
-pub mod tls;
+/// How the MQTT sessions authenticate (shared with the other side of the link).
+pub use botfleet_mqtt_tls as tls;
 
 pub use config::Config;
 pub use service::{Error, Running, run, start};

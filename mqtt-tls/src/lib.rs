@@ -1,7 +1,8 @@
-//! How the agent authenticates to the broker: TLS with a client certificate (rustls, ring)
-//! for `mqtts://` URLs, and an optional username/password. Everything is read and checked
-//! once, at start, so a missing file or a bad key stops the agent with a clear message
-//! instead of a reconnect loop.
+//! How the agent and the server authenticate to an MQTT broker: TLS with a client
+//! certificate (rustls, ring) for `mqtts://` URLs, and an optional username/password.
+//! Everything is read and checked once, at start, so a missing file or a bad key stops the
+//! process with a clear message instead of a reconnect loop. One crate for both, so the two
+//! sides of the link cannot drift apart in how they treat certificates and secrets.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
