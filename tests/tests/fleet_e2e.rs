@@ -210,11 +210,14 @@ async fn a_rollback_after_success_gives_every_device_its_previous_model() {
     fleet.server.shutdown().await.unwrap();
 }
 
-#[tokio::test]
-async fn an_offline_device_is_skipped_at_the_deadline_and_converges_when_it_returns() {
-    let fleet = Fleet::start(BrokerKind::Mosquitto).await.unwrap();
-    let mut agents = sims(&fleet, 2, OK).await;
-    let gone = sim(&fleet, "away", OK).await;
+/// `online` simulated devices and one ("away") that went offline, then a rollout to all of
+/// them with a 2 s deadline: the agents, the absent device's id and the rollout id.
+async fn rollout_while_one_is_away(
+    fleet: &Fleet,
+    online: usize,
+) -> (Vec<SimAgent>, String, String) {
+    let agents = sims(fleet, online, OK).await;
+    let gone = sim(fleet, "away", OK).await;
     let away = gone.id.clone();
     drop(gone);
     // The last will says it is offline before the rollout starts.
@@ -229,15 +232,22 @@ async fn an_offline_device_is_skipped_at_the_deadline_and_converges_when_it_retu
     })
     .await;
     assert!(offline.is_ok());
-    push(&fleet, "1.0.0").await;
+    push(fleet, "1.0.0").await;
     let mut targets = ids(&agents);
     targets.push(away.clone());
     let id = start(
-        &fleet,
+        fleet,
         json!({"slot": "faces", "version": "1.0.0", "devices": targets,
         "strategy": {"deadline_s": 2}}),
     )
     .await;
+    (agents, away, id)
+}
+
+#[tokio::test]
+async fn an_offline_device_is_skipped_at_the_deadline_and_converges_when_it_returns() {
+    let fleet = Fleet::start(BrokerKind::Mosquitto).await.unwrap();
+    let (mut agents, away, id) = rollout_while_one_is_away(&fleet, 2).await;
     let view = wait_rollout(&fleet, &id, |v| v["state"] == "completed").await;
     assert_eq!(view["devices"][&away]["outcome"], "skipped", "{view}");
     assert_eq!(view["summary"]["active"], 2);
@@ -256,30 +266,7 @@ async fn an_offline_device_is_skipped_at_the_deadline_and_converges_when_it_retu
 #[tokio::test]
 async fn a_device_that_returns_after_its_retained_desired_was_lost_gets_it_again() {
     let fleet = Fleet::start(BrokerKind::Mosquitto).await.unwrap();
-    let agents = sims(&fleet, 1, OK).await;
-    let gone = sim(&fleet, "away", OK).await;
-    let away = gone.id.clone();
-    drop(gone);
-    let offline = tokio::time::timeout(WAIT, async {
-        loop {
-            let d = fleet.get(&format!("/api/v1/devices/{away}")).await;
-            if d.is_ok_and(|d| d["online"] == false) {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await;
-    assert!(offline.is_ok());
-    push(&fleet, "1.0.0").await;
-    let mut targets = ids(&agents);
-    targets.push(away.clone());
-    let id = start(
-        &fleet,
-        json!({"slot": "faces", "version": "1.0.0", "devices": targets,
-        "strategy": {"deadline_s": 2}}),
-    )
-    .await;
+    let (_agents, away, id) = rollout_while_one_is_away(&fleet, 1).await;
     wait_rollout(&fleet, &id, |v| v["state"] == "completed").await;
 
     // The broker loses the retained document while the server stays connected (an
