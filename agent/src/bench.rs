@@ -116,6 +116,7 @@ pub fn local_serving(
         issued_at: jiff::Timestamp::now(),
         expires_at: jiff::Timestamp::now() + jiff::SignedDuration::from_hours(24),
         allow_downgrade: false,
+        engines: Default::default(),
     };
     let verified = signer
         .sign(&manifest)

@@ -65,6 +65,7 @@ impl ServingModel {
             release: self.manifest.release,
             sha256: self.sha256(),
             since: self.since,
+            engine: Some(self.model.engine()),
         }
     }
 }

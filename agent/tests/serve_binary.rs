@@ -48,6 +48,7 @@ async fn serve(bytes: &[u8], inputs: &[TensorSpec]) -> String {
         issued_at: "2026-01-01T00:00:00Z".parse().unwrap(),
         expires_at: "2036-01-01T00:00:00Z".parse().unwrap(),
         allow_downgrade: false,
+        engines: Default::default(),
     };
     let verified = signer
         .sign(&manifest)

@@ -38,6 +38,7 @@ fn serving(model: &Model, bytes: &[u8], version: &str) -> ServingModel {
         issued_at: "2026-01-01T00:00:00Z".parse().unwrap(),
         expires_at: "2036-01-01T00:00:00Z".parse().unwrap(),
         allow_downgrade: false,
+        engines: Default::default(),
     };
     let verified = signer
         .sign(&manifest)

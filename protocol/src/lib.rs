@@ -5,10 +5,12 @@
 //! - [`manifest`]: the signed model manifest; [`manifest::SignedManifest::verify`] is the only
 //!   way to a [`manifest::Verified`] manifest.
 //! - [`rollback`]: the signed rollback order, verified with the manifest's trusted keys.
+//! - [`engine`]: inference engines: the manifest's policy, what a robot has, what the gate measured.
 //! - [`ids`]: validated names that become topic levels and file names.
 //!
 //! This crate does no I/O: no async runtime, no MQTT client.
 
+pub mod engine;
 pub mod finite;
 pub mod ids;
 pub mod manifest;

@@ -21,6 +21,7 @@ use jiff::Timestamp;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use sha2::{Digest as _, Sha256};
 
+use crate::engine::EnginePolicy;
 use crate::ids::SlotName;
 use crate::tensor::TensorSpec;
 
@@ -250,6 +251,9 @@ pub struct Manifest {
     #[serde(default)]
     pub compatibility: Compatibility,
     pub gate: Gate,
+    /// Which engines the gate may pick from; absent: tract, as before there were engines.
+    #[serde(default, skip_serializing_if = "EnginePolicy::is_default")]
+    pub engines: EnginePolicy,
     #[serde(default)]
     pub provenance: Provenance,
     pub issued_at: Timestamp,

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
+use crate::engine::{EngineBench, EngineKind, EnginesInfo};
 use crate::ids::{CommandId, DeviceId, EventId, RolloutId, SlotName};
 use crate::manifest::{Sha256Digest, SignedManifest};
 
@@ -34,6 +35,9 @@ pub struct ActiveModel {
     pub release: u64,
     pub sha256: Sha256Digest,
     pub since: Timestamp,
+    /// The engine serving it (absent from an agent that had only tract).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine: Option<EngineKind>,
 }
 
 /// Retained static facts about a device.
@@ -72,6 +76,9 @@ pub struct Info {
     /// Discrete NVIDIA GPUs as NVML reports them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub gpus: Vec<GpuInfo>,
+    /// The inference engines this robot can run models on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engines: Option<EnginesInfo>,
 }
 
 /// One mounted filesystem.
@@ -409,6 +416,16 @@ pub struct BenchReport {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peak_rss_bytes: Option<u64>,
     pub passed: bool,
+    /// The engine the figures above are for: the one chosen, or the best one tried when
+    /// none passed (absent from an agent that had only tract).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine: Option<EngineKind>,
+    /// The engine the incumbent's figure was measured on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub incumbent_engine: Option<EngineKind>,
+    /// Every engine measured in the same run, in order of preference.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub engines: Vec<EngineBench>,
 }
 
 /// A one-off operation for one device.

@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+use botfleet_protocol::engine::{EngineBench, EngineKind, EnginesInfo, OnnxRuntimeInfo};
 use botfleet_protocol::manifest::{
     Artifact, Compatibility, Gate, ModelFormat, Provenance, Quantization, Reference, Sha256Digest,
     reference_input,
@@ -89,6 +90,7 @@ fn manifest() -> Manifest {
         issued_at: ts("2026-11-28T10:00:00Z"),
         expires_at: ts("2036-11-28T10:00:00Z"),
         allow_downgrade: false,
+        engines: Default::default(),
     }
 }
 
@@ -177,6 +179,7 @@ fn status_matches_its_fixture() {
                     release: 1,
                     sha256: digest(),
                     since: ts("2026-11-28T09:00:00Z"),
+                    engine: Some(EngineKind::OnnxruntimeTensorrtFp16),
                 },
             )]),
             desired_generation: Some(3),
@@ -240,6 +243,29 @@ fn info_matches_its_fixture() {
                 gpu: Some("ga10b".into()),
             }),
             gpus: vec![],
+            engines: Some(EnginesInfo {
+                available: vec![
+                    EngineKind::OnnxruntimeTensorrtInt8,
+                    EngineKind::OnnxruntimeTensorrtFp16,
+                    EngineKind::OnnxruntimeTensorrt,
+                    EngineKind::OnnxruntimeCuda,
+                    EngineKind::OnnxruntimeCpu,
+                    EngineKind::Tract,
+                ],
+                onnxruntime: Some(OnnxRuntimeInfo {
+                    version: "1.20.0".into(),
+                    library: "/usr/lib/aarch64-linux-gnu/libonnxruntime.so.1.20.0".into(),
+                    providers: vec![
+                        "TensorrtExecutionProvider".into(),
+                        "CUDAExecutionProvider".into(),
+                        "CPUExecutionProvider".into(),
+                    ],
+                }),
+                unavailable: BTreeMap::new(),
+                cuda: Some("12.6".into()),
+                tensorrt: Some("10.3.0".into()),
+                gpu_compute_capability: Some("8.7".into()),
+            }),
         },
     );
 }
@@ -346,6 +372,32 @@ fn every_event_stage_matches_its_fixture() {
             reference_max_abs_err: Some(0.0004),
             peak_rss_bytes: Some(96_468_992),
             passed: false,
+            engine: Some(EngineKind::OnnxruntimeCuda),
+            incumbent_engine: Some(EngineKind::OnnxruntimeCuda),
+            engines: vec![
+                EngineBench {
+                    engine: EngineKind::OnnxruntimeCuda,
+                    load_ms: 900,
+                    p50_ms: Some(21.0),
+                    p99_ms: Some(24.5),
+                    reference_max_abs_err: Some(0.0004),
+                    peak_rss_bytes: Some(96_468_992),
+                    cached: false,
+                    passed: false,
+                    reason: Some("p99 24.50 ms is over the budget of 20.00 ms".into()),
+                },
+                EngineBench {
+                    engine: EngineKind::Tract,
+                    load_ms: 120,
+                    p50_ms: Some(48.0),
+                    p99_ms: Some(52.0),
+                    reference_max_abs_err: Some(0.0001),
+                    peak_rss_bytes: Some(60_000_000),
+                    cached: false,
+                    passed: false,
+                    reason: Some("p99 52.00 ms is over the budget of 20.00 ms".into()),
+                },
+            ],
         }),
         Stage::Active {
             previous: Some(digest()),

@@ -34,6 +34,7 @@ fn manifest(expires_at: &str) -> Manifest {
         issued_at: "2026-01-01T00:00:00Z".parse().unwrap(),
         expires_at: expires_at.parse().unwrap(),
         allow_downgrade: false,
+        engines: Default::default(),
     }
 }
 

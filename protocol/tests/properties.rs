@@ -197,6 +197,7 @@ fn status() -> impl Strategy<Value = Status> {
                             release,
                             sha256,
                             since,
+                            engine: None,
                         };
                         (slot, model)
                     })
@@ -300,6 +301,7 @@ fn test_manifest() -> Manifest {
         issued_at: "2026-01-01T00:00:00Z".parse().unwrap(),
         expires_at: "2036-01-01T00:00:00Z".parse().unwrap(),
         allow_downgrade: false,
+        engines: Default::default(),
     }
 }
 

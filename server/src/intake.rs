@@ -320,6 +320,7 @@ pub fn build_manifest(
         issued_at: now,
         expires_at,
         allow_downgrade: false,
+        engines: Default::default(),
     })
 }
 

@@ -163,6 +163,9 @@ impl Reconciler {
             reference_max_abs_err: ref_err,
             peak_rss_bytes: peak,
             passed: verdict.is_ok(),
+            engine: None,
+            incumbent_engine: None,
+            engines: vec![],
         };
         info!(p50_ms = report.p50_ms, p99_ms = report.p99_ms, peak_rss_bytes = ?peak, passed = report.passed, "benchmarked");
         Ok((load_ms, report, verdict.map_err(Outcome::Rejected)))

@@ -95,6 +95,7 @@ pub fn host_info(device: &DeviceId, root: &Path) -> Info {
         disks: super::host::disks(),
         jetson: None,
         gpus: Vec::new(),
+        engines: None,
     }
 }
 

@@ -211,6 +211,9 @@ mod tests {
             reference_max_abs_err: Some(1e-5),
             peak_rss_bytes: None,
             passed: true,
+            engine: None,
+            incumbent_engine: None,
+            engines: vec![],
         })
     }
 

@@ -266,6 +266,9 @@ fn the_gate_pauses_when_the_fleet_median_p99_regresses_too_much() {
             reference_max_abs_err: None,
             peak_rss_bytes: None,
             passed: true,
+            engine: None,
+            incumbent_engine: None,
+            engines: vec![],
         })
     };
     let mut r = Rollout::new(rid("r-1"), model(), t(0), strategy, &names(6));
