@@ -2,7 +2,8 @@
 
 use std::path::Path;
 
-use botfleet_engine::{Model, benchmark, reference_inputs};
+use botfleet_engine::{Engines, LoadOptions, Model, benchmark, reference_inputs};
+use botfleet_protocol::engine::EngineKind;
 use botfleet_protocol::manifest::{Artifact, Gate, ModelFormat, Quantization, Sha256Digest};
 use botfleet_protocol::tensor::{DataType, TensorSpec};
 use botfleet_protocol::{ExpiryCheck, Manifest, ManifestSigner, SlotName, TrustedKeys};
@@ -32,6 +33,7 @@ pub enum BenchError {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BenchResult {
     pub model: String,
+    pub engine: EngineKind,
     pub load_ms: f64,
     pub warmup: u32,
     pub runs: u32,
@@ -63,6 +65,8 @@ pub fn parse_input(spec: &str) -> Result<TensorSpec, BenchError> {
 
 /// Loads `model` with `inputs` and benchmarks it on the deterministic reference input.
 pub fn run(
+    engines: &Engines,
+    engine: EngineKind,
     model: &Path,
     inputs: &[TensorSpec],
     warmup: u32,
@@ -72,11 +76,12 @@ pub fn run(
         path: model.to_owned(),
         source,
     })?;
-    let loaded = Model::load(&bytes, inputs)?;
+    let loaded = engines.load(engine, &bytes, inputs, &LoadOptions::default())?;
     let input = reference_inputs(&loaded, 42)?;
     let stats = benchmark(&loaded, &input, warmup, runs)?;
     Ok(BenchResult {
         model: model.display().to_string(),
+        engine: loaded.engine(),
         load_ms: loaded.load_time().as_secs_f64() * 1e3,
         warmup,
         runs: stats.runs,
@@ -155,7 +160,15 @@ mod tests {
         let model = Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../tests/fixtures/models/ch_ppocr_mobile_v2.0_cls_infer.onnx");
         let spec = parse_input("x:FP32:1x3x48x192").unwrap();
-        let result = run(&model, &[spec], 1, 3).unwrap();
+        let result = run(
+            &Engines::tract_only(),
+            EngineKind::Tract,
+            &model,
+            &[spec],
+            1,
+            3,
+        )
+        .unwrap();
         assert_eq!(result.runs, 3);
         assert!(result.p50_ms <= result.p99_ms);
     }

@@ -61,6 +61,7 @@ pub struct Config {
     pub download: DownloadConfig,
     pub telemetry: TelemetryConfig,
     pub gate: GateConfig,
+    pub engine: EngineConfig,
     pub labels: BTreeMap<String, String>,
     pub k3s: K3sConfig,
 }
@@ -147,6 +148,13 @@ impl Default for GateConfig {
     }
 }
 
+/// Inference engines beyond tract (`[engine.onnxruntime]`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EngineConfig {
+    pub onnxruntime: botfleet_engine::OnnxRuntimeSettings,
+}
+
 /// Where device facts come from.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -182,6 +190,7 @@ impl Default for Config {
             download: DownloadConfig::default(),
             telemetry: TelemetryConfig::default(),
             gate: GateConfig::default(),
+            engine: EngineConfig::default(),
             labels: BTreeMap::new(),
             k3s: K3sConfig::default(),
         }

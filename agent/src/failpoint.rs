@@ -37,3 +37,20 @@ pub fn hit(name: &str) {
         }
     }
 }
+
+/// With `BOTFLEET_WRONG_ENGINE=<engine>` (e.g. `onnxruntime-cpu`) the gate child adds 1.0 to
+/// that engine's reference error, as an engine that computes wrong outputs would: how the
+/// tests show a wrong engine is refused for itself only. Unset, one comparison.
+pub fn skew_output(engine: botfleet_protocol::engine::EngineKind, error: f32) -> f32 {
+    static WRONG: OnceLock<Option<String>> = OnceLock::new();
+    let wrong = WRONG.get_or_init(|| {
+        std::env::var("BOTFLEET_WRONG_ENGINE")
+            .ok()
+            .filter(|p| !p.is_empty())
+    });
+    if wrong.as_deref() == Some(engine.as_str()) {
+        error + 1.0
+    } else {
+        error
+    }
+}

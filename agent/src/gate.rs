@@ -1,17 +1,26 @@
 //! The benchmark gate, run in a child process.
 //!
-//! A malformed or hostile ONNX file can panic, abort or exhaust memory inside tract. So the
-//! candidate is first loaded, checked against its reference output and benchmarked (together
-//! with the serving model, for a fair comparison) in a separate process of the agent binary
-//! (`botfleet-agent __gate`), with an address-space limit and a wall-clock deadline. The
-//! daemon only loads a model itself once the child has shown it loads and passes.
+//! A malformed or hostile ONNX file can panic, abort or exhaust memory inside an engine. So
+//! the candidate is first loaded, checked against its reference output and benchmarked on
+//! every candidate engine (together with the serving model, for a fair comparison) in a
+//! separate process of the agent binary (`botfleet-agent __gate`), with an address-space
+//! limit and a wall-clock deadline. A TensorRT engine is built there too, into the store's
+//! cache, while the incumbent keeps serving. The daemon only loads a model itself once the
+//! child has shown it loads and passes, on the engine the parent chose from the figures.
+//!
+//! The same child answers the start-up probe of ONNX Runtime, so the daemon never maps the
+//! library unless a model is to run on it.
 
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
-use botfleet_engine::{BenchStats, Model, benchmark, reference_error, reference_inputs};
-use botfleet_protocol::manifest::{Gate, Reference};
+use botfleet_engine::{
+    BenchStats, Engines, LoadOptions, Model, OnnxRuntimeSettings, benchmark, reference_error,
+    reference_inputs,
+};
+use botfleet_protocol::engine::{EngineKind, EnginesInfo};
+use botfleet_protocol::manifest::Gate;
 use botfleet_protocol::tensor::TensorSpec;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -19,15 +28,31 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 /// The first argument that turns the agent binary into a gate child.
 pub const CHILD_ARG: &str = "__gate";
 
+/// What the child is asked to do.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "request", rename_all = "snake_case")]
+pub enum ChildRequest {
+    /// Load ONNX Runtime and try its providers: what engines does this robot have?
+    Probe { onnxruntime: OnnxRuntimeSettings },
+    /// Measure a candidate model.
+    Gate(Box<GateRequest>),
+}
+
 /// What the child is asked to measure.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct GateRequest {
     pub candidate: ModelFile,
+    /// Engines to measure the candidate on, in order of preference (the candidate file's
+    /// own `engine` is ignored).
+    pub engines: Vec<EngineKind>,
     pub gate: Gate,
-    /// The model serving the slot, benchmarked in the same run when the gate compares.
+    /// The model serving the slot, benchmarked in the same run (on the engine it serves
+    /// on) when the gate compares.
     pub incumbent: Option<ModelFile>,
-    /// Address-space limit of the child, in bytes.
+    /// Address-space limit of the child, in bytes (not applied when a GPU engine runs:
+    /// CUDA reserves far more address space than it uses).
     pub memory_limit_bytes: u64,
+    pub onnxruntime: OnnxRuntimeSettings,
 }
 
 /// A model on disk with the input signature it is loaded with.
@@ -37,6 +62,28 @@ pub struct ModelFile {
     pub inputs: Vec<TensorSpec>,
     /// Seed of the benchmark input (the reference seed when there is one).
     pub seed: u64,
+    /// The engine to load it on.
+    #[serde(default = "tract")]
+    pub engine: EngineKind,
+    /// Where TensorRT keeps engines for this file, per engine kind (`{dir}/{engine}`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine_cache: Option<PathBuf>,
+}
+
+fn tract() -> EngineKind {
+    EngineKind::Tract
+}
+
+impl ModelFile {
+    fn load_options(&self, engine: EngineKind) -> LoadOptions {
+        LoadOptions {
+            tensorrt_cache: self
+                .engine_cache
+                .as_ref()
+                .filter(|_| engine.is_tensorrt())
+                .map(|d| d.join(engine.as_str())),
+        }
+    }
 }
 
 /// Latency figures, serialisable.
@@ -70,21 +117,45 @@ impl From<Stats> for BenchStats {
     }
 }
 
+/// What one engine made of the candidate.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EngineRun {
+    pub engine: EngineKind,
+    pub load_ms: u64,
+    #[serde(flatten)]
+    pub result: EngineResult,
+}
+
+/// The outcome on one engine; the parent judges it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum EngineResult {
+    Measured {
+        stats: Stats,
+        reference_max_abs_err: Option<f32>,
+        peak_rss_bytes: Option<u64>,
+        /// A TensorRT engine was found in the cache rather than built.
+        cached: bool,
+    },
+    /// The engine refused the candidate.
+    NotLoadable { message: String },
+    /// It loads but cannot produce the reference outputs.
+    WrongOutput { message: String },
+}
+
 /// What the child found.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "result", rename_all = "snake_case")]
 pub enum GateReport {
     Measured {
-        load_ms: u64,
-        candidate: Stats,
+        /// Each engine of the request, in its order.
+        engines: Vec<EngineRun>,
         incumbent: Option<Stats>,
-        reference_max_abs_err: Option<f32>,
-        peak_rss_bytes: Option<u64>,
     },
-    /// tract refused the candidate.
+    /// The candidate took the measuring down (a panic inside an engine).
     NotLoadable { message: String },
-    /// The candidate loads but cannot produce the reference outputs.
-    WrongOutput { message: String },
+    /// Engines found on this robot (answer to [`ChildRequest::Probe`]).
+    Engines { info: EnginesInfo },
 }
 
 /// Why the child gave no report.
@@ -110,7 +181,7 @@ pub enum GateError {
 /// Runs the gate in a child process of `program`.
 pub async fn run_in_child(
     program: &std::path::Path,
-    request: &GateRequest,
+    request: &ChildRequest,
     deadline: Duration,
 ) -> Result<GateReport, GateError> {
     let mut child = tokio::process::Command::new(program)
@@ -162,8 +233,12 @@ pub async fn run_in_child(
             .unwrap_or("(nothing)");
         // Rust aborts (no unwinding) when an allocation fails outside tract's own checks.
         if last.starts_with("memory allocation of") {
+            let limit = match request {
+                ChildRequest::Gate(g) => g.memory_limit_bytes,
+                ChildRequest::Probe { .. } => 0,
+            };
             return Err(GateError::OutOfMemory {
-                limit_mib: request.memory_limit_bytes / (1024 * 1024),
+                limit_mib: limit / (1024 * 1024),
                 stderr: last.chars().take(300).collect(),
             });
         }
@@ -183,26 +258,36 @@ pub fn child_main() -> u8 {
         eprintln!("cannot read the gate request: {e}");
         return 2;
     }
-    let request: GateRequest = match serde_json::from_slice(&input) {
+    let request: ChildRequest = match serde_json::from_slice(&input) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("malformed gate request: {e}");
             return 2;
         }
     };
-    if let Err(e) = rlimit::setrlimit(
-        rlimit::Resource::AS,
-        request.memory_limit_bytes,
-        request.memory_limit_bytes,
-    ) {
-        eprintln!("cannot limit memory: {e}");
-        return 2;
-    }
-    // A panic inside tract (a failed allocation under the limit, an assertion on a broken
-    // graph) becomes a report, not a backtrace the parent has to dig a reason out of.
+    // A panic inside an engine (a failed allocation under the limit, an assertion on a
+    // broken graph) becomes a report, not a backtrace the parent has to dig a reason out of.
     std::panic::set_hook(Box::new(|_| {}));
-    let report = std::panic::catch_unwind(|| measure(&request))
-        .unwrap_or_else(|payload| panic_report(payload.as_ref(), request.memory_limit_bytes));
+    let report = match &request {
+        ChildRequest::Probe { onnxruntime } => GateReport::Engines {
+            info: Engines::probe(onnxruntime).info().clone(),
+        },
+        ChildRequest::Gate(request) => {
+            if !uses_gpu(request)
+                && let Err(e) = rlimit::setrlimit(
+                    rlimit::Resource::AS,
+                    request.memory_limit_bytes,
+                    request.memory_limit_bytes,
+                )
+            {
+                eprintln!("cannot limit memory: {e}");
+                return 2;
+            }
+            std::panic::catch_unwind(|| measure(request)).unwrap_or_else(|payload| {
+                panic_report(payload.as_ref(), request.memory_limit_bytes)
+            })
+        }
+    };
     match serde_json::to_writer(std::io::stdout(), &report) {
         Ok(()) => 0,
         Err(e) => {
@@ -212,59 +297,108 @@ pub fn child_main() -> u8 {
     }
 }
 
-fn load(file: &ModelFile) -> Result<Model, String> {
-    let bytes = std::fs::read(&file.path).map_err(|e| format!("{}: {e}", file.path.display()))?;
-    Model::load(&bytes, &file.inputs).map_err(|e| e.to_string())
+fn uses_gpu(request: &GateRequest) -> bool {
+    request.engines.iter().any(|e| e.is_gpu())
+        || request
+            .incumbent
+            .as_ref()
+            .is_some_and(|m| m.engine.is_gpu())
 }
 
-/// Loads, checks and benchmarks; pure computation, no policy (the parent judges).
+fn load(engines: &Engines, file: &ModelFile, engine: EngineKind) -> Result<Model, String> {
+    let bytes = std::fs::read(&file.path).map_err(|e| format!("{}: {e}", file.path.display()))?;
+    engines
+        .load(engine, &bytes, &file.inputs, &file.load_options(engine))
+        .map_err(|e| e.to_string())
+}
+
+/// Loads, checks and benchmarks on each engine; pure measurement, no policy (the parent
+/// judges).
 pub fn measure(request: &GateRequest) -> GateReport {
-    let started = std::time::Instant::now();
-    let candidate = match load(&request.candidate) {
-        Ok(m) => m,
-        Err(message) => return GateReport::NotLoadable { message },
-    };
-    let load_ms = started.elapsed().as_millis() as u64;
+    // The parent listed only engines its probe found; loading ONNX Runtime again here is
+    // the cost of measuring on it.
+    let engines = Engines::from_info(
+        &request.onnxruntime,
+        EnginesInfo {
+            available: request
+                .engines
+                .iter()
+                .copied()
+                .chain(request.incumbent.as_ref().map(|m| m.engine))
+                .collect(),
+            ..EnginesInfo::default()
+        },
+    );
     let gate = &request.gate;
-    let reference_max_abs_err = match gate
-        .reference
-        .as_ref()
-        .map(|r: &Reference| reference_error(&candidate, r))
-    {
-        None => None,
-        Some(Ok(err)) => Some(err),
-        Some(Err(e)) => {
-            return GateReport::WrongOutput {
-                message: e.to_string(),
-            };
-        }
-    };
     let bench = |model: &Model, seed: u64| {
         reference_inputs(model, seed)
             .and_then(|inputs| benchmark(model, &inputs, gate.warmup_runs, gate.runs))
             .map(Stats::from)
     };
-    let candidate_stats = match bench(&candidate, request.candidate.seed) {
-        Ok(s) => s,
-        Err(e) => {
-            return GateReport::NotLoadable {
+    let mut runs = Vec::with_capacity(request.engines.len());
+    for &engine in &request.engines {
+        reset_peak_rss();
+        let cached = request
+            .candidate
+            .load_options(engine)
+            .tensorrt_cache
+            .is_some_and(|dir| dir_has_files(&dir));
+        let started = std::time::Instant::now();
+        let loaded = load(&engines, &request.candidate, engine);
+        let load_ms = started.elapsed().as_millis() as u64;
+        let result = match loaded {
+            Err(message) => EngineResult::NotLoadable { message },
+            Ok(model) => measure_one(&model, gate, request.candidate.seed, cached, &bench),
+        };
+        runs.push(EngineRun {
+            engine,
+            load_ms,
+            result,
+        });
+    }
+    // The serving model loaded fine before; if it no longer does, the comparison is skipped.
+    let incumbent = request.incumbent.as_ref().and_then(|file| {
+        load(&engines, file, file.engine)
+            .ok()
+            .and_then(|m| bench(&m, file.seed).ok())
+    });
+    GateReport::Measured {
+        engines: runs,
+        incumbent,
+    }
+}
+
+fn measure_one(
+    model: &Model,
+    gate: &Gate,
+    seed: u64,
+    cached: bool,
+    bench: &dyn Fn(&Model, u64) -> Result<Stats, botfleet_engine::EngineError>,
+) -> EngineResult {
+    let reference_max_abs_err = match gate.reference.as_ref().map(|r| reference_error(model, r)) {
+        None => None,
+        Some(Ok(err)) => Some(crate::failpoint::skew_output(model.engine(), err)),
+        Some(Err(e)) => {
+            return EngineResult::WrongOutput {
                 message: e.to_string(),
             };
         }
     };
-    drop(candidate);
-    // The serving model loaded fine before; if it no longer does, the comparison is skipped.
-    let incumbent = request
-        .incumbent
-        .as_ref()
-        .and_then(|file| load(file).ok().and_then(|m| bench(&m, file.seed).ok()));
-    GateReport::Measured {
-        load_ms,
-        candidate: candidate_stats,
-        incumbent,
-        reference_max_abs_err,
-        peak_rss_bytes: peak_rss(),
+    match bench(model, seed) {
+        Ok(stats) => EngineResult::Measured {
+            stats,
+            reference_max_abs_err,
+            peak_rss_bytes: peak_rss(),
+            cached,
+        },
+        Err(e) => EngineResult::NotLoadable {
+            message: e.to_string(),
+        },
     }
+}
+
+fn dir_has_files(dir: &std::path::Path) -> bool {
+    std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_some())
 }
 
 /// The report for a panic while measuring. A panic payload is only text; an allocation
@@ -278,13 +412,19 @@ fn panic_report(payload: &(dyn std::any::Any + Send), limit_bytes: u64) -> GateR
     let text: String = text.chars().take(300).collect();
     let message = if text.contains("allocate") {
         format!(
-            "out of memory: tract needed more than the {} MiB limit ({text})",
+            "out of memory: the engine needed more than the {} MiB limit ({text})",
             limit_bytes / (1024 * 1024)
         )
     } else {
-        format!("tract panicked: {text}")
+        format!("the engine panicked: {text}")
     };
     GateReport::NotLoadable { message }
+}
+
+/// Starts a new peak-RSS window for this process (`VmHWM`), so each engine's figure is
+/// its own. Best effort: without it, a later engine's peak includes the earlier ones'.
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", b"5");
 }
 
 /// VmHWM of this process, where /proc tells it.

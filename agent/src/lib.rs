@@ -13,6 +13,7 @@
 pub mod backoff;
 pub mod bench;
 pub mod config;
+pub mod engines;
 pub mod failpoint;
 pub mod fetch;
 pub mod gate;
@@ -124,7 +125,33 @@ pub async fn start(config: Config) -> Result<Running, AgentError> {
     let store = Store::open(&settings.config.data_dir)?;
     let state = store.load_state()?;
     let slots = Arc::new(Slots::default());
-    rollout::restore(&store, &settings.trusted, &slots, &state).await;
+    let gate = rollout::GateSettings {
+        program: gate_program(&settings.config.gate.program),
+        memory_limit_bytes: settings
+            .config
+            .gate
+            .memory_limit_mb
+            .saturating_mul(1024 * 1024),
+        timeout: Duration::from_secs(settings.config.gate.timeout_s),
+    };
+    let engines =
+        Arc::new(engines::probe(&settings.config.engine.onnxruntime, &gate.program).await);
+    let mut sampler = telemetry::Sampler::new(
+        settings.device_id.clone(),
+        &settings.config.data_dir,
+        &settings.config.telemetry,
+    );
+    sampler.set_engines(engines.info().clone());
+    let engine_key = engines::cache_key(engines.info(), &sampler.engine_hardware());
+    rollout::restore(
+        &store,
+        &settings.trusted,
+        &engines,
+        &engine_key,
+        &slots,
+        &state,
+    )
+    .await;
 
     let listen = settings.config.inference.listen;
     let listener = tokio::net::TcpListener::bind(listen)
@@ -175,11 +202,7 @@ pub async fn start(config: Config) -> Result<Running, AgentError> {
         publisher: publisher.clone(),
         slots: Arc::clone(&slots),
         labels: settings.config.labels.clone(),
-        sampler: telemetry::Sampler::new(
-            settings.device_id.clone(),
-            &settings.config.data_dir,
-            &settings.config.telemetry,
-        ),
+        sampler,
         interval: settings.telemetry_interval(),
         heartbeat: heartbeat_tx,
         k3s: k3s::helper::Handoff::new(&settings.config.data_dir),
@@ -208,15 +231,9 @@ pub async fn start(config: Config) -> Result<Running, AgentError> {
             attempts: settings.config.download.attempts.max(1),
             retry_initial: Duration::from_millis(settings.config.download.retry_initial_ms),
         },
-        gate: rollout::GateSettings {
-            program: gate_program(&settings.config.gate.program),
-            memory_limit_bytes: settings
-                .config
-                .gate
-                .memory_limit_mb
-                .saturating_mul(1024 * 1024),
-            timeout: Duration::from_secs(settings.config.gate.timeout_s),
-        },
+        gate,
+        engines,
+        engine_key,
         board: telemetry::board_at(&settings.config.telemetry.root),
         processed: processed_tx,
         state,

@@ -59,6 +59,11 @@ enum Sub {
         runs: u32,
         #[arg(long, default_value_t = 3)]
         warmup: u32,
+        /// Engine to run on: tract, onnxruntime-cpu, onnxruntime-cuda, onnxruntime-tensorrt,
+        /// onnxruntime-tensorrt-fp16, onnxruntime-tensorrt-int8 (ONNX Runtime from
+        /// [engine.onnxruntime] library or ORT_DYLIB_PATH).
+        #[arg(long, default_value = "tract")]
+        engine: botfleet_protocol::engine::EngineKind,
         /// Print one JSON object.
         #[arg(long)]
         json: bool,
@@ -139,8 +144,9 @@ fn main() -> ExitCode {
             inputs,
             runs,
             warmup,
+            engine,
             json,
-        }) => bench_main(&model, &inputs, warmup, runs, json),
+        }) => bench_main(&config, &model, &inputs, (warmup, runs), engine, json),
         Some(Sub::K3s(cmd)) => runtime.block_on(k3s_main(&config, cmd)),
         None => {
             tracing::info!(
@@ -189,10 +195,11 @@ async fn serve(config: Config) -> ExitCode {
 }
 
 fn bench_main(
+    config: &botfleet_agent::config::Config,
     model: &std::path::Path,
     inputs: &[String],
-    warmup: u32,
-    runs: u32,
+    (warmup, runs): (u32, u32),
+    engine: botfleet_protocol::engine::EngineKind,
     json: bool,
 ) -> ExitCode {
     let specs = match inputs
@@ -206,7 +213,12 @@ fn bench_main(
             return ExitCode::from(2);
         }
     };
-    match bench::run(model, &specs, warmup, runs) {
+    let engines = if engine == botfleet_protocol::engine::EngineKind::Tract {
+        botfleet_engine::Engines::tract_only()
+    } else {
+        botfleet_engine::Engines::probe(&config.engine.onnxruntime)
+    };
+    match bench::run(&engines, engine, model, &specs, warmup, runs) {
         Ok(r) if json => match serde_json::to_string(&r) {
             Ok(text) => {
                 println!("{text}");

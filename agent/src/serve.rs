@@ -4,6 +4,7 @@
 mod binary;
 mod tensors;
 
+use botfleet_protocol::engine::EngineKind;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -134,15 +135,25 @@ fn metadata(
     Ok(Json(json!({
         "name": name,
         "versions": [m.version],
-        "platform": "onnx_tract",
+        "platform": platform(model.model.engine()),
         "inputs": ports(&m.inputs),
         "outputs": ports(&m.outputs),
         "parameters": {
             "release": m.release,
             "sha256": m.artifact.sha256,
             "quantization": m.artifact.quantization,
+            "engine": model.model.engine(),
         },
     })))
+}
+
+/// KServe's platform name for the engine serving a model.
+fn platform(engine: EngineKind) -> &'static str {
+    match engine {
+        EngineKind::Tract => "onnx_tract",
+        EngineKind::OnnxruntimeCpu | EngineKind::OnnxruntimeCuda => "onnxruntime_onnx",
+        _ => "onnxruntime_tensorrt",
+    }
 }
 
 async fn model_metadata(
@@ -228,6 +239,7 @@ async fn run_inference(
         "model_name": name,
         "model_version": model.manifest.version,
         "id": id,
+        "parameters": { "engine": model.model.engine() },
         "outputs": outputs,
     });
     if binary.is_empty() {

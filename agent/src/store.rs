@@ -77,6 +77,9 @@ pub struct InstalledModel {
     /// The model it replaced, kept on disk for an instant rollback (one level deep).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub previous: Option<Box<InstalledModel>>,
+    /// The engine the gate chose for it (absent: tract, from before there were engines).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine: Option<botfleet_protocol::engine::EngineKind>,
 }
 
 /// The model store under one data directory.
@@ -123,15 +126,22 @@ impl Store {
         Ok(to)
     }
 
-    /// Removes committed artifacts that `keep` does not name, and partial downloads of
-    /// them; returns how many files went.
+    /// Where compiled engines for the artifact `sha` live (TensorRT plans and timing
+    /// caches), one folder per `key` (engine, library versions, GPU): collected with the
+    /// artifact.
+    pub fn engine_cache(&self, sha: &Sha256Digest, key: &str) -> PathBuf {
+        self.root.join("engines").join(sha.to_hex()).join(key)
+    }
+
+    /// Removes committed artifacts that `keep` does not name, partial downloads of them
+    /// and their compiled engines; returns how many files (or engine folders) went.
     pub fn collect_garbage(
         &self,
         keep: &[Sha256Digest],
         downloading: Option<&Sha256Digest>,
     ) -> usize {
         let mut removed = 0;
-        for dir in ["models", "partial"] {
+        for dir in ["models", "partial", "engines"] {
             let Ok(entries) = fs::read_dir(self.root.join(dir)) else {
                 continue;
             };
@@ -143,7 +153,16 @@ impl Store {
                     .next()
                     .and_then(|d| d.parse::<Sha256Digest>().ok());
                 let wanted = digest.is_some_and(|d| keep.contains(&d) || downloading == Some(&d));
-                if !wanted && fs::remove_file(entry.path()).is_ok() {
+                if wanted {
+                    continue;
+                }
+                let path = entry.path();
+                let gone = if path.is_dir() {
+                    fs::remove_dir_all(&path)
+                } else {
+                    fs::remove_file(&path)
+                };
+                if gone.is_ok() {
                     removed += 1;
                 }
             }
@@ -263,6 +282,7 @@ mod tests {
                     since: Timestamp::UNIX_EPOCH,
                     rollout_id: None,
                     previous: None,
+                    engine: None,
                 },
             )]),
             blocked: BTreeMap::new(),

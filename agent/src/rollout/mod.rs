@@ -12,7 +12,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use botfleet_engine::{Model, reference_inputs};
+use botfleet_engine::{Engines, LoadOptions, Model, reference_inputs};
+use botfleet_protocol::engine::EngineKind;
 use botfleet_protocol::manifest::Sha256Digest;
 use botfleet_protocol::messages::{Desired, DesiredModel, Event, RejectReason, Stage};
 use botfleet_protocol::{
@@ -57,6 +58,11 @@ pub struct Reconciler {
     pub server_url: String,
     pub limits: Limits,
     pub gate: GateSettings,
+    /// The engines this robot has (from the start-up probe).
+    pub engines: Arc<Engines>,
+    /// What compiled engines depend on besides the model (library versions, GPU, power
+    /// mode): part of their cache folder's name, so a change rebuilds them.
+    pub engine_key: String,
     pub board: Option<String>,
     /// The generation of the last desired state fully processed.
     pub processed: watch::Sender<Option<u64>>,
@@ -79,9 +85,16 @@ pub struct GateSettings {
 
 /// Loads what `state` says was serving, re-checking signature and content. A slot that fails
 /// is logged and left empty; the others serve.
-pub async fn restore(store: &Store, trusted: &TrustedKeys, slots: &Slots, state: &State) {
+pub async fn restore(
+    store: &Store,
+    trusted: &TrustedKeys,
+    engines: &Arc<Engines>,
+    engine_key: &str,
+    slots: &Slots,
+    state: &State,
+) {
     for (slot, installed) in &state.slots {
-        match restore_one(store, trusted, installed).await {
+        match restore_one(store, trusted, engines, engine_key, installed).await {
             Ok(model) => {
                 info!(slot = %slot, version = %model.manifest.version, sha256 = %model.sha256().short(), "restored model");
                 slots.swap(slot, Arc::new(model));
@@ -96,6 +109,8 @@ pub async fn restore(store: &Store, trusted: &TrustedKeys, slots: &Slots, state:
 async fn restore_one(
     store: &Store,
     trusted: &TrustedKeys,
+    engines: &Arc<Engines>,
+    engine_key: &str,
     installed: &InstalledModel,
 ) -> Result<ServingModel, String> {
     // A wrong clock must never stop serving: no expiry check for what is installed.
@@ -107,11 +122,35 @@ async fn restore_one(
         .read_checked(&manifest.artifact.sha256)
         .map_err(|e| e.to_string())?;
     let inputs = manifest.inputs.clone();
-    let model = tokio::task::spawn_blocking(move || Model::load(&bytes, &inputs))
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
+    let engine = installed.engine.unwrap_or(EngineKind::Tract);
+    let options = load_options(store, &manifest.artifact.sha256, engine_key, engine);
+    let engines = Arc::clone(engines);
+    let model = tokio::task::spawn_blocking(move || {
+        engines
+            .load(engine, &bytes, &inputs, &options)
+            .or_else(|e| {
+                // The engine it was gated on is gone (library removed, GPU lost): tract
+                // always loads what passed the gate, so the slot keeps serving.
+                if engine == EngineKind::Tract {
+                    return Err(e);
+                }
+                warn!(%engine, error = %e, "the model's engine is unavailable; serving it on tract");
+                Model::load(&bytes, &inputs)
+            })
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| e.to_string())?;
     Ok(ServingModel::new(model, manifest, installed.since))
+}
+
+/// Where `engine` keeps compiled plans for `sha`, for TensorRT engines.
+fn load_options(store: &Store, sha: &Sha256Digest, key: &str, engine: EngineKind) -> LoadOptions {
+    LoadOptions {
+        tensorrt_cache: engine
+            .is_tensorrt()
+            .then(|| store.engine_cache(sha, key).join(engine.as_str())),
+    }
 }
 
 /// One inference before a model takes traffic, so the first request pays no first-run cost.
@@ -322,6 +361,7 @@ impl Reconciler {
         // Load, check and benchmark in a child process first: a hostile file dies there.
         let report = self.gate(&manifest, incumbent.as_deref()).await?;
         let (load_ms, report, verdict) = report;
+        let engine = verdict.as_ref().ok().copied();
         self.emit(
             slot,
             model.rollout_id.as_ref(),
@@ -335,12 +375,21 @@ impl Reconciler {
             Stage::Benchmarked(report),
         );
         verdict?;
+        let engine = engine.unwrap_or(EngineKind::Tract);
 
-        // Proven in the child; now load it here and warm it up before it takes traffic.
+        // Proven in the child; now load it here on the chosen engine (a TensorRT plan comes
+        // from the cache the child filled) and warm it up before it takes traffic.
         let inputs = manifest.inputs.clone();
         let seed = manifest.gate.input_seed();
+        let options = load_options(
+            &self.store,
+            &manifest.artifact.sha256,
+            &self.engine_key,
+            engine,
+        );
+        let engines = Arc::clone(&self.engines);
         let loaded = tokio::task::spawn_blocking(move || {
-            let model = Model::load(&bytes, &inputs)?;
+            let model = engines.load(engine, &bytes, &inputs, &options)?;
             warm_up(&model, seed)?;
             Ok::<_, botfleet_engine::EngineError>(model)
         })
@@ -375,6 +424,7 @@ impl Reconciler {
                 since,
                 rollout_id: model.rollout_id.clone(),
                 previous,
+                engine: Some(loaded.engine()),
             },
         );
         next.blocked.remove(slot);
@@ -389,7 +439,7 @@ impl Reconciler {
         let started = Instant::now();
         let replaced = self.slots.swap(slot, Arc::clone(&serving));
         let swap_micros = started.elapsed().as_micros() as u64;
-        info!(%version, swap_micros, "model active");
+        info!(%version, engine = %serving.model.engine(), swap_micros, "model active");
         self.emit(
             slot,
             model.rollout_id.as_ref(),

@@ -4,11 +4,13 @@
 use std::collections::{BTreeMap, HashSet};
 
 use botfleet_engine::BenchStats;
-
-use crate::slots::Health;
+use botfleet_protocol::engine::{EngineBench, EngineKind, EnginePolicy};
 use botfleet_protocol::manifest::{Gate, Sha256Digest};
 use botfleet_protocol::messages::{Desired, DesiredModel, RejectReason};
 use botfleet_protocol::{Manifest, SlotName};
+
+use crate::gate::{EngineResult, EngineRun};
+use crate::slots::Health;
 
 /// Slots whose desired signed manifest is neither installed nor already refused.
 pub fn changes<'a>(
@@ -190,6 +192,147 @@ pub fn judge(
     Ok(())
 }
 
+/// An engine within this share of the fastest p99 still wins when the manifest (or `auto`)
+/// prefers it: a GPU engine a little slower than the CPU one leaves the CPU to the robot.
+pub const PREFERENCE_MARGIN: f64 = 0.10;
+
+/// The engine to serve on, from those that passed, in order of preference with their p99:
+/// the first within [`PREFERENCE_MARGIN`] of the fastest.
+pub fn choose(passed: &[(EngineKind, f64)]) -> Option<EngineKind> {
+    let fastest = passed.iter().map(|(_, p99)| *p99).reduce(f64::min)?;
+    passed
+        .iter()
+        .find(|(_, p99)| *p99 <= fastest * (1.0 + PREFERENCE_MARGIN))
+        .map(|(engine, _)| *engine)
+}
+
+/// The gate's verdict over every engine measured.
+#[derive(Debug, Clone)]
+pub struct Judged {
+    /// Per engine, in the order measured, with why it did not pass.
+    pub benches: Vec<EngineBench>,
+    /// The engine to serve on, if any passed.
+    pub choice: Option<EngineKind>,
+    /// The fastest engine that produced figures, passed or not (for the event's headline).
+    pub best_measured: Option<EngineKind>,
+    /// Why the model is refused when none passed.
+    pub refusal: Refusal,
+}
+
+/// Judges each engine's run against the gate (the reference tolerance of its precision)
+/// and chooses among those that pass.
+pub fn judge_engines(
+    gate: &Gate,
+    policy: &EnginePolicy,
+    runs: &[EngineRun],
+    incumbent: Option<&BenchStats>,
+) -> Judged {
+    let mut benches = Vec::with_capacity(runs.len());
+    let mut passed = Vec::new();
+    let mut refusals: Vec<(EngineKind, Refusal)> = Vec::new();
+    for run in runs {
+        let mut bench = EngineBench {
+            engine: run.engine,
+            load_ms: run.load_ms,
+            p50_ms: None,
+            p99_ms: None,
+            reference_max_abs_err: None,
+            peak_rss_bytes: None,
+            cached: false,
+            passed: false,
+            reason: None,
+        };
+        let verdict = match &run.result {
+            EngineResult::NotLoadable { message } => {
+                Err((RejectReason::NotLoadable, message.clone()))
+            }
+            EngineResult::WrongOutput { message } => {
+                Err((RejectReason::WrongOutput, message.clone()))
+            }
+            EngineResult::Measured {
+                stats,
+                reference_max_abs_err,
+                peak_rss_bytes,
+                cached,
+            } => {
+                bench.p50_ms = Some(stats.p50_ms);
+                bench.p99_ms = Some(stats.p99_ms);
+                bench.reference_max_abs_err = *reference_max_abs_err;
+                bench.peak_rss_bytes = *peak_rss_bytes;
+                bench.cached = *cached;
+                // Each precision is checked against its own tolerance.
+                let mut engine_gate = gate.clone();
+                if let Some(reference) = engine_gate.reference.as_mut() {
+                    match policy.tolerance_for(run.engine, reference.tolerance) {
+                        Some(t) => reference.tolerance = t,
+                        None => reference.tolerance = 0.0,
+                    }
+                }
+                let stats: BenchStats = (*stats).into();
+                judge(
+                    &engine_gate,
+                    &stats,
+                    incumbent,
+                    *reference_max_abs_err,
+                    *peak_rss_bytes,
+                )
+            }
+        };
+        match verdict {
+            Ok(()) => {
+                bench.passed = true;
+                if let Some(p99) = bench.p99_ms {
+                    passed.push((run.engine, p99));
+                }
+            }
+            Err(refusal) => {
+                bench.reason = Some(refusal.1.clone());
+                refusals.push((run.engine, refusal));
+            }
+        }
+        benches.push(bench);
+    }
+    let best_measured = benches
+        .iter()
+        .filter_map(|b| b.p99_ms.map(|p| (b.engine, p)))
+        .min_by(|a, b| a.1.total_cmp(&b.1))
+        .map(|(e, _)| e);
+    let refusal = refusal_of(&refusals, best_measured);
+    Judged {
+        benches,
+        choice: choose(&passed),
+        best_measured,
+        refusal,
+    }
+}
+
+/// One reason for a model no engine passed: the engines' own when they agree on the kind
+/// (all wrong outputs, all unloadable), else a missed gate, naming each engine's reason.
+fn refusal_of(refusals: &[(EngineKind, Refusal)], best: Option<EngineKind>) -> Refusal {
+    let Some((_, first)) = refusals.first() else {
+        return (
+            RejectReason::GateMissed,
+            "no engine was measured".to_owned(),
+        );
+    };
+    if refusals.len() == 1 {
+        return first.clone();
+    }
+    let kind = if refusals.iter().all(|(_, r)| r.0 == first.0) {
+        first.0
+    } else if let Some((_, r)) = refusals.iter().find(|(e, _)| Some(*e) == best) {
+        r.0
+    } else {
+        RejectReason::GateMissed
+    };
+    let message = refusals
+        .iter()
+        .map(|(e, r)| format!("{e}: {}", r.1))
+        .collect::<Vec<_>>()
+        .join("; ");
+    (kind, message)
+}
+
 /// Why a serving model is unhealthy, if it is, judged on at least `min_requests`.
 pub fn unhealthy(gate: &Gate, health: &Health, min_requests: u64) -> Option<String> {
     if health.requests < min_requests {
@@ -219,6 +362,26 @@ pub fn unhealthy(gate: &Gate, health: &Health, min_requests: u64) -> Option<Stri
 mod tests {
     use super::*;
     use botfleet_protocol::manifest::Reference;
+
+    #[test]
+    fn the_fastest_engine_wins_unless_a_preferred_one_is_within_the_margin() {
+        use EngineKind::*;
+        assert_eq!(choose(&[]), None);
+        assert_eq!(
+            choose(&[(OnnxruntimeCpu, 5.0), (Tract, 20.0)]),
+            Some(OnnxruntimeCpu)
+        );
+        assert_eq!(
+            choose(&[(OnnxruntimeCpu, 20.0), (Tract, 5.0)]),
+            Some(Tract),
+            "preference does not buy a 4x slowdown"
+        );
+        assert_eq!(
+            choose(&[(OnnxruntimeCuda, 5.4), (OnnxruntimeCpu, 5.0)]),
+            Some(OnnxruntimeCuda),
+            "within 10 %: the preferred one"
+        );
+    }
 
     fn stats(p99: f64) -> BenchStats {
         BenchStats {

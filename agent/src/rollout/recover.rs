@@ -193,7 +193,14 @@ impl Reconciler {
             .previous
             .clone()
             .ok_or_else(|| format!("slot {slot} keeps no previous model"))?;
-        let restored = restore_one(&self.store, &self.trusted, &previous).await?;
+        let restored = restore_one(
+            &self.store,
+            &self.trusted,
+            &self.engines,
+            &self.engine_key,
+            &previous,
+        )
+        .await?;
         let warm_model = restored.model.clone();
         let seed = restored.manifest.gate.input_seed();
         tokio::task::spawn_blocking(move || warm_up(&warm_model, seed))

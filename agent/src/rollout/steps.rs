@@ -1,6 +1,7 @@
 //! The two slow steps of an install: getting the artifact, and the benchmark gate.
 
 use botfleet_engine::BenchStats;
+use botfleet_protocol::engine::{EngineBench, EngineKind};
 use botfleet_protocol::manifest::Sha256Digest;
 use botfleet_protocol::messages::{BenchReport, DesiredModel, RejectReason, Stage};
 use botfleet_protocol::{Manifest, SlotName, Verified};
@@ -8,7 +9,9 @@ use tracing::info;
 
 use super::{Outcome, Reconciler, plan};
 use crate::fetch::{self, FetchError};
-use crate::gate::{self, GateError, GateReport, GateRequest, ModelFile};
+use crate::gate::{
+    self, ChildRequest, EngineResult, GateError, GateReport, GateRequest, ModelFile,
+};
 use crate::slots::ServingModel;
 
 impl Reconciler {
@@ -96,19 +99,38 @@ impl Reconciler {
         }
     }
 
-    /// Runs the gate child on the committed candidate (and the incumbent, when the gate
-    /// compares) and judges its numbers.
+    /// Runs the gate child on the committed candidate, on every engine the manifest allows
+    /// and this robot has (and the incumbent, when the gate compares), judges each engine's
+    /// numbers and chooses the one to serve on.
     pub(super) async fn gate(
         &self,
         manifest: &Verified<Manifest>,
         incumbent: Option<&ServingModel>,
-    ) -> Result<(u64, BenchReport, Result<(), Outcome>), Outcome> {
+    ) -> Result<(u64, BenchReport, Result<EngineKind, Outcome>), Outcome> {
+        let has_reference = manifest.gate.reference.is_some();
+        let engines = manifest
+            .engines
+            .select(self.engines.available(), has_reference);
+        if engines.is_empty() {
+            return Err(Outcome::Rejected((
+                RejectReason::Incompatible,
+                format!(
+                    "none of the engines the manifest allows ({:?}) runs on this robot (available: {})",
+                    manifest.engines.candidates,
+                    names(self.engines.available())
+                ),
+            )));
+        }
+        let sha = manifest.artifact.sha256;
         let request = GateRequest {
             candidate: ModelFile {
-                path: self.store.model_path(&manifest.artifact.sha256),
+                path: self.store.model_path(&sha),
                 inputs: manifest.inputs.clone(),
                 seed: manifest.gate.input_seed(),
+                engine: EngineKind::Tract,
+                engine_cache: Some(self.store.engine_cache(&sha, &self.engine_key)),
             },
+            engines,
             gate: manifest.gate.clone(),
             incumbent: incumbent
                 .filter(|_| manifest.gate.max_regression.is_some())
@@ -116,29 +138,24 @@ impl Reconciler {
                     path: self.store.model_path(&m.sha256()),
                     inputs: m.manifest.inputs.clone(),
                     seed: m.manifest.gate.input_seed(),
+                    engine: m.model.engine(),
+                    engine_cache: Some(self.store.engine_cache(&m.sha256(), &self.engine_key)),
                 }),
             memory_limit_bytes: self.gate.memory_limit_bytes,
+            onnxruntime: self.engines.settings().clone(),
         };
-        let report = gate::run_in_child(&self.gate.program, &request, self.gate.timeout).await;
-        let (load_ms, candidate, incumbent, ref_err, peak) = match report {
-            Ok(GateReport::Measured {
-                load_ms,
-                candidate,
-                incumbent,
-                reference_max_abs_err,
-                peak_rss_bytes,
-            }) => (
-                load_ms,
-                candidate,
-                incumbent,
-                reference_max_abs_err,
-                peak_rss_bytes,
-            ),
+        let incumbent_engine = request.incumbent.as_ref().map(|m| m.engine);
+        let child = ChildRequest::Gate(Box::new(request));
+        let report = gate::run_in_child(&self.gate.program, &child, self.gate.timeout).await;
+        let (runs, incumbent_stats) = match report {
+            Ok(GateReport::Measured { engines, incumbent }) => (engines, incumbent),
             Ok(GateReport::NotLoadable { message }) => {
                 return Err(Outcome::Rejected((RejectReason::NotLoadable, message)));
             }
-            Ok(GateReport::WrongOutput { message }) => {
-                return Err(Outcome::Rejected((RejectReason::WrongOutput, message)));
+            Ok(GateReport::Engines { .. }) => {
+                return Err(Outcome::Failed(
+                    "benchmark process answered a probe to a gate request".into(),
+                ));
             }
             Err(e @ GateError::Spawn { .. }) => return Err(Outcome::Failed(e.to_string())),
             Err(e @ GateError::TimedOut(_)) => {
@@ -151,23 +168,61 @@ impl Reconciler {
                 )));
             }
         };
-        let stats: BenchStats = candidate.into();
-        let incumbent: Option<BenchStats> = incumbent.map(Into::into);
-        let verdict = plan::judge(&manifest.gate, &stats, incumbent.as_ref(), ref_err, peak);
-        let report = BenchReport {
-            runs: stats.runs,
-            p50_ms: stats.p50_ms,
-            p99_ms: stats.p99_ms,
-            mean_ms: stats.mean_ms,
-            incumbent_p99_ms: incumbent.map(|s| s.p99_ms),
-            reference_max_abs_err: ref_err,
-            peak_rss_bytes: peak,
-            passed: verdict.is_ok(),
-            engine: None,
-            incumbent_engine: None,
-            engines: vec![],
+        let incumbent_stats: Option<BenchStats> = incumbent_stats.map(Into::into);
+        let judged = plan::judge_engines(
+            &manifest.gate,
+            &manifest.engines,
+            &runs,
+            incumbent_stats.as_ref(),
+        );
+        let load_ms = runs.iter().map(|r| r.load_ms).max().unwrap_or(0);
+        let shown = judged
+            .choice
+            .or(judged.best_measured)
+            .and_then(|e| judged.benches.iter().find(|b| b.engine == e));
+        let stats_of = |b: Option<&EngineBench>| {
+            b.and_then(|b| b.p99_ms.zip(b.p50_ms))
+                .map(|(p99, p50)| (p50, p99))
         };
-        info!(p50_ms = report.p50_ms, p99_ms = report.p99_ms, peak_rss_bytes = ?peak, passed = report.passed, "benchmarked");
-        Ok((load_ms, report, verdict.map_err(Outcome::Rejected)))
+        let (p50_ms, p99_ms) = stats_of(shown).unwrap_or((0.0, 0.0));
+        let mean_ms = shown
+            .and_then(|b| runs.iter().find(|r| r.engine == b.engine))
+            .and_then(|r| match &r.result {
+                EngineResult::Measured { stats, .. } => Some(stats.mean_ms),
+                _ => None,
+            })
+            .unwrap_or(0.0);
+        let report = BenchReport {
+            runs: manifest.gate.runs.max(1),
+            p50_ms,
+            p99_ms,
+            mean_ms,
+            incumbent_p99_ms: incumbent_stats.as_ref().map(|s| s.p99_ms),
+            reference_max_abs_err: shown.and_then(|b| b.reference_max_abs_err),
+            peak_rss_bytes: shown.and_then(|b| b.peak_rss_bytes),
+            passed: judged.choice.is_some(),
+            engine: shown.map(|b| b.engine),
+            incumbent_engine: incumbent_engine.filter(|_| incumbent_stats.is_some()),
+            engines: judged.benches.clone(),
+        };
+        info!(
+            engine = ?report.engine,
+            p50_ms = report.p50_ms,
+            p99_ms = report.p99_ms,
+            peak_rss_bytes = ?report.peak_rss_bytes,
+            passed = report.passed,
+            measured = report.engines.len(),
+            "benchmarked"
+        );
+        let verdict = judged.choice.ok_or(Outcome::Rejected(judged.refusal));
+        Ok((load_ms, report, verdict))
     }
+}
+
+fn names(engines: &[EngineKind]) -> String {
+    engines
+        .iter()
+        .map(|e| e.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
 }

@@ -12,6 +12,7 @@
 //! The Jetson, thermal and machine-id readers take a root path (`[telemetry] root`), so
 //! tests run them against fixture trees shaped like real boards.
 
+pub mod engines;
 pub mod host;
 pub mod info;
 pub mod jetson;
@@ -24,8 +25,9 @@ pub mod thermal;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use botfleet_protocol::engine::EnginesInfo;
 use botfleet_protocol::manifest::Sha256Digest;
-use botfleet_protocol::messages::{Info, TELEMETRY_SCHEMA, Telemetry};
+use botfleet_protocol::messages::{Info, JetsonInfo, TELEMETRY_SCHEMA, Telemetry};
 use botfleet_protocol::{DeviceId, SlotName};
 use jiff::Timestamp;
 use sysinfo::System;
@@ -57,6 +59,8 @@ pub struct Sampler {
     process: process::SelfUsage,
     /// The artifact serving each slot at the previous sample, to count swaps.
     serving: BTreeMap<SlotName, Sha256Digest>,
+    /// What the engine probe found at start.
+    engines: Option<EnginesInfo>,
 }
 
 impl Sampler {
@@ -73,6 +77,7 @@ impl Sampler {
             nvml: nvml::NvmlProbe::open(config.nvml),
             process: process::SelfUsage::default(),
             serving: BTreeMap::new(),
+            engines: None,
         }
     }
 
@@ -82,6 +87,10 @@ impl Sampler {
         info.board = board_at(&self.root);
         info.jetson = self.jetson.info();
         info.gpus = self.nvml.info();
+        info.engines = self.engines.clone().map(|mut engines| {
+            engines.gpu_compute_capability = self.compute_capability(info.jetson.as_ref());
+            engines
+        });
         info.labels = info::labels(
             &info.arch,
             info.board.as_deref(),
@@ -89,7 +98,46 @@ impl Sampler {
             &info.gpus,
             configured,
         );
+        if let Some(engines) = &info.engines {
+            engines::add_labels(&mut info.labels, engines, configured);
+        }
         info
+    }
+
+    /// Sets what the engine probe found, for the info document.
+    pub fn set_engines(&mut self, engines: EnginesInfo) {
+        self.engines = Some(engines);
+    }
+
+    /// The GPU's compute capability: NVML on a discrete GPU, the integrated GPU's name on a
+    /// Jetson.
+    pub fn compute_capability(&self, jetson: Option<&JetsonInfo>) -> Option<String> {
+        self.nvml.compute_capability().or_else(|| {
+            jetson
+                .and_then(|j| j.gpu.as_deref())
+                .and_then(engines::jetson_compute_capability)
+                .map(str::to_owned)
+        })
+    }
+
+    /// What compiled engines depend on here besides the model: part of their cache key.
+    pub fn engine_hardware(&self) -> String {
+        let jetson = self.jetson.info();
+        let gpu = self
+            .nvml
+            .info()
+            .first()
+            .map(|g| g.name.clone())
+            .or_else(|| jetson.as_ref().and_then(|j| j.gpu.clone()));
+        [
+            gpu,
+            self.compute_capability(jetson.as_ref()),
+            jetson::power_mode(&self.root),
+        ]
+        .into_iter()
+        .map(Option::unwrap_or_default)
+        .collect::<Vec<_>>()
+        .join("|")
     }
 
     /// One telemetry message; drains the slots' inference counters.

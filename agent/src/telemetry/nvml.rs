@@ -95,6 +95,17 @@ impl NvmlProbe {
             .collect()
     }
 
+    /// The first GPU's CUDA compute capability, `major.minor`.
+    pub fn compute_capability(&self) -> Option<String> {
+        let (nvml, _) = self.nvml.as_ref()?;
+        let cc = nvml
+            .device_by_index(0)
+            .ok()?
+            .cuda_compute_capability()
+            .ok()?;
+        Some(format!("{}.{}", cc.major, cc.minor))
+    }
+
     pub fn sample(&self) -> Vec<GpuTelemetry> {
         let Some((nvml, count)) = &self.nvml else {
             return Vec::new();
