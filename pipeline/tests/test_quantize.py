@@ -7,8 +7,10 @@ from onnx import TensorProto, helper, numpy_helper
 from botfleet_pipeline import evaluate, quantize, spec
 from botfleet_pipeline.runs import Run
 
-# Measured (seed 0): PTQ accuracy 0.978 = float, agreement 1.000; QAT accuracy 0.981,
-# agreement 0.992; PTQ calibrated on constant inputs: accuracy 0.611, agreement 0.619.
+# Measured (seed 0, the run these tests make): PTQ accuracy 0.978 = float, agreement
+# 1.000; QAT accuracy 0.981, agreement 0.992; PTQ calibrated on constant inputs:
+# accuracy 0.611, agreement 0.619. Over seeds 1-3 PTQ and QAT agreement stayed >= 0.994
+# and the constant calibration's agreement was 0.64-0.83.
 MAX_ACCURACY_DROP = 0.02
 MIN_AGREEMENT = 0.97
 BROKEN_MAX_AGREEMENT = 0.80
