@@ -8,7 +8,7 @@ use botfleet_protocol::{DeviceId, TopicKind, Topics};
 #[derive(Debug, Clone, PartialEq)]
 pub enum Inbound {
     Status(Status),
-    Info(Info),
+    Info(Box<Info>),
     Telemetry(Box<Telemetry>),
     Event(Box<Event>),
 }

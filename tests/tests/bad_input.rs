@@ -7,8 +7,9 @@ mod common;
 use botfleet_e2e::hostile::ArtifactHost;
 use botfleet_e2e::watch::publish_once;
 use botfleet_e2e::{Agent, BrokerKind, EventWatch, Fleet, describe, fixture};
+use botfleet_protocol::engine::{EngineKind, EnginePolicy};
 use botfleet_protocol::manifest::{Sha256Digest, reference_input};
-use botfleet_protocol::messages::{Desired, DesiredModel, RejectReason, Stage};
+use botfleet_protocol::messages::{BenchReport, Desired, DesiredModel, RejectReason, Stage};
 use botfleet_protocol::{
     DeviceId, Manifest, ManifestSigner, RolloutId, SlotName, TopicKind, Topics,
 };
@@ -77,6 +78,17 @@ impl Setup {
     /// Publishes a desired state for the slot as the broker would deliver it, and waits for
     /// the agent's verdict on it.
     async fn order(&mut self, manifest: &Manifest, signer: &ManifestSigner, url: String) -> Stage {
+        let events = self.order_events(manifest, signer, url).await;
+        events.last().unwrap().stage.clone()
+    }
+
+    /// [`Setup::order`], with every event of the attempt.
+    async fn order_events(
+        &mut self,
+        manifest: &Manifest,
+        signer: &ManifestSigner,
+        url: String,
+    ) -> Vec<botfleet_protocol::messages::Event> {
         self.generation += 1;
         let rollout = format!("r-crafted{}", self.generation);
         let desired = Desired {
@@ -92,12 +104,39 @@ impl Setup {
             .into(),
         };
         self.send(serde_json::to_vec(&desired).unwrap()).await;
-        let events = self
-            .watch
+        self.watch
             .until_terminal(&rollout, ROLLOUT_LIMIT)
             .await
-            .unwrap();
-        events.last().unwrap().stage.clone()
+            .unwrap()
+    }
+
+    /// The good model's next release, allowed on every engine the robot has, as the
+    /// server signs it: ordered, with the benchmark report and the final stage.
+    async fn order_on_any_engine(&mut self, version: &str) -> (BenchReport, Stage) {
+        let signer = self.server_key();
+        let mut m = self.good_manifest();
+        m.release += 1;
+        m.version = version.into();
+        m.engines = EnginePolicy::auto();
+        let url = self.artifact_url(&m.artifact.sha256.to_hex());
+        let events = self.order_events(&m, &signer, url).await;
+        let bench = events
+            .iter()
+            .find_map(|e| match &e.stage {
+                Stage::Benchmarked(r) => Some(r.clone()),
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("no benchmark event: {}", describe(&events)));
+        (bench, events.last().unwrap().stage.clone())
+    }
+
+    /// The engine the agent names in its answer for the slot.
+    async fn serving_engine(&self) -> String {
+        let request = json!({"inputs": [{"name": "x", "shape": [1, 3, 48, 192], "datatype": "FP32",
+                                          "data": reference_input(7, 3 * 48 * 192)}]});
+        let (status, answer) = self.fleet.infer(&self.agent, SLOT, &request).await.unwrap();
+        assert_eq!(status, 200, "{answer}");
+        answer["parameters"]["engine"].as_str().unwrap().to_owned()
     }
 
     /// Orders `bytes` as the good model's next release, served by a host of its own: a
@@ -432,5 +471,109 @@ async fn bad_inference_requests_get_a_4xx_with_a_clear_message() {
     assert_eq!(got, 404, "{answer}");
     assert!(answer["error"].as_str().unwrap().contains("no-such-model"));
     s.assert_still_serving_the_good_model().await;
+    s.fleet.shutdown(vec![s.agent]).await.unwrap();
+}
+
+fn with_onnxruntime(config: &mut botfleet_agent::Config) {
+    config.engine.onnxruntime.library = Some(botfleet_e2e::onnxruntime_library());
+}
+
+fn measured(bench: &BenchReport, engine: EngineKind) -> &botfleet_protocol::engine::EngineBench {
+    bench
+        .engines
+        .iter()
+        .find(|b| b.engine == engine)
+        .unwrap_or_else(|| panic!("{engine} not measured: {bench:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gate_measures_tract_and_onnxruntime_and_serves_on_the_one_it_chose() {
+    let mut s = setup_with(with_onnxruntime).await;
+    assert_eq!(
+        s.serving_engine().await,
+        "tract",
+        "the first release allows tract only"
+    );
+    let (bench, last) = s.order_on_any_engine("1.1-any").await;
+    assert!(matches!(last, Stage::Active { .. }), "{last:?}");
+    let ort = measured(&bench, EngineKind::OnnxruntimeCpu);
+    let tract = measured(&bench, EngineKind::Tract);
+    assert!(ort.passed && tract.passed, "{bench:?}");
+    // The choice follows from the figures in the event, whichever engine is faster here.
+    let figures: Vec<_> = bench
+        .engines
+        .iter()
+        .filter(|b| b.passed)
+        .map(|b| (b.engine, b.p99_ms.unwrap()))
+        .collect();
+    let chosen = botfleet_agent::rollout::plan::choose(&figures).unwrap();
+    assert_eq!(bench.engine, Some(chosen), "{bench:?}");
+    assert!(bench.passed);
+    assert!(ort.reference_max_abs_err.unwrap() < 1e-4, "{ort:?}");
+    assert_eq!(s.serving_engine().await, chosen.as_str());
+    s.fleet.shutdown(vec![s.agent]).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_engine_with_wrong_outputs_is_refused_for_itself_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let wrapper = dir.path().join("gate");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nBOTFLEET_WRONG_ENGINE=onnxruntime-cpu exec {} \"$@\"\n",
+            botfleet_e2e::gate_program().display()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut s = setup_with(|c| {
+        with_onnxruntime(c);
+        c.gate.program = wrapper.clone();
+    })
+    .await;
+    let (bench, last) = s.order_on_any_engine("1.1-wrong-ort").await;
+    assert!(matches!(last, Stage::Active { .. }), "{last:?}");
+    let ort = measured(&bench, EngineKind::OnnxruntimeCpu);
+    assert!(!ort.passed, "{ort:?}");
+    assert!(
+        ort.reason
+            .as_deref()
+            .unwrap_or("")
+            .contains("reference output differs"),
+        "{ort:?}"
+    );
+    assert!(measured(&bench, EngineKind::Tract).passed);
+    assert_eq!(bench.engine, Some(EngineKind::Tract));
+    assert_eq!(s.serving_engine().await, "tract");
+    s.fleet.shutdown(vec![s.agent]).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_onnxruntime_library_leaves_tract_with_the_reason_in_info() {
+    let mut s = setup_with(|c| {
+        c.engine.onnxruntime.library = Some("/nonexistent/libonnxruntime.so.1".into());
+    })
+    .await;
+    let (bench, last) = s.order_on_any_engine("1.1-no-ort").await;
+    assert!(matches!(last, Stage::Active { .. }), "{last:?}");
+    assert_eq!(bench.engine, Some(EngineKind::Tract));
+    assert_eq!(bench.engines.len(), 1, "{bench:?}");
+    let device = s
+        .fleet
+        .get(&format!("/api/v1/devices/{}", s.device))
+        .await
+        .unwrap();
+    let reason = device["info"]["engines"]["unavailable"]["onnxruntime"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no reason in {device}"))
+        .to_owned();
+    assert!(reason.contains("/nonexistent"), "{reason}");
+    assert_eq!(
+        device["info"]["engines"]["available"],
+        json!(["tract"]),
+        "{device}"
+    );
     s.fleet.shutdown(vec![s.agent]).await.unwrap();
 }
