@@ -120,14 +120,7 @@ impl Setup {
         m.engines = EnginePolicy::auto();
         let url = self.artifact_url(&m.artifact.sha256.to_hex());
         let events = self.order_events(&m, &signer, url).await;
-        let bench = events
-            .iter()
-            .find_map(|e| match &e.stage {
-                Stage::Benchmarked(r) => Some(r.clone()),
-                _ => None,
-            })
-            .unwrap_or_else(|| panic!("no benchmark event: {}", describe(&events)));
-        (bench, events.last().unwrap().stage.clone())
+        (benchmark_of(&events), events.last().unwrap().stage.clone())
     }
 
     /// The engine the agent names in its answer for the slot.
@@ -380,13 +373,7 @@ async fn a_model_that_misses_its_gate_is_rejected_with_its_numbers() {
         .until_terminal(&rollout, ROLLOUT_LIMIT)
         .await
         .unwrap();
-    let bench = events
-        .iter()
-        .find_map(|e| match &e.stage {
-            Stage::Benchmarked(r) => Some(r.clone()),
-            _ => None,
-        })
-        .unwrap_or_else(|| panic!("no benchmark event: {}", describe(&events)));
+    let bench = benchmark_of(&events);
     assert!(!bench.passed && bench.p99_ms > 0.001, "{bench:?}");
     let (reason, message) = rejected(&events.last().unwrap().stage);
     assert_eq!(reason, RejectReason::GateMissed);
@@ -472,6 +459,17 @@ async fn bad_inference_requests_get_a_4xx_with_a_clear_message() {
     assert!(answer["error"].as_str().unwrap().contains("no-such-model"));
     s.assert_still_serving_the_good_model().await;
     s.fleet.shutdown(vec![s.agent]).await.unwrap();
+}
+
+/// The `benchmarked` event's report among `events`.
+fn benchmark_of(events: &[botfleet_protocol::messages::Event]) -> BenchReport {
+    events
+        .iter()
+        .find_map(|e| match &e.stage {
+            Stage::Benchmarked(r) => Some(r.clone()),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("no benchmark event: {}", describe(events)))
 }
 
 fn with_onnxruntime(config: &mut botfleet_agent::Config) {
