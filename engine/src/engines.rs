@@ -257,10 +257,13 @@ mod tests {
             std::fs::write(dir.join(name), b"").unwrap();
         }
         assert_eq!(
-            library_version(&[dir.clone()], "libnvinfer.so").as_deref(),
+            library_version(std::slice::from_ref(&dir), "libnvinfer.so").as_deref(),
             Some("10.3.0")
         );
-        assert_eq!(library_version(&[dir.clone()], "libcudart.so"), None);
+        assert_eq!(
+            library_version(std::slice::from_ref(&dir), "libcudart.so"),
+            None
+        );
         std::fs::remove_dir_all(dir).unwrap();
     }
 
