@@ -5,7 +5,9 @@
 mod agent_process;
 mod download;
 mod engine;
+mod engine_sections;
 mod fixtures;
+mod peer;
 mod report;
 mod sections;
 mod serving;
@@ -29,16 +31,26 @@ struct Cli {
     /// Short runs, to check the harness (numbers are not worth quoting).
     #[arg(long)]
     quick: bool,
+    /// `libonnxruntime.so` for botfleet's ONNX Runtime backend; without it (or
+    /// `ORT_DYLIB_PATH`) only tract is measured.
+    #[arg(long, env = "ORT_DYLIB_PATH", global = true)]
+    onnxruntime_library: Option<PathBuf>,
     #[command(subcommand)]
     section: Section,
 }
 
 #[derive(Debug, Subcommand)]
 enum Section {
-    /// OIP v2 over HTTP (JSON, binary) vs in-process, per fixture.
+    /// OIP v2 over HTTP (JSON, binary) vs in-process, per fixture and engine.
     Serving,
-    /// tract per fixture, timed per run; writes the inputs for bench/ort_peer.py.
-    Engine,
+    /// tract, botfleet's ONNX Runtime CPU backend and python onnxruntime (bench/ort_peer.py)
+    /// per fixture, one thread each, interleaved run by run.
+    Engine {
+        /// The python that runs bench/ort_peer.py (onnxruntime and numpy installed);
+        /// default bench/.venv/bin/python where it exists.
+        #[arg(long)]
+        peer_python: Option<PathBuf>,
+    },
     /// A fixed-rate client while the slot swaps between the float and INT8 fixture.
     Swap {
         #[arg(long, default_value_t = 100)]
@@ -87,8 +99,24 @@ async fn main() -> Result<()> {
         section => {
             let (fixtures, missing) = fixtures::load()?;
             let mut value = match section {
-                Section::Serving => serving::run(&fixtures, scale(1, 8)).await?,
-                Section::Engine => engine::run(&fixtures, scale(1, 8), &cli.out)?,
+                Section::Serving => {
+                    let engines = fixtures::engines(cli.onnxruntime_library.clone());
+                    serving::run(&fixtures, &engines, scale(1, 10)).await?
+                }
+                Section::Engine { ref peer_python } => {
+                    let engines = fixtures::engines(cli.onnxruntime_library.clone());
+                    let python = peer_python.clone().or_else(|| {
+                        let p = fixtures::root().join("bench/.venv/bin/python");
+                        p.exists().then_some(p)
+                    });
+                    engine::run(
+                        &fixtures,
+                        &engines,
+                        python.as_deref(),
+                        scale(1, 15),
+                        &cli.out,
+                    )?
+                }
                 Section::Swap { swaps, rate } => {
                     let find = |n: &str| fixtures.iter().find(|f| f.name == n);
                     let (Some(float), Some(int8)) =
@@ -121,7 +149,7 @@ async fn main() -> Result<()> {
             };
             let name = match section {
                 Section::Serving => "serving",
-                Section::Engine => "engine",
+                Section::Engine { .. } => "engine",
                 Section::Swap { .. } => "swap",
                 _ => "footprint",
             };
