@@ -1,5 +1,5 @@
 //! The report's engine sections: serving overhead per engine, the engines against python
-//! onnxruntime.
+//! onnxruntime, and the GPU engines.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -312,4 +312,130 @@ pub fn engine(md: &mut String, v: &Value, ort: &Value, crit: &Crit, heads: &mut 
                 .join(", ")
         );
     }
+}
+
+/// `load + first run` of one load record, in ms.
+fn load_total(v: &Value) -> Option<f64> {
+    Some(v["load_ms"].as_f64()? + v["first_run_ms"].as_f64()?)
+}
+
+pub fn gpu(md: &mut String, v: &Value, heads: &mut Vec<String>) {
+    let _ = writeln!(
+        md,
+        "## 8. GPU engines: ONNX Runtime's CUDA and TensorRT providers\n\n\
+         `bench/gpu-check.sh` (`botfleet-bench gpu`), on a machine with an NVIDIA GPU: each \
+         fixture on each GPU engine, against botfleet's ONNX Runtime CPU backend and tract, all \
+         interleaved run by run. Accuracy: largest absolute difference to the onnxruntime \
+         references (`tests/fixtures/reference`, where the fixture has one) and to the CPU \
+         backend's outputs on the fixture's input. TensorRT engine build: \"cold\" is the first \
+         load with an empty cache plus the first inference (TensorRT builds at one or the other); \
+         \"warm after restart\" is the same load from the same cache in a fresh process. Times \
+         in ms.\n"
+    );
+    if v.is_null() {
+        return not_run(
+            md,
+            "gpu: run bench/gpu-check.sh on a machine with an NVIDIA GPU",
+        );
+    }
+    let info = &v["engines_info"];
+    let _ = writeln!(
+        md,
+        "ONNX Runtime {} ({}); CUDA {}; TensorRT {}; engines available: {}.\n",
+        info["onnxruntime"]["version"]
+            .as_str()
+            .unwrap_or("not loaded"),
+        info["onnxruntime"]["providers"]
+            .as_array()
+            .map(|p| p
+                .iter()
+                .filter_map(Value::as_str)
+                .collect::<Vec<_>>()
+                .join(", "))
+            .unwrap_or_default(),
+        info["cuda"].as_str().unwrap_or("not found"),
+        info["tensorrt"].as_str().unwrap_or("not found"),
+        info["available"]
+            .as_array()
+            .map(|p| p
+                .iter()
+                .filter_map(Value::as_str)
+                .collect::<Vec<_>>()
+                .join(", "))
+            .unwrap_or_default(),
+    );
+    if let Some(why) = v["unavailable"].as_object().filter(|m| !m.is_empty()) {
+        for (engine, reason) in why {
+            let _ = writeln!(
+                md,
+                "- **{engine} not measured**: {}",
+                reason.as_str().unwrap_or("?")
+            );
+        }
+        let _ = writeln!(md);
+    }
+    if fixtures(v).is_empty() {
+        return not_run(md, "no fixture measured");
+    }
+    let _ = writeln!(
+        md,
+        "| fixture | engine | p50 (IQR) / p99 | ÷ onnxruntime-cpu p50 | ÷ tract p50 | reference error | max abs diff vs onnxruntime-cpu | cold: load + first run | warm after restart: load + first run | TensorRT cache |\n|---|---|---|---|---|---|---|---|---|---|"
+    );
+    for f in fixtures(v) {
+        let name = f["fixture"].as_str().unwrap_or("?");
+        let Some(engines) = f["engines"].as_object() else {
+            continue;
+        };
+        let p50 = |e: &str| summary(&engines.get(e)?["ms"]).map(|s| s.p50);
+        let (cpu, tract) = (p50("onnxruntime-cpu"), p50("tract"));
+        for (engine, e) in engines {
+            if let Some(err) = e["error"].as_str() {
+                let _ = writeln!(md, "| {name} | {engine} | failed: {err} | | | | | | | |");
+                continue;
+            }
+            let Some(s) = summary(&e["ms"]) else {
+                continue;
+            };
+            let vs = |base: Option<f64>| base.map_or("–".into(), |b| ratio(s.p50, b));
+            let cold = load_total(&e["cold"]);
+            let warm = &e["warm_after_restart"];
+            let warm_text = match (load_total(warm), warm["error"].as_str()) {
+                (Some(w), _) => format!(
+                    "{w:.0} ({}; process {:.0}, probe {:.0})",
+                    cold.map_or("–".into(), |c| format!("{:.2}× cold", w / c)),
+                    warm["process_ms"].as_f64().unwrap_or(0.0),
+                    warm["probe_ms"].as_f64().unwrap_or(0.0)
+                ),
+                (None, Some(err)) => format!("failed: {err}"),
+                _ => "–".into(),
+            };
+            let cache = match e["cache"]["files"].as_u64() {
+                Some(n) => format!(
+                    "{n} files, {:.1} MiB",
+                    e["cache"]["bytes"].as_f64().unwrap_or(0.0) / 1048576.0
+                ),
+                None => "–".into(),
+            };
+            let _ = writeln!(
+                md,
+                "| {name} | {engine} | {} / {:.3} | {} | {} | {} | {} | {} | {warm_text} | {cache} |",
+                spread(&s, 3),
+                s.p99,
+                vs(cpu),
+                vs(tract),
+                diff(&e["reference_error"]),
+                diff(&e["max_abs_diff_vs_onnxruntime_cpu"]),
+                cold.map_or("–".into(), |c| format!("{c:.0}")),
+            );
+            if engine.contains("cuda") || engine.contains("tensorrt") {
+                heads.push(format!(
+                    "{engine} on {name}: p50 {:.3} ms, {} the CPU backend, {} tract",
+                    s.p50,
+                    vs(cpu),
+                    vs(tract)
+                ));
+            }
+        }
+    }
+    let _ = writeln!(md);
 }

@@ -244,6 +244,7 @@ pub fn write(out: &Path, criterion_dir: &Path, file: &Path) -> Result<()> {
     let swap = load(out, "swap");
     let footprint = load(out, "footprint");
     let download = load(out, "download");
+    let gpu = load(out, "gpu");
     let fleet = load_lines(out, "fleet.jsonl");
     let mut parts = vec![
         Part::new("## 1.", &["Serving "], !serving.is_null(), |md, h| {
@@ -276,6 +277,12 @@ pub fn write(out: &Path, criterion_dir: &Path, file: &Path) -> Result<()> {
         Part::new("## 7.", &["Cold start"], !footprint.is_null(), |md, h| {
             sections::cold_start(md, &footprint, &engine, h)
         }),
+        Part::new(
+            "## 8.",
+            &["onnxruntime-cuda ", "onnxruntime-tensorrt"],
+            !gpu.is_null(),
+            |md, h| engine_sections::gpu(md, &gpu, h),
+        ),
         Part::new("## Criterion", &[], !crit.is_empty(), |md, _| {
             sections::micro(md, &crit)
         }),
