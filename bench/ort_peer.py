@@ -1,8 +1,18 @@
 #!/usr/bin/env python3
-"""The onnxruntime peer of the engine benchmark: the same models on the same inputs (written
-by `botfleet-bench engine`), one intra-op thread, timed per run like tract.
+"""The onnxruntime peer of the engine benchmark, driven by `botfleet-bench engine`: python
+onnxruntime's own session (one intra-op thread, sequential, CPU provider, default graph
+optimisations) on the same models and input files, so that its runs can be interleaved run
+by run with tract and botfleet's ONNX Runtime backend.
 
-    ort_peer.py ENGINE_JSON OUT_JSON
+One JSON request per line on stdin, one JSON answer per line on stdout:
+
+    {"op": "load", "model": PATH, "inputs": [{"name", "shape", "file"}],
+     "compare": {"tract": [{"name", "file"}], ...}}
+        -> {"onnxruntime": VERSION, "max_abs_diff": {"tract": X, ...}}
+    {"op": "run"}  -> {"ms": T}   (one inference, timed around session.run)
+    {"op": "quit"}
+
+A request that fails is answered {"error": MESSAGE}.
 """
 import json
 import sys
@@ -12,50 +22,58 @@ import numpy as np
 import onnxruntime as ort
 
 
-def summary(samples):
-    s = sorted(samples)
-    n = len(s)
+def max_abs_diff(names, results, files):
+    """Largest difference between our outputs and the little-endian FP32 files given."""
+    worst = 0.0
+    for o in files:
+        if o["name"] not in names:
+            continue
+        theirs = np.fromfile(o["file"], dtype="<f4")
+        ours = np.asarray(results[names.index(o["name"])], dtype=np.float32).ravel()
+        if ours.size != theirs.size:
+            return float("inf")
+        if ours.size:
+            worst = max(worst, float(np.max(np.abs(ours - theirs))))
+    return worst
 
-    def pct(p):
-        # Nearest rank, as botfleet_engine::percentile.
-        rank = max(1, min(n, int(-(-p * n // 100))))
-        return s[rank - 1]
 
-    return {"n": n, "min": s[0], "p25": pct(25), "p50": pct(50), "p75": pct(75),
-            "p99": pct(99), "max": s[-1]}
+class Peer:
+    def __init__(self):
+        self.session = None
+        self.feed = None
 
-
-def main():
-    engine = json.load(open(sys.argv[1]))
-    out = []
-    for f in engine["fixtures"]:
+    def load(self, req):
         options = ort.SessionOptions()
         options.intra_op_num_threads = 1
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        session = ort.InferenceSession(f["model"], options, providers=["CPUExecutionProvider"])
-        feed = {i["name"]: np.fromfile(i["file"], dtype="<f4").reshape(i["shape"])
-                for i in f["inputs"]}
-        results = session.run(None, feed)
-        names = [o.name for o in session.get_outputs()]
-        worst = 0.0
-        for o in f["outputs"]:
-            if o["name"] in names:
-                ours = np.fromfile(o["file"], dtype="<f4")
-                theirs = np.asarray(results[names.index(o["name"])], dtype=np.float32).ravel()
-                if ours.size == theirs.size:
-                    worst = max(worst, float(np.max(np.abs(ours - theirs))) if ours.size else 0.0)
-        for _ in range(5):
-            session.run(None, feed)
-        times = []
-        for _ in range(f["runs"]):
-            t = time.perf_counter()
-            session.run(None, feed)
-            times.append((time.perf_counter() - t) * 1e3)
-        out.append({"fixture": f["fixture"], "runs": f["runs"], "ort_1_thread_ms": summary(times),
-                    "max_abs_diff_vs_tract": worst})
-        print(f"ort {f['fixture']}: {f['runs']} runs", flush=True)
-    json.dump({"onnxruntime": ort.__version__, "fixtures": out}, open(sys.argv[2], "w"), indent=1)
+        self.session = ort.InferenceSession(req["model"], options,
+                                            providers=["CPUExecutionProvider"])
+        self.feed = {i["name"]: np.fromfile(i["file"], dtype="<f4").reshape(i["shape"])
+                     for i in req["inputs"]}
+        results = self.session.run(None, self.feed)
+        names = [o.name for o in self.session.get_outputs()]
+        diffs = {k: max_abs_diff(names, results, v) for k, v in req.get("compare", {}).items()}
+        return {"onnxruntime": ort.__version__, "max_abs_diff": diffs}
+
+    def run(self, _req):
+        t = time.perf_counter()
+        self.session.run(None, self.feed)
+        return {"ms": (time.perf_counter() - t) * 1e3}
+
+
+def main():
+    peer = Peer()
+    for line in sys.stdin:
+        req = json.loads(line)
+        if req["op"] == "quit":
+            break
+        try:
+            answer = getattr(peer, req["op"])(req)
+        except Exception as e:  # the harness records the reason and goes on without the peer
+            answer = {"error": f"{type(e).__name__}: {e}"}
+        sys.stdout.write(json.dumps(answer) + "\n")
+        sys.stdout.flush()
 
 
 if __name__ == "__main__":

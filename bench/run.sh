@@ -5,26 +5,44 @@
 #   bench/run.sh --quick      short settings, to check the harness (numbers not worth quoting)
 #   bench/run.sh --profiles   also release-profile variants of the agent (a 7-16 min build each)
 #   bench/run.sh --build-only / --no-build   the two halves: build, then measure what was built
+#   bench/run.sh --sections engine,serving   only these (serving engine swap footprint download
+#                             fleet criterion); the report keeps the other sections' figures
+#                             from the existing BENCHMARKS.md, marked with the run they come from
 #
 # Needs python3 (with venv), mosquitto on PATH (or BOTFLEET_MOSQUITTO_URL) and an open-file
 # limit of at least 12,000 (each process) for the 10,000-device fleet. Results: target/bench/*.json.
+# Binaries come from $CARGO_TARGET_DIR (default target); criterion writes to target/criterion.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 quick=()
 profiles=0
 build=1
 measure=1
-for arg in "$@"; do
-    case "$arg" in
+all_sections=(serving engine swap footprint download fleet criterion)
+sections=("${all_sections[@]}")
+args=("$@")
+while [ $# -gt 0 ]; do
+    case "$1" in
         --quick) quick=(--quick) ;;
         --profiles) profiles=1 ;;
         --build-only) measure=0 ;;
         --no-build) build=0 ;;
-        *) echo "unknown option $arg" >&2; exit 2 ;;
+        --sections)
+            [ $# -ge 2 ] || { echo "--sections needs a list" >&2; exit 2; }
+            IFS=, read -r -a sections <<< "$2"
+            for s in "${sections[@]}"; do
+                [[ " ${all_sections[*]} " == *" $s "* ]] || { echo "unknown section $s" >&2; exit 2; }
+            done
+            shift ;;
+        *) echo "unknown option $1" >&2; exit 2 ;;
     esac
+    shift
 done
+wants() { [[ " ${sections[*]} " == *" $1 "* ]]; }
 started=$(date +%s)
 out=target/bench
+target=${CARGO_TARGET_DIR:-target}
+export CRITERION_HOME=$PWD/target/criterion
 log() { echo "[$(date -u +%T)] $*"; }
 
 # One release build of everything measured. The engine's multithread feature is only used by
@@ -35,74 +53,96 @@ features=(--features botfleet-engine/multithread)
 # criterion view of section 1; the harness measures the same with percentiles.)
 if [ "$build" = 1 ]; then
     log "release build"
-    cargo build --release --locked "${features[@]}" \
-        -p botfleet-agent -p botfleet-server -p botfleet-e2e \
-        --bin botfleet-agent --bin botfleet-server --bin botfleet-bench
-    cargo bench --locked "${features[@]}" -p botfleet-engine --bench inference --no-run
+    packages=(-p botfleet-e2e)
+    bins=(--bin botfleet-bench)
+    if wants footprint || wants fleet; then
+        packages+=(-p botfleet-agent -p botfleet-server)
+        bins+=(--bin botfleet-agent --bin botfleet-server)
+    fi
+    cargo build --release --locked "${features[@]}" "${packages[@]}" "${bins[@]}"
+    if wants criterion; then
+        cargo bench --locked "${features[@]}" -p botfleet-engine --bench inference --no-run
+    fi
     # The fleet's simulated devices are the load generator, not what is measured: the debug
     # build `cargo test` uses serves (the server under test is the release binary).
-    cargo test --locked -p botfleet-e2e --test fleet_bench --no-run
+    if wants fleet; then
+        cargo test --locked -p botfleet-e2e --test fleet_bench --no-run
+    fi
 fi
 [ "$measure" = 1 ] || exit 0
-rm -rf "$out" target/criterion
+# Results of earlier runs never mix with this one's: a section not rerun keeps its figures
+# in BENCHMARKS.md, not its JSON.
+rm -rf "$out"
 mkdir -p "$out"
+if wants criterion; then rm -rf target/criterion; fi
 
 if [ ! -x bench/.venv/bin/python ]; then
     log "onnxruntime venv"
     python3 -m venv bench/.venv
     bench/.venv/bin/pip install -q onnxruntime==1.32.0 numpy
 fi
+# The same library python onnxruntime runs is botfleet's ONNX Runtime backend here.
+ort_lib=$(ls "$PWD"/bench/.venv/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so.* | head -1)
+export ORT_DYLIB_PATH=$ort_lib
 
-bench=target/release/botfleet-bench
+bench=$target/release/botfleet-bench
 for section in serving engine swap footprint download; do
+    wants "$section" || continue
     log "$section"
     # A section that fails is reported as not measured; the others still run.
-    "$bench" --out "$out" "${quick[@]}" "$section" || echo "section $section failed" >&2
+    "$bench" --out "$out" "${quick[@]}" --onnxruntime-library "$ort_lib" "$section" \
+        || echo "section $section failed" >&2
 done
-log "onnxruntime peer"
-bench/.venv/bin/python bench/ort_peer.py "$out/engine.json" "$out/ort.json" \
-    || echo "onnxruntime peer failed" >&2
 
-log "fleet fan-out"
-sizes=(1000 10000)
-[ ${#quick[@]} -gt 0 ] && sizes=(200)
-ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
-if [ "$(ulimit -n)" != unlimited ] && [ "$(ulimit -n)" -lt 12000 ]; then
-    ulimit -n 65536 2>/dev/null || echo "open-file limit $(ulimit -n): 10,000 devices may fail" >&2
-fi
-for n in "${sizes[@]}"; do
-    for broker in embedded mosquitto; do
-        # A run that fails is recorded with the reason, so the report says so.
-        if ! BOTFLEET_BENCH_DEVICES=$n BOTFLEET_BENCH_WAVES=one \
-            BOTFLEET_BENCH_OUT="$PWD/$out/fleet.jsonl" \
-            BOTFLEET_BENCH_SERVER="$PWD/target/release/botfleet-server" \
-            cargo test --locked -q -p botfleet-e2e --test fleet_bench -- --ignored \
-            "$broker" > "$out/fleet-$broker-$n.log" 2>&1; then
-            why=$(grep -m1 -A1 'panicked at' "$out/fleet-$broker-$n.log" | tail -1 | tr -d '"\\')
-            printf '{"broker": "%s", "devices": %s, "failed": "%s"}\n' "$broker" "$n" "$why" \
-                >> "$out/fleet.jsonl"
-            echo "fleet benchmark, $broker, $n devices failed: $why" >&2
-        fi
+if wants fleet; then
+    log "fleet fan-out"
+    sizes=(1000 10000)
+    [ ${#quick[@]} -gt 0 ] && sizes=(200)
+    ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+    if [ "$(ulimit -n)" != unlimited ] && [ "$(ulimit -n)" -lt 12000 ]; then
+        ulimit -n 65536 2>/dev/null || echo "open-file limit $(ulimit -n): 10,000 devices may fail" >&2
+    fi
+    for n in "${sizes[@]}"; do
+        for broker in embedded mosquitto; do
+            # A run that fails is recorded with the reason, so the report says so.
+            if ! BOTFLEET_BENCH_DEVICES=$n BOTFLEET_BENCH_WAVES=one \
+                BOTFLEET_BENCH_OUT="$PWD/$out/fleet.jsonl" \
+                BOTFLEET_BENCH_SERVER="$(realpath "$target")/release/botfleet-server" \
+                cargo test --locked -q -p botfleet-e2e --test fleet_bench -- --ignored \
+                "$broker" > "$out/fleet-$broker-$n.log" 2>&1; then
+                why=$(grep -m1 -A1 'panicked at' "$out/fleet-$broker-$n.log" | tail -1 | tr -d '"\\')
+                printf '{"broker": "%s", "devices": %s, "failed": "%s"}\n' "$broker" "$n" "$why" \
+                    >> "$out/fleet.jsonl"
+                echo "fleet benchmark, $broker, $n devices failed: $why" >&2
+            fi
+        done
     done
-done
+fi
 
 report() {
     local elapsed=$(( $(date +%s) - started ))
     printf '{"date": "%s", "duration": "%d min %02d s", "command": "bench/run.sh %s"}\n' \
-        "$(date -u +%F)" $((elapsed / 60)) $((elapsed % 60)) "$*" > "$out/run.json"
-    "$bench" --out "$out" report --write BENCHMARKS.md
+        "$(date -u +%F)" $((elapsed / 60)) $((elapsed % 60)) "${args[*]}" > "$out/run.json"
+    # Without the criterion section, its figures (and the 2-thread column) are kept, not reread.
+    local crit=target/criterion
+    wants criterion || crit=$out/criterion-not-run
+    "$bench" --out "$out" report --write BENCHMARKS.md --criterion "$crit"
 }
 size() { stat -c %s "$1"; }
-printf '{"botfleet-agent": %s, "botfleet-server": %s}\n' \
-    "$(size target/release/botfleet-agent)" "$(size target/release/botfleet-server)" > "$out/sizes.json"
-# A first report now, in case the criterion build below is cut short.
-report "$@"
+if wants footprint; then
+    printf '{"botfleet-agent": %s, "botfleet-server": %s}\n' \
+        "$(size "$target/release/botfleet-agent")" "$(size "$target/release/botfleet-server")" > "$out/sizes.json"
+fi
+# A first report now, in case the criterion run below is cut short.
+report
 
-log "criterion"
-if [ ${#quick[@]} -gt 0 ]; then times=(--warm-up-time 0.2 --measurement-time 0.5); else times=(--warm-up-time 1 --measurement-time 4); fi
-# Built here if needed (after the other sections, so the build does not disturb them).
-cargo bench --locked "${features[@]}" -p botfleet-engine --bench inference -- "${times[@]}" \
-    || echo "criterion benchmarks failed" >&2
+if wants criterion; then
+    log "criterion"
+    if [ ${#quick[@]} -gt 0 ]; then times=(--warm-up-time 0.2 --measurement-time 0.5); else times=(--warm-up-time 1 --measurement-time 4); fi
+    # Built here if needed (after the other sections, so the build does not disturb them).
+    cargo bench --locked "${features[@]}" -p botfleet-engine --bench inference -- "${times[@]}" \
+        || echo "criterion benchmarks failed" >&2
+fi
 
 if [ "$profiles" = 1 ]; then
     for variant in "opt3-fat:3:fat:1" "opts-thin:s:thin:4" "opts-fat:s:fat:1"; do
@@ -118,5 +158,5 @@ if [ "$profiles" = 1 ]; then
     done
 fi
 
-report "$@"
+report
 log "BENCHMARKS.md written"

@@ -3,7 +3,10 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use botfleet_engine::{Model, Tensor, reference_inputs};
+use botfleet_engine::{
+    EngineError, Engines, LoadOptions, Model, OnnxRuntimeSettings, Tensor, reference_inputs,
+};
+use botfleet_protocol::engine::EngineKind;
 use botfleet_protocol::tensor::TensorSpec;
 use serde::Deserialize;
 
@@ -26,8 +29,59 @@ pub struct Fixture {
     pub input: Vec<Tensor>,
 }
 
-/// The workspace root (this crate lives in `tests/`).
+impl Fixture {
+    /// The same model on another engine, with the same input signature.
+    pub fn load_on(
+        &self,
+        engines: &Engines,
+        engine: EngineKind,
+        options: &LoadOptions,
+    ) -> Result<Model, EngineError> {
+        engines.load(engine, &self.bytes, &self.specs, options)
+    }
+}
+
+/// The engines measured beside tract: ONNX Runtime from `library` (else `ORT_DYLIB_PATH`),
+/// one intra-op thread per inference as tract runs, the agent's default session pool.
+pub fn engines(library: Option<PathBuf>) -> Engines {
+    Engines::probe(&OnnxRuntimeSettings {
+        library,
+        intra_threads: 1,
+        ..OnnxRuntimeSettings::default()
+    })
+}
+
+/// Why `engine` is not measured here (`None`: it is available).
+pub fn unavailable(engines: &Engines, engine: EngineKind) -> Option<String> {
+    if engines.available().contains(&engine) {
+        return None;
+    }
+    let info = engines.info();
+    // Reduced-precision TensorRT is only worth a reason of its own where TensorRT is there.
+    let base = if engine.is_tensorrt() {
+        EngineKind::OnnxruntimeTensorrt
+    } else {
+        engine
+    };
+    Some(
+        info.unavailable
+            .get(engine.as_str())
+            .or_else(|| info.unavailable.get(base.as_str()))
+            .or_else(|| info.unavailable.get("onnxruntime"))
+            .cloned()
+            .unwrap_or_else(|| "not available on this machine".to_owned()),
+    )
+}
+
+/// The workspace root: the current directory where it holds `bench/fixtures.json` (a binary
+/// built elsewhere and run in a copy of the checkout, as `bench/gpu-check.sh` may), else the
+/// checkout this binary was built from (this crate lives in `tests/`).
 pub fn root() -> PathBuf {
+    if Path::new("bench/fixtures.json").is_file()
+        && let Ok(cwd) = std::env::current_dir()
+    {
+        return cwd;
+    }
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 

@@ -5,7 +5,10 @@
 mod agent_process;
 mod download;
 mod engine;
+mod engine_sections;
 mod fixtures;
+mod gpu;
+mod peer;
 mod report;
 mod sections;
 mod serving;
@@ -17,6 +20,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use botfleet_protocol::engine::EngineKind;
 use clap::{Parser, Subcommand};
 use serde_json::Value;
 
@@ -29,16 +33,59 @@ struct Cli {
     /// Short runs, to check the harness (numbers are not worth quoting).
     #[arg(long)]
     quick: bool,
+    /// `libonnxruntime.so` for botfleet's ONNX Runtime backend; without it (or
+    /// `ORT_DYLIB_PATH`) only tract is measured.
+    #[arg(long, env = "ORT_DYLIB_PATH", global = true)]
+    onnxruntime_library: Option<PathBuf>,
     #[command(subcommand)]
     section: Section,
 }
 
 #[derive(Debug, Subcommand)]
 enum Section {
-    /// OIP v2 over HTTP (JSON, binary) vs in-process, per fixture.
+    /// OIP v2 over HTTP (JSON, binary) vs in-process, per fixture and engine.
     Serving,
-    /// tract per fixture, timed per run; writes the inputs for bench/ort_peer.py.
-    Engine,
+    /// tract, botfleet's ONNX Runtime CPU backend and python onnxruntime (bench/ort_peer.py)
+    /// per fixture, one thread each, interleaved run by run.
+    Engine {
+        /// The python that runs bench/ort_peer.py (onnxruntime and numpy installed);
+        /// default bench/.venv/bin/python where it exists.
+        #[arg(long)]
+        peer_python: Option<PathBuf>,
+    },
+    /// The GPU engines per fixture against the CPU backend and tract: accuracy, latency,
+    /// TensorRT engine build cold and warm (bench/gpu-check.sh). Writes gpu.json and gpu.md.
+    Gpu {
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "onnxruntime-cuda,onnxruntime-tensorrt,onnxruntime-tensorrt-fp16"
+        )]
+        engines: Vec<EngineKind>,
+        /// Where TensorRT keeps the engines it builds (emptied per fixture and engine first);
+        /// default target/tensorrt-cache.
+        #[arg(long)]
+        tensorrt_cache: Option<PathBuf>,
+        /// Seconds of interleaved timing per fixture.
+        #[arg(long, default_value_t = 6)]
+        budget_s: u64,
+        /// Only these fixtures (default: all).
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
+        /// Only write gpu.md from the gpu.json in OUT (after a run that was cut short).
+        #[arg(long)]
+        summary_only: bool,
+    },
+    /// One load from a TensorRT cache in a fresh process (run by `gpu`).
+    #[command(hide = true)]
+    GpuLoad {
+        #[arg(long)]
+        engine: EngineKind,
+        #[arg(long)]
+        fixture: String,
+        #[arg(long)]
+        tensorrt_cache: PathBuf,
+    },
     /// A fixed-rate client while the slot swaps between the float and INT8 fixture.
     Swap {
         #[arg(long, default_value_t = 100)]
@@ -84,11 +131,82 @@ async fn main() -> Result<()> {
             };
             save(&cli.out, "download", &download::run(size, rounds).await?)
         }
+        Section::GpuLoad {
+            engine,
+            fixture,
+            tensorrt_cache,
+        } => {
+            let (fixtures, _) = fixtures::load()?;
+            let t = std::time::Instant::now();
+            let engines = fixtures::engines(cli.onnxruntime_library.clone());
+            let probe_ms = t.elapsed().as_secs_f64() * 1e3;
+            gpu::reload(
+                &fixtures,
+                &engines,
+                probe_ms,
+                engine,
+                &fixture,
+                &tensorrt_cache,
+            )
+        }
+        Section::Gpu {
+            engines: wanted,
+            tensorrt_cache,
+            budget_s,
+            only,
+            summary_only,
+        } => {
+            let md = cli.out.join("gpu.md");
+            let summary = |md: &Path| {
+                let mut text = String::new();
+                engine_sections::gpu(&mut text, &report::load(&cli.out, "gpu"), &mut Vec::new());
+                std::fs::write(md, text).with_context(|| md.display().to_string())
+            };
+            if summary_only {
+                return summary(&md);
+            }
+            let (mut fixtures, _) = fixtures::load()?;
+            if !only.is_empty() {
+                fixtures.retain(|f| only.contains(&f.name));
+            }
+            let engines = fixtures::engines(cli.onnxruntime_library.clone());
+            let cache = tensorrt_cache.unwrap_or_else(gpu::default_cache);
+            let options = gpu::Options {
+                wanted: &wanted,
+                budget: scale(1, budget_s),
+                cache: &cache,
+                library: cli.onnxruntime_library.as_deref(),
+                out: &cli.out,
+            };
+            let outcome = gpu::run(&fixtures, &engines, &options);
+            if let Ok(v) = &outcome {
+                save(&cli.out, "gpu", v)?;
+            }
+            // The summary is written whatever happened, from what was saved.
+            summary(&md)?;
+            outcome.map(drop)
+        }
         section => {
             let (fixtures, missing) = fixtures::load()?;
             let mut value = match section {
-                Section::Serving => serving::run(&fixtures, scale(1, 8)).await?,
-                Section::Engine => engine::run(&fixtures, scale(1, 8), &cli.out)?,
+                Section::Serving => {
+                    let engines = fixtures::engines(cli.onnxruntime_library.clone());
+                    serving::run(&fixtures, &engines, scale(1, 10)).await?
+                }
+                Section::Engine { ref peer_python } => {
+                    let engines = fixtures::engines(cli.onnxruntime_library.clone());
+                    let python = peer_python.clone().or_else(|| {
+                        let p = fixtures::root().join("bench/.venv/bin/python");
+                        p.exists().then_some(p)
+                    });
+                    engine::run(
+                        &fixtures,
+                        &engines,
+                        python.as_deref(),
+                        scale(1, 15),
+                        &cli.out,
+                    )?
+                }
                 Section::Swap { swaps, rate } => {
                     let find = |n: &str| fixtures.iter().find(|f| f.name == n);
                     let (Some(float), Some(int8)) =
@@ -117,11 +235,14 @@ async fn main() -> Result<()> {
                     let restarts = if cli.quick { 1 } else { 5 };
                     agent_process::run(&fixtures, scale(3, 30), restarts).await?
                 }
-                Section::Download | Section::Report { .. } => Value::Null,
+                Section::Download
+                | Section::Report { .. }
+                | Section::Gpu { .. }
+                | Section::GpuLoad { .. } => Value::Null,
             };
             let name = match section {
                 Section::Serving => "serving",
-                Section::Engine => "engine",
+                Section::Engine { .. } => "engine",
                 Section::Swap { .. } => "swap",
                 _ => "footprint",
             };

@@ -1,240 +1,32 @@
 //! The report's sections, one function each: a table, the goal, and what a miss would take.
+//! Serving, engine and GPU are in `engine_sections`; footprint, download, fleet and cold
+//! start in `system_sections`.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use serde_json::Value;
 
-use crate::report::{ratio, spread, summary};
+use crate::report::{spread, summary};
 use crate::stats::Summary;
 
 type Crit = BTreeMap<String, Summary>;
 
-fn not_run(md: &mut String, what: &str) {
+pub fn not_run(md: &mut String, what: &str) {
     let _ = writeln!(md, "_Not measured in this run ({what})._\n");
 }
 
-fn fixtures(v: &Value) -> &[Value] {
+pub fn fixtures(v: &Value) -> &[Value] {
     v["fixtures"].as_array().map_or(&[], Vec::as_slice)
 }
 
-fn missing(md: &mut String, v: &Value) {
+pub fn missing(md: &mut String, v: &Value) {
     if let Some(m) = v["missing_fixtures"].as_array().filter(|m| !m.is_empty()) {
         let names: Vec<&str> = m.iter().filter_map(Value::as_str).collect();
         let _ = writeln!(
             md,
             "Not in this checkout, so not measured: {}.\n",
             names.join(", ")
-        );
-    }
-}
-
-pub fn serving(md: &mut String, v: &Value, crit: &Crit, heads: &mut Vec<String>) {
-    let _ = writeln!(
-        md,
-        "## 1. Serving overhead: OIP v2 over loopback HTTP vs in-process\n\n\
-         `botfleet-bench serving`: the agent's real router (`botfleet_agent::serve`) on \
-         127.0.0.1, a keep-alive HTTP/1.1 client, the fixture's reference input; in-process is \
-         `Model::run` on the same input. The three paths alternate request by request. Bodies \
-         are encoded once by the client, so the figures are the agent's side (parse, run, \
-         answer) plus the transport. Binary = the binary tensor data extension (input and \
-         outputs as raw little-endian bytes, `Inference-Header-Content-Length`). Goal: p50 \
-         ≤ 1.05× in-process for models of ≥ 1 ms, ≤ +100 µs for sub-millisecond models. Times in ms.\n"
-    );
-    if v.is_null() {
-        return not_run(md, "serving");
-    }
-    missing(md, v);
-    let _ = writeln!(
-        md,
-        "| fixture | request JSON / binary | in-process p50 (IQR) / p99 | HTTP binary p50 (IQR) / p99 | binary ÷ in-process p50 / p99 | HTTP JSON p50 (IQR) / p99 | JSON ÷ in-process p50 | goal (binary) |\n|---|---|---|---|---|---|---|---|"
-    );
-    let mut verdicts = Vec::new();
-    for f in fixtures(v) {
-        let (Some(local), Some(bin), Some(js)) = (
-            summary(&f["in_process_ms"]),
-            summary(&f["http_binary_ms"]),
-            summary(&f["http_json_ms"]),
-        ) else {
-            continue;
-        };
-        let name = f["fixture"].as_str().unwrap_or("?");
-        let (goal, met, by) = if local.p50 >= 1.0 {
-            let r = bin.p50 / local.p50;
-            ("≤ 1.05×", r <= 1.05, format!("{:.2}× vs 1.05×", r))
-        } else {
-            let d = (bin.p50 - local.p50) * 1e3;
-            ("≤ +100 µs", d <= 100.0, format!("+{d:.0} µs vs +100 µs"))
-        };
-        verdicts.push((name.to_owned(), met, by.clone(), js.p50 / local.p50));
-        let _ = writeln!(
-            md,
-            "| {name} | {:.0} KiB / {:.0} KiB | {} / {:.2} | {} / {:.2} | {} / {} | {} / {:.2} | {} | {goal}: {} ({by}) |",
-            f["json_request_bytes"].as_f64().unwrap_or(0.0) / 1024.0,
-            f["binary_request_bytes"].as_f64().unwrap_or(0.0) / 1024.0,
-            spread(&local, 2),
-            local.p99,
-            spread(&bin, 2),
-            bin.p99,
-            ratio(bin.p50, local.p50),
-            ratio(bin.p99, local.p99),
-            spread(&js, 2),
-            js.p99,
-            ratio(js.p50, local.p50),
-            if met { "**met**" } else { "**missed**" },
-        );
-    }
-    let serve_crit: Vec<String> = crit
-        .iter()
-        .filter(|(k, _)| k.starts_with("serve/"))
-        .map(|(k, s)| format!("`{k}` {:.3} ms", s.p50 / 1e6))
-        .collect();
-    if !serve_crit.is_empty() {
-        let _ = writeln!(
-            md,
-            "\nThe same comparison as criterion micro-benchmarks (`cargo bench -p botfleet-agent --bench serve`, median per iteration): {}.",
-            serve_crit.join("; ")
-        );
-    }
-    let missed: Vec<&(String, bool, String, f64)> = verdicts.iter().filter(|v| !v.1).collect();
-    let _ = writeln!(
-        md,
-        "\n{}",
-        if missed.is_empty() {
-            "Every model meets its goal over the binary extension.".to_owned()
-        } else {
-            format!(
-                "Missed: {}. What remains is a fixed cost per request (HTTP parse, one copy of \
-                 the input into the engine's tensors, a `spawn_blocking` hop, the answer): it \
-                 matters only where it is large against the model. Closing it: serve small \
-                 models over a Unix socket or shared memory (Triton's shared-memory extension), \
-                 or batch several windows per request.",
-                missed
-                    .iter()
-                    .map(|m| format!("{} ({})", m.0, m.2))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )
-        }
-    );
-    let _ = writeln!(
-        md,
-        "JSON tensors cost {}× in-process at p50 across the fixtures: numbers as text are 2–3× the bytes and need parsing; clients that send images should use the binary extension.\n",
-        verdicts
-            .iter()
-            .map(|v| format!("{:.2}", v.3))
-            .collect::<Vec<_>>()
-            .join(" / ")
-    );
-    for (name, met, by, _) in &verdicts {
-        heads.push(format!(
-            "Serving {name} over HTTP binary: {by} ({})",
-            if *met { "met" } else { "missed" }
-        ));
-    }
-}
-
-pub fn engine(md: &mut String, v: &Value, ort: &Value, crit: &Crit, heads: &mut Vec<String>) {
-    let _ = writeln!(
-        md,
-        "## 2. Engine vs peer: tract vs onnxruntime, and tract 2 threads vs 1\n\n\
-         `botfleet-bench engine` times tract as the agent runs it (single-threaded executor, \
-         optimised plan) per run on each fixture's reference input and writes those inputs; \
-         `bench/ort_peer.py` runs onnxruntime {} (`intra_op_num_threads=1`, sequential, \
-         CPU provider, default graph optimisations) on the same files, timed the same way \
-         (5 warm-up runs, then the same number of runs), and checks its outputs against tract's. \
-         2 threads vs 1: criterion (`cargo bench -p botfleet-engine --features multithread`), \
-         tract's multithreaded matmul executor with a 2-thread pool. Times in ms.\n",
-        ort["onnxruntime"].as_str().unwrap_or("(not run)")
-    );
-    if v.is_null() {
-        return not_run(md, "engine");
-    }
-    missing(md, v);
-    let _ = writeln!(
-        md,
-        "| fixture | tract 1 thread | onnxruntime 1 thread | tract ÷ onnxruntime | max abs diff | tract 2 threads ÷ 1 (criterion medians) |\n|---|---|---|---|---|---|"
-    );
-    for f in fixtures(v) {
-        let name = f["fixture"].as_str().unwrap_or("?");
-        let Some(tract) = summary(&f["tract_1_thread_ms"]) else {
-            continue;
-        };
-        let peer = fixtures(ort).iter().find(|o| o["fixture"] == f["fixture"]);
-        let ort_s = peer.and_then(|p| summary(&p["ort_1_thread_ms"]));
-        let one = crit.get(&format!("engine/{name}/tract_1_thread"));
-        let two = crit.get(&format!("engine/{name}/tract_2_threads"));
-        let threads = match (one, two) {
-            (Some(a), Some(b)) => format!(
-                "{:.2} / {:.2} ms = {}",
-                b.p50 / 1e6,
-                a.p50 / 1e6,
-                ratio(b.p50, a.p50)
-            ),
-            _ => "not run".into(),
-        };
-        let r = ort_s.map(|o| tract.p50 / o.p50);
-        let _ = writeln!(
-            md,
-            "| {name} | {} | {} | {} | {} | {threads} |",
-            spread(&tract, 2),
-            ort_s.map_or("not run".into(), |o| spread(&o, 2)),
-            r.map_or("–".into(), |r| format!("{r:.2}×")),
-            peer.and_then(|p| p["max_abs_diff_vs_tract"].as_f64())
-                .map_or("–".into(), |d| format!("{d:.1e}")),
-        );
-        if let Some(r) = r {
-            heads.push(format!(
-                "tract ÷ onnxruntime on {name}: {r:.2}× ({})",
-                if r > 1.0 {
-                    format!("tract behind by {:.0} %", (r - 1.0) * 100.0)
-                } else {
-                    "tract ahead".into()
-                }
-            ));
-        }
-        if let (Some(a), Some(b)) = (one, two) {
-            heads.push(format!(
-                "tract 2 threads ÷ 1 on {name}: {}",
-                ratio(b.p50, a.p50)
-            ));
-        }
-    }
-    let _ = writeln!(
-        md,
-        "\nWhere tract is behind, onnxruntime's advantage is its hand-tuned convolution and \
-         quantized kernels (the INT8 QDQ model especially: tract runs it slower than the float \
-         one on x86, which is why the rollout gate benchmarks on the device). Closing it is \
-         tract work (kernels), or an onnxruntime engine behind the same `Model` API for the \
-         models that need it.\n"
-    );
-    let slower: Vec<f64> = fixtures(v)
-        .iter()
-        .filter_map(|f| {
-            let name = f["fixture"].as_str()?;
-            let one = crit.get(&format!("engine/{name}/tract_1_thread"))?;
-            let two = crit.get(&format!("engine/{name}/tract_2_threads"))?;
-            Some(two.p50 / one.p50)
-        })
-        .collect();
-    if !slower.is_empty() {
-        let _ = writeln!(
-            md,
-            "tract's 2-thread matmul executor was {} than one thread here ({}): on 2 shared \
-             cores the second thread competes with everything else, and splitting these \
-             models' small matmuls likely costs more than it saves. It stays \
-             an opt-in feature (`botfleet-engine/multithread`), to be measured on the robot's \
-             own cores before use.\n",
-            if slower.iter().all(|r| *r > 1.0) {
-                "slower on every model"
-            } else {
-                "mixed"
-            },
-            slower
-                .iter()
-                .map(|r| format!("{r:.2}×"))
-                .collect::<Vec<_>>()
-                .join(", ")
         );
     }
 }

@@ -10,11 +10,12 @@ use anyhow::{Context, Result, bail};
 use botfleet_agent::bench::local_serving;
 use botfleet_agent::serve::router;
 use botfleet_agent::slots::Slots;
-use botfleet_engine::{Tensor, TensorData};
+use botfleet_engine::{Engines, LoadOptions, Model, Tensor, TensorData};
 use botfleet_protocol::SlotName;
+use botfleet_protocol::engine::EngineKind;
 use serde_json::{Value, json};
 
-use crate::fixtures::Fixture;
+use crate::fixtures::{Fixture, unavailable};
 use crate::stats::Summary;
 
 /// The same tensors as a JSON body and as a binary body (with its JSON header length).
@@ -84,57 +85,100 @@ pub fn rounds(one: Duration, budget: Duration, min: usize, max: usize) -> usize 
     ((budget.as_secs_f64() / per_round) as usize).clamp(min, max)
 }
 
-pub async fn run(fixtures: &[Fixture], budget: Duration) -> Result<Value> {
+/// One engine's model of a fixture behind its own slot.
+struct Path {
+    engine: EngineKind,
+    model: Model,
+    url: String,
+    local: Vec<f64>,
+    json: Vec<f64>,
+    binary: Vec<f64>,
+}
+
+pub async fn run(fixtures: &[Fixture], engines: &Engines, budget: Duration) -> Result<Value> {
     let http = reqwest::Client::new();
+    let ort_missing = unavailable(engines, EngineKind::OnnxruntimeCpu);
     let mut out = Vec::new();
     for f in fixtures {
-        let slot = SlotName::new("bench")?;
         let slots = Arc::new(Slots::default());
-        let serving = local_serving(slot.clone(), f.model.clone(), &f.bytes, "1")?;
-        slots.swap(&slot, Arc::new(serving));
-        let url = format!("{}/v2/models/bench/infer", serve(slots).await?);
-        let b = bodies(&f.input)?;
-        // Warm-up: each path a few times.
-        let started = Instant::now();
-        for _ in 0..5 {
-            f.model.run(f.input.clone())?;
+        let mut models = vec![(EngineKind::Tract, f.model.clone())];
+        match &ort_missing {
+            None => models.push((
+                EngineKind::OnnxruntimeCpu,
+                f.load_on(engines, EngineKind::OnnxruntimeCpu, &LoadOptions::default())
+                    .with_context(|| format!("{} on onnxruntime-cpu", f.name))?,
+            )),
+            Some(why) => println!("serving {}: onnxruntime-cpu not measured: {why}", f.name),
         }
-        let one = started.elapsed() / 5;
-        for _ in 0..3 {
-            post(&http, &url, &b.json, None).await?.bytes().await?;
-            post(&http, &url, &b.binary, Some(b.header_len))
-                .await?
-                .bytes()
-                .await?;
+        let base = serve(Arc::clone(&slots)).await?;
+        let mut paths = Vec::new();
+        for (engine, model) in models {
+            let slot = SlotName::new(format!("bench-{engine}"))?;
+            let serving = local_serving(slot.clone(), model.clone(), &f.bytes, "1")?;
+            slots.swap(&slot, Arc::new(serving));
+            paths.push(Path {
+                engine,
+                model,
+                url: format!("{base}/v2/models/{slot}/infer"),
+                local: vec![],
+                json: vec![],
+                binary: vec![],
+            });
+        }
+        let b = bodies(&f.input)?;
+        // Warm-up: each path a few times; a round costs about 3.5 in-process runs per engine.
+        let mut one = Duration::ZERO;
+        for p in &paths {
+            let started = Instant::now();
+            for _ in 0..5 {
+                p.model.run(f.input.clone())?;
+            }
+            one += started.elapsed() / 5;
+            for _ in 0..3 {
+                post(&http, &p.url, &b.json, None).await?.bytes().await?;
+                post(&http, &p.url, &b.binary, Some(b.header_len))
+                    .await?
+                    .bytes()
+                    .await?;
+            }
         }
         let n = rounds(one, budget, 30, 2000);
-        let (mut local, mut as_json, mut as_binary) = (vec![], vec![], vec![]);
         for _ in 0..n {
-            let input = f.input.clone();
-            let t = Instant::now();
-            f.model.run(input)?;
-            local.push(t.elapsed().as_secs_f64() * 1e3);
-            let t = Instant::now();
-            post(&http, &url, &b.json, None).await?.bytes().await?;
-            as_json.push(t.elapsed().as_secs_f64() * 1e3);
-            let t = Instant::now();
-            post(&http, &url, &b.binary, Some(b.header_len))
-                .await?
-                .bytes()
-                .await
-                .context("binary answer")?;
-            as_binary.push(t.elapsed().as_secs_f64() * 1e3);
+            for p in &mut paths {
+                let input = f.input.clone();
+                let t = Instant::now();
+                p.model.run(input)?;
+                p.local.push(t.elapsed().as_secs_f64() * 1e3);
+                let t = Instant::now();
+                post(&http, &p.url, &b.json, None).await?.bytes().await?;
+                p.json.push(t.elapsed().as_secs_f64() * 1e3);
+                let t = Instant::now();
+                post(&http, &p.url, &b.binary, Some(b.header_len))
+                    .await?
+                    .bytes()
+                    .await
+                    .context("binary answer")?;
+                p.binary.push(t.elapsed().as_secs_f64() * 1e3);
+            }
         }
-        out.push(json!({
-            "fixture": f.name,
-            "rounds": n,
-            "json_request_bytes": b.json.len(),
-            "binary_request_bytes": b.binary.len(),
-            "in_process_ms": Summary::of(&local),
-            "http_json_ms": Summary::of(&as_json),
-            "http_binary_ms": Summary::of(&as_binary),
-        }));
-        println!("serving {}: {} rounds", f.name, n);
+        for p in &paths {
+            out.push(json!({
+                "fixture": f.name,
+                "engine": p.engine,
+                "rounds": n,
+                "json_request_bytes": b.json.len(),
+                "binary_request_bytes": b.binary.len(),
+                "in_process_ms": Summary::of(&p.local),
+                "http_json_ms": Summary::of(&p.json),
+                "http_binary_ms": Summary::of(&p.binary),
+            }));
+        }
+        println!(
+            "serving {}: {} rounds on {} engines",
+            f.name,
+            n,
+            paths.len()
+        );
     }
-    Ok(json!({ "fixtures": out }))
+    Ok(json!({ "fixtures": out, "onnxruntime_unavailable": ort_missing }))
 }
