@@ -103,7 +103,7 @@ impl Fleet {
                     let _ = self.returned.send(device.clone());
                 }
             }
-            Inbound::Info(info) => self.devices().apply_info(device, info, now),
+            Inbound::Info(info) => self.devices().apply_info(device, *info, now),
             Inbound::Telemetry(t) => {
                 self.history().record(device, &t, now);
                 self.devices().apply_telemetry(device, *t, now);

@@ -8,7 +8,7 @@ use botfleet_protocol::{DeviceId, TopicKind, Topics};
 #[derive(Debug, Clone, PartialEq)]
 pub enum Inbound {
     Status(Status),
-    Info(Info),
+    Info(Box<Info>),
     Telemetry(Box<Telemetry>),
     Event(Box<Event>),
 }
@@ -50,7 +50,9 @@ pub fn decode(
     };
     let message = match kind {
         TopicKind::Status => Inbound::Status(serde_json::from_slice(payload).map_err(malformed)?),
-        TopicKind::Info => Inbound::Info(serde_json::from_slice(payload).map_err(malformed)?),
+        TopicKind::Info => Inbound::Info(Box::new(
+            serde_json::from_slice(payload).map_err(malformed)?,
+        )),
         TopicKind::Telemetry => Inbound::Telemetry(Box::new(
             serde_json::from_slice(payload).map_err(malformed)?,
         )),
