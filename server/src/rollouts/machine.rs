@@ -127,16 +127,6 @@ fn secs(s: u64) -> SignedDuration {
     SignedDuration::from_secs(i64::try_from(s).unwrap_or(i64::MAX))
 }
 
-fn median(mut values: Vec<f64>) -> Option<f64> {
-    values.sort_by(f64::total_cmp);
-    let n = values.len();
-    match n {
-        0 => None,
-        _ if n % 2 == 1 => Some(values[n / 2]),
-        _ => Some((values[n / 2 - 1] + values[n / 2]) / 2.0),
-    }
-}
-
 impl Rollout {
     /// A rollout planned in waves; nothing is commanded until the first [`Self::step`].
     pub fn new(
@@ -313,21 +303,12 @@ impl Rollout {
     /// Why the latency gate fails for the devices started so far, if it does.
     fn gate_failure(&self) -> Option<String> {
         let gate = self.strategy.gate?;
-        let reports: Vec<_> = self
+        let reports = self
             .devices
             .values()
             .filter(|r| r.wave <= self.wave)
-            .filter_map(|r| r.progress.bench())
-            .collect();
-        let candidate = median(reports.iter().map(|b| b.p99_ms).collect())?;
-        let incumbent = median(reports.iter().filter_map(|b| b.incumbent_p99_ms).collect())?;
-        let limit = incumbent * (1.0 + gate.max_p99_regression_percent / 100.0);
-        (candidate > limit).then(|| {
-            format!(
-                "gate: fleet median p99 {candidate:.3} ms exceeds {limit:.3} ms (incumbent {incumbent:.3} ms + {}%)",
-                gate.max_p99_regression_percent
-            )
-        })
+            .filter_map(|r| r.progress.bench());
+        super::gate::regression(gate, reports)
     }
 
     fn on_error(&mut self, why: String, now: Timestamp, actions: &mut Vec<Action>) {
