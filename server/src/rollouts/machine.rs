@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 
 use botfleet_protocol::DeviceId;
+use botfleet_protocol::engine::EngineKind;
 use botfleet_protocol::manifest::Sha256Digest;
 use botfleet_protocol::messages::DesiredModel;
 use jiff::{SignedDuration, Timestamp};
@@ -79,6 +80,9 @@ pub struct DeviceRun {
     pub mark: Option<Mark>,
     /// Its retained status names this rollout's artifact as serving the slot.
     pub reported_active: bool,
+    /// The engine that status names for it (while `reported_active`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serving_engine: Option<EngineKind>,
 }
 
 impl DeviceRun {
@@ -186,6 +190,18 @@ impl Rollout {
             run.mark = None;
         }
         before != (run.reported_active, run.mark)
+    }
+
+    /// Records the engine `device` reports serving the slot with; kept only while that is
+    /// this rollout's model. `true` when it changed.
+    pub fn observe_engine(&mut self, device: &DeviceId, engine: Option<EngineKind>) -> bool {
+        let Some(run) = self.devices.get_mut(device) else {
+            return false;
+        };
+        let engine = engine.filter(|_| run.reported_active);
+        let changed = run.serving_engine != engine;
+        run.serving_engine = engine;
+        changed
     }
 
     /// What [`Self::step`] can change, to tell whether it did.

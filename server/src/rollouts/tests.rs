@@ -463,13 +463,13 @@ fn a_status_is_no_evidence_for_another_release_of_the_same_bytes_nor_against_a_r
 }
 
 /// A benchmark report: the candidate's p99 on `engine`, the incumbent's on its own.
-fn bench_on(
+fn report_on(
     p99: f64,
     engine: Option<EngineKind>,
     incumbent_p99: f64,
     incumbent_engine: Option<EngineKind>,
-) -> Stage {
-    Stage::Benchmarked(BenchReport {
+) -> BenchReport {
+    BenchReport {
         runs: 20,
         p50_ms: p99 * 0.8,
         p99_ms: p99,
@@ -481,7 +481,16 @@ fn bench_on(
         engine,
         incumbent_engine,
         engines: vec![],
-    })
+    }
+}
+
+fn bench_on(
+    p99: f64,
+    engine: Option<EngineKind>,
+    incumbent_p99: f64,
+    incumbent_engine: Option<EngineKind>,
+) -> Stage {
+    Stage::Benchmarked(report_on(p99, engine, incumbent_p99, incumbent_engine))
 }
 
 /// A first wave of one device per report, each reporting its benchmark and then active;
@@ -576,4 +585,89 @@ fn old_agents_that_name_no_engine_are_gated_as_tract_as_before() {
     let reason = r.reason.unwrap();
     assert!(reason.contains("on tract 2.500 ms"), "{reason}");
     assert!(reason.contains("3 devices"), "{reason}");
+}
+
+#[test]
+fn the_rollout_view_shows_the_engine_chosen_serving_and_every_engine_measured() {
+    let mut book = book_with("r-1", &["robot-1"], Strategy::default());
+    let bench = Stage::Benchmarked(BenchReport {
+        engines: vec![
+            botfleet_protocol::engine::EngineBench {
+                engine: EngineKind::OnnxruntimeCuda,
+                load_ms: 900,
+                p50_ms: Some(1.0),
+                p99_ms: Some(1.5),
+                reference_max_abs_err: Some(1e-4),
+                peak_rss_bytes: None,
+                cached: false,
+                passed: true,
+                reason: None,
+            },
+            botfleet_protocol::engine::EngineBench {
+                engine: EngineKind::Tract,
+                load_ms: 100,
+                p50_ms: Some(8.0),
+                p99_ms: Some(9.0),
+                reference_max_abs_err: Some(1e-5),
+                peak_rss_bytes: None,
+                cached: false,
+                passed: true,
+                reason: None,
+            },
+        ],
+        ..report_on(1.5, CUDA, 9.5, TRACT)
+    });
+    book.apply(&event("robot-1", Some("r-1"), 1, bench));
+    let id = rid("r-1");
+    let device = |book: &Rollouts| book.get(&id).unwrap().devices.unwrap()[&dev("robot-1")].clone();
+    let view = device(&book);
+    assert_eq!(view.engine, CUDA);
+    assert_eq!(view.serving_engine, None, "no status says so yet");
+    let figures: Vec<_> = view
+        .bench
+        .unwrap()
+        .engines
+        .iter()
+        .map(|e| (e.engine, e.p99_ms))
+        .collect();
+    assert_eq!(
+        figures,
+        [
+            (EngineKind::OnnxruntimeCuda, Some(1.5)),
+            (EngineKind::Tract, Some(9.0))
+        ]
+    );
+    let json = serde_json::to_value(book.get(&id).unwrap()).unwrap();
+    assert_eq!(json["devices"]["robot-1"]["engine"], "onnxruntime-cuda");
+
+    let status = |engine: serde_json::Value| -> Status {
+        serde_json::from_value(serde_json::json!({
+            "online": true, "agent_version": "0.2.0", "at": "2026-01-01T00:00:00Z",
+            "active": {"orientation": {"name": "m", "version": "1.0.0", "release": 3,
+                "sha256": model().sha256, "since": "2026-01-01T00:00:00Z", "engine": engine}}
+        }))
+        .unwrap()
+    };
+    book.observe_status(
+        &dev("robot-1"),
+        &status(serde_json::json!("onnxruntime-cuda")),
+    );
+    assert_eq!(device(&book).serving_engine, CUDA);
+    assert_eq!(device(&book).outcome, Outcome::Active);
+    // An old agent's status names no engine: it had only tract.
+    book.observe_status(&dev("robot-1"), &status(serde_json::Value::Null));
+    assert_eq!(device(&book).serving_engine, TRACT);
+}
+
+#[test]
+fn an_old_agents_benchmark_is_shown_as_tract() {
+    let mut book = book_with("r-1", &["robot-1"], Strategy::default());
+    book.apply(&event(
+        "robot-1",
+        Some("r-1"),
+        1,
+        bench_on(2.0, None, 2.0, None),
+    ));
+    let view = book.get(&rid("r-1")).unwrap().devices.unwrap()[&dev("robot-1")].clone();
+    assert_eq!(view.engine, TRACT);
 }
