@@ -240,12 +240,14 @@ pub fn text(what: Shown, v: &Value) -> String {
                     .as_str()
                     .or_else(|| p["engine"].as_str())
                     .unwrap_or("-");
-                out += &format!(
-                    "  {device:<24} wave {} {:<12} {engine:<26} {}\n",
+                let line = format!(
+                    "  {device:<24} wave {} {:<12} {engine:<26} {}",
                     p["wave"].as_u64().unwrap_or(0) + 1,
                     s(p, "outcome"),
                     p["message"].as_str().unwrap_or("")
                 );
+                out += line.trim_end();
+                out += "\n";
                 let figures = engine_figures(&p["bench"]);
                 if !figures.is_empty() {
                     out += &format!("    {figures}\n");

@@ -92,7 +92,7 @@ export async function render(root, ctx) {
           h('td', {}, m.engine || 'tract'), h('td', {}, ago(m.since))))),
       d.info ? enginesOf(info) : '',
       d.telemetry ? h('p', { class: 'summary' }, `memory ${bytes(d.telemetry.memory_used_bytes)} of ${bytes(d.telemetry.memory_total_bytes)}`) : '',
-      benchmarks(d));
+      ...benchmarks(d));
     let points = [];
     try {
       points = (await api(`devices/${encodeURIComponent(id)}/telemetry`)).points;
