@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use botfleet_protocol::Topics;
+use botfleet_protocol::engine::EnginePolicy;
 use botfleet_protocol::topics::{DEFAULT_PREFIX, PrefixError};
 use serde::{Deserialize, Serialize};
 
@@ -41,12 +42,14 @@ pub enum ConfigError {
     ConnectTimeout(u64),
     #[error("max_model_bytes must be at least 1")]
     MaxModelBytes,
+    #[error("intake.engines: {0}")]
+    IntakeEngines(String),
     #[error("mqtt TLS or credentials")]
     Tls(#[from] crate::tls::TlsError),
 }
 
 /// The whole server configuration.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// Where models, artifacts, desired documents and the signing key live.
@@ -62,8 +65,53 @@ pub struct Config {
     pub mqtt: MqttConfig,
     pub signing: SigningConfig,
     pub metrics: MetricsConfig,
+    pub intake: IntakeConfig,
     /// API tokens and roles; none: the API is open.
     pub auth: crate::auth::AuthConfig,
+}
+
+/// What the server puts in the manifests of uploads that leave it open.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IntakeConfig {
+    /// The engine policy of an upload whose metadata has no `engines`: `"auto"`, or a
+    /// table in the metadata's form (`{ candidates = [...], tolerance = { fp16 = 0.05 } }`).
+    #[serde(with = "engine_setting")]
+    pub engines: EnginePolicy,
+}
+
+impl Default for IntakeConfig {
+    fn default() -> Self {
+        Self {
+            engines: EnginePolicy::auto(),
+        }
+    }
+}
+
+/// `intake.engines`: the word `"auto"` for [`EnginePolicy::auto`], else the policy itself.
+mod engine_setting {
+    use botfleet_protocol::engine::EnginePolicy;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(policy: &EnginePolicy, s: S) -> Result<S::Ok, S::Error> {
+        if policy == &EnginePolicy::auto() {
+            s.serialize_str("auto")
+        } else {
+            policy.serialize(s)
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<EnginePolicy, D::Error> {
+        // Through a JSON value, so a bad table is explained as the upload metadata's is.
+        let value = serde_json::Value::deserialize(d)?;
+        match value.as_str() {
+            Some("auto") => Ok(EnginePolicy::auto()),
+            Some(word) => Err(serde::de::Error::custom(format!(
+                "must be \"auto\" or a table like {{ candidates = [\"onnxruntime-cuda\", \"tract\"] }}, not {word:?}"
+            ))),
+            None => crate::intake::engine_policy(value).map_err(serde::de::Error::custom),
+        }
+    }
 }
 
 /// Cardinality limits of the per-device series on `GET /metrics`.
@@ -131,6 +179,7 @@ impl Default for Config {
             mqtt: MqttConfig::default(),
             signing: SigningConfig::default(),
             metrics: MetricsConfig::default(),
+            intake: IntakeConfig::default(),
             auth: crate::auth::AuthConfig::default(),
         }
     }
@@ -242,6 +291,8 @@ impl Config {
         if self.max_model_bytes == 0 {
             return Err(ConfigError::MaxModelBytes);
         }
+        crate::intake::check_engine_policy(&self.intake.engines)
+            .map_err(ConfigError::IntakeEngines)?;
         let public_url = match self.public_url.trim() {
             "" => None,
             url if url.starts_with("http://") || url.starts_with("https://") => {
@@ -344,6 +395,45 @@ mod tests {
     fn unknown_keys_are_refused() {
         let err = Config::from_toml("[mqtt]\nurll = \"x\"\n", Path::new("x")).unwrap_err();
         assert!(matches!(err, ConfigError::Parse { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn intake_engines_is_auto_by_default_or_a_policy_table() {
+        assert_eq!(Config::default().intake.engines, EnginePolicy::auto());
+        let text = "[intake]\nengines = { candidates = [\"onnxruntime-cuda\", \"tract\"], tolerance = { fp16 = 0.05 } }\n";
+        let config = Config::from_toml(text, Path::new("x")).unwrap();
+        let policy = &config.intake.engines;
+        assert_eq!(
+            policy.candidates,
+            botfleet_protocol::engine::Candidates::List(vec![
+                botfleet_protocol::engine::EngineKind::OnnxruntimeCuda,
+                botfleet_protocol::engine::EngineKind::Tract,
+            ])
+        );
+        assert_eq!(
+            policy.tolerance[&botfleet_protocol::engine::Precision::Fp16],
+            0.05
+        );
+        config.validate().unwrap();
+        for bad in [
+            "[intake]\nengines = \"fastest\"\n",
+            "[intake]\nengines = { candidates = [\"tensorflow\"] }\n",
+            "[intake]\nengines = { candidates = \"auto\", tolerance = { fp16 = -1.0 } }\n",
+        ] {
+            let err = Config::from_toml(bad, Path::new("x")).unwrap_err();
+            assert!(matches!(err, ConfigError::Parse { .. }), "{bad}: {err:?}");
+        }
+        let mut built = Config::default();
+        built.intake.engines = EnginePolicy {
+            candidates: botfleet_protocol::engine::Candidates::List(vec![
+                botfleet_protocol::engine::EngineKind::OnnxruntimeTensorrtFp16,
+            ]),
+            tolerance: Default::default(),
+        };
+        assert!(matches!(
+            built.validate(),
+            Err(ConfigError::IntakeEngines(_))
+        ));
     }
 
     #[test]

@@ -11,8 +11,12 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use botfleet_protocol::DeviceId;
-use botfleet_protocol::messages::{Info, Status, TELEMETRY_SCHEMA, Telemetry};
+use botfleet_protocol::engine::EngineKind;
+use botfleet_protocol::manifest::Sha256Digest;
+use botfleet_protocol::messages::{
+    BenchReport, Event, Info, Stage, Status, TELEMETRY_SCHEMA, Telemetry,
+};
+use botfleet_protocol::{DeviceId, RolloutId, SlotName};
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
@@ -41,9 +45,29 @@ pub struct DeviceView {
     /// What selectors match: the reported labels, overridden by the operator's.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// The engine serving each slot, from the last status (an agent that names none has
+    /// only tract).
+    #[serde(default)]
+    pub serving_engines: BTreeMap<SlotName, EngineKind>,
+    /// The device's latest benchmark per slot, with the figures of every engine it measured.
+    #[serde(default)]
+    pub benchmarks: BTreeMap<SlotName, DeviceBench>,
     /// The unknown telemetry schema already logged for this device.
     #[serde(skip)]
     unknown_schema_logged: Option<u32>,
+}
+
+/// A device's benchmark of one model, from its `benchmarked` event.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeviceBench {
+    /// When the device measured it.
+    pub at: Timestamp,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout_id: Option<RolloutId>,
+    pub sha256: Sha256Digest,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release: Option<u64>,
+    pub report: BenchReport,
 }
 
 impl DeviceView {
@@ -59,8 +83,19 @@ impl DeviceView {
             reported_labels: BTreeMap::new(),
             operator_labels: BTreeMap::new(),
             labels: BTreeMap::new(),
+            serving_engines: BTreeMap::new(),
+            benchmarks: BTreeMap::new(),
             unknown_schema_logged: None,
         }
+    }
+
+    fn derive_engines(&mut self) {
+        self.serving_engines = self
+            .status
+            .iter()
+            .flat_map(|s| s.active.iter())
+            .map(|(slot, m)| (slot.clone(), m.engine.unwrap_or(EngineKind::Tract)))
+            .collect();
     }
 
     fn relabel(&mut self) {
@@ -106,6 +141,7 @@ impl Devices {
             .into_iter()
             .map(|mut view| {
                 view.relabel();
+                view.derive_engines();
                 (view.device_id.clone(), view)
             })
             .collect();
@@ -178,7 +214,33 @@ impl Devices {
         let returned = status.online && !view.online;
         view.online = status.online;
         view.status = Some(status);
+        view.derive_engines();
         returned
+    }
+
+    /// A rollout event: proof of life, and a benchmark is kept as the slot's latest unless a
+    /// later one is already there. `true` when the device view changed beyond `last_seen`.
+    pub fn apply_event(&mut self, id: &DeviceId, event: &Event, now: Timestamp) -> bool {
+        let view = self.entry(id, now);
+        let Stage::Benchmarked(report) = &event.stage else {
+            return false;
+        };
+        if view
+            .benchmarks
+            .get(&event.slot)
+            .is_some_and(|known| known.at > event.at)
+        {
+            return false;
+        }
+        let bench = DeviceBench {
+            at: event.at,
+            rollout_id: event.rollout_id.clone(),
+            sha256: event.sha256,
+            release: event.release,
+            report: report.clone(),
+        };
+        view.benchmarks.insert(event.slot.clone(), bench);
+        true
     }
 
     pub fn apply_info(&mut self, id: &DeviceId, info: Info, now: Timestamp) {
@@ -211,11 +273,6 @@ impl Devices {
         }
         view.telemetry = Some(telemetry);
         view.telemetry_received = Some(now);
-    }
-
-    /// Any other message from the device (rollout events) only proves it is alive.
-    pub fn touch(&mut self, id: &DeviceId, now: Timestamp) {
-        self.entry(id, now);
     }
 
     pub fn list(&self) -> Vec<DeviceView> {
@@ -297,10 +354,74 @@ mod tests {
     fn a_device_seen_only_through_events_is_listed_offline() {
         let id = DeviceId::new("robot-2").unwrap();
         let mut devices = Devices::default();
-        devices.touch(&id, Timestamp::UNIX_EPOCH);
+        let received = event("robot-2", 1, r#""stage":"received""#);
+        assert!(!devices.apply_event(&id, &received, Timestamp::UNIX_EPOCH));
         let list = devices.list();
         assert_eq!(list.len(), 1);
         assert!(!list[0].online && list[0].status.is_none());
+    }
+
+    fn event(device: &str, at: i64, stage: &str) -> Event {
+        serde_json::from_str(&format!(
+            r#"{{"device":"{device}","rollout_id":"r-1","slot":"orientation","sha256":"{}",
+                "release":3,"at":"{}",{stage}}}"#,
+            Sha256Digest::of(b"model").to_hex(),
+            Timestamp::from_second(at).unwrap()
+        ))
+        .unwrap()
+    }
+
+    fn benchmarked(engine: &str, p99: f64) -> String {
+        format!(
+            r#""stage":"benchmarked","runs":20,"p50_ms":1.0,"p99_ms":{p99},"mean_ms":1.0,
+            "passed":true,"engine":"{engine}","incumbent_engine":"tract","incumbent_p99_ms":9.0,
+            "engines":[{{"engine":"{engine}","load_ms":900,"p50_ms":1.0,"p99_ms":{p99},"passed":true}},
+                       {{"engine":"tract","load_ms":100,"p50_ms":8.0,"p99_ms":9.5,"passed":true}}]"#
+        )
+    }
+
+    #[test]
+    fn the_latest_benchmark_per_slot_and_the_serving_engines_are_kept() {
+        let id = DeviceId::new("robot-1").unwrap();
+        let now = Timestamp::UNIX_EPOCH;
+        let mut devices = Devices::default();
+        let cuda = event("robot-1", 20, &benchmarked("onnxruntime-cuda", 2.0));
+        assert!(devices.apply_event(&id, &cuda, now));
+        // A replay of an older benchmark does not replace it.
+        let older = event("robot-1", 10, &benchmarked("onnxruntime-cpu", 5.0));
+        assert!(!devices.apply_event(&id, &older, now));
+        let view = devices.get(&id).unwrap();
+        let bench = &view.benchmarks[&SlotName::new("orientation").unwrap()];
+        assert_eq!(bench.report.engine, Some(EngineKind::OnnxruntimeCuda));
+        assert_eq!(bench.report.engines.len(), 2);
+        assert_eq!(bench.report.engines[1].p99_ms, Some(9.5));
+        assert_eq!(bench.release, Some(3));
+
+        let mut with_active: Status = serde_json::from_value(serde_json::json!({
+            "online": true, "agent_version": "0.2.0", "at": "2026-01-01T00:00:00Z",
+            "active": {
+                "orientation": {"name": "m", "version": "1", "release": 3,
+                    "sha256": Sha256Digest::of(b"model"), "since": "2026-01-01T00:00:00Z",
+                    "engine": "onnxruntime-cuda"},
+                "faces": {"name": "f", "version": "1", "release": 1,
+                    "sha256": Sha256Digest::of(b"faces"), "since": "2026-01-01T00:00:00Z"}
+            }
+        }))
+        .unwrap();
+        devices.apply_status(&id, with_active.clone(), now);
+        let engines = devices.get(&id).unwrap().serving_engines;
+        let engine = |slot: &str| engines.get(&SlotName::new(slot).unwrap()).copied();
+        assert_eq!(engine("orientation"), Some(EngineKind::OnnxruntimeCuda));
+        assert_eq!(
+            engine("faces"),
+            Some(EngineKind::Tract),
+            "an old agent: tract"
+        );
+        with_active.active.clear();
+        devices.apply_status(&id, with_active, now);
+        assert!(devices.get(&id).unwrap().serving_engines.is_empty());
+        let restored = Devices::restore(devices.list());
+        assert_eq!(restored.get(&id), devices.get(&id));
     }
 
     fn info(labels: &[(&str, &str)]) -> Info {

@@ -94,8 +94,9 @@ impl Fleet {
 
     /// Folds one message from `device` in.
     pub fn apply(&self, device: &DeviceId, message: Inbound, now: Timestamp) {
-        // Events reach live views when the rollout they change is saved.
-        let device_changed = !matches!(message, Inbound::Event(_));
+        // Events reach live views when the rollout they change is saved (and a benchmark
+        // at once: it changes the device view too).
+        let mut device_changed = !matches!(message, Inbound::Event(_));
         match message {
             Inbound::Status(status) => {
                 self.rollouts().observe_status(device, &status);
@@ -109,7 +110,7 @@ impl Fleet {
                 self.devices().apply_telemetry(device, *t, now);
             }
             Inbound::Event(event) => {
-                self.devices().touch(device, now);
+                device_changed = self.devices().apply_event(device, &event, now);
                 let applied = self.rollouts().apply(&event);
                 let rollout = event.rollout_id.as_ref().map(|r| r.as_str()).unwrap_or("-");
                 match applied {

@@ -6,6 +6,7 @@ use std::fmt;
 
 use botfleet_engine::{EngineError, Model, reference_inputs};
 use botfleet_protocol::SlotName;
+use botfleet_protocol::engine::{Candidates, EngineKind, EnginePolicy, Precision};
 use botfleet_protocol::manifest::{
     Artifact, Compatibility, Gate, MANIFEST_SCHEMA, Manifest, Provenance, Quantization, Reference,
     Sha256Digest,
@@ -145,12 +146,22 @@ pub struct ModelMetadata {
     /// Largest absolute difference allowed on the reference output.
     #[serde(default = "default_tolerance")]
     pub tolerance: f32,
+    /// Which engines the robots' gate may pick from; absent: the server's `intake.engines`.
+    #[serde(default)]
+    pub engines: Option<EnginePolicy>,
+}
+
+/// The `engines` member alone, to name it when it is what made the metadata invalid.
+#[derive(Deserialize)]
+struct EnginesMember {
+    #[serde(default)]
+    engines: Option<serde_json::Value>,
 }
 
 impl ModelMetadata {
     /// Parses and checks the metadata JSON.
     pub fn parse(json: &[u8]) -> Result<Self, IntakeError> {
-        let meta: Self = serde_json::from_slice(json).map_err(IntakeError::Metadata)?;
+        let meta: Self = serde_json::from_slice(json).map_err(|err| engines_error(json, err))?;
         let name = meta.name.trim();
         if name.is_empty() || name.len() > MAX_NAME_LEN || name.chars().any(char::is_control) {
             return Err(field(
@@ -176,7 +187,91 @@ impl ModelMetadata {
         if meta.inputs.as_ref().is_some_and(Vec::is_empty) {
             return Err(field("inputs", "must name at least one input when given"));
         }
+        if let Some(policy) = &meta.engines {
+            check_engine_policy(policy).map_err(|reason| field("engines", reason))?;
+        }
         Ok(meta)
+    }
+}
+
+/// The metadata's error, or the `engines` field's own when that member is malformed (serde
+/// names neither the field nor, for a list with an unknown engine, the engine).
+fn engines_error(json: &[u8], err: serde_json::Error) -> IntakeError {
+    let member = serde_json::from_slice::<EnginesMember>(json)
+        .ok()
+        .and_then(|m| m.engines);
+    match member.map(engine_policy) {
+        Some(Err(reason)) => field("engines", reason),
+        _ => IntakeError::Metadata(err),
+    }
+}
+
+/// An engine policy from JSON, with the reason in the metadata's words when it is none.
+pub fn engine_policy(value: serde_json::Value) -> Result<EnginePolicy, String> {
+    let policy = serde_json::from_value::<EnginePolicy>(value.clone())
+        .map_err(|err| explain_policy(&value, &err))?;
+    check_engine_policy(&policy)?;
+    Ok(policy)
+}
+
+const POLICY_FORM: &str = r#"{"candidates": "auto"} or {"candidates": ["onnxruntime-cuda", "tract"], "tolerance": {"fp16": 0.05}}"#;
+
+/// Why `value` is not an engine policy, in terms of its own members.
+fn explain_policy(value: &serde_json::Value, err: &serde_json::Error) -> String {
+    let unknown_engine = value["candidates"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find_map(|e| match e.as_str() {
+            None => Some(format!(
+                "`candidates` lists {e}, which is not an engine name"
+            )),
+            Some(name) => name.parse::<EngineKind>().err(),
+        });
+    let why = unknown_engine.unwrap_or_else(|| err.to_string());
+    format!("{why}; expected {POLICY_FORM}")
+}
+
+/// What serde cannot see in an engine policy: tolerances that are numbers the gate can use,
+/// no engine named twice, and no reduced-precision engine that could never be checked.
+pub fn check_engine_policy(policy: &EnginePolicy) -> Result<(), String> {
+    for (precision, tolerance) in &policy.tolerance {
+        if *precision == Precision::Native {
+            return Err(
+                "`tolerance.native` is not a policy tolerance: the top-level `tolerance` covers \
+                 native precision"
+                    .into(),
+            );
+        }
+        if !(tolerance.is_finite() && *tolerance >= 0.0) {
+            return Err(format!(
+                "`tolerance.{}` must be a finite number ≥ 0",
+                precision_name(*precision)
+            ));
+        }
+    }
+    if let Candidates::List(list) = &policy.candidates {
+        for (i, engine) in list.iter().enumerate() {
+            if list[..i].contains(engine) {
+                return Err(format!("`candidates` names {engine} twice"));
+            }
+            let precision = engine.precision();
+            if precision != Precision::Native && !policy.tolerance.contains_key(&precision) {
+                return Err(format!(
+                    "`candidates` names {engine}, which needs `tolerance.{}` to be checked",
+                    precision_name(precision)
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn precision_name(precision: Precision) -> &'static str {
+    match precision {
+        Precision::Native => "native",
+        Precision::Fp16 => "fp16",
+        Precision::Int8 => "int8",
     }
 }
 
@@ -289,17 +384,30 @@ pub fn check_model(
     })
 }
 
-/// Builds the manifest of a checked upload.
+/// Builds the manifest of a checked upload; `default_engines` applies when the metadata
+/// names no engine policy.
 pub fn build_manifest(
     meta: &ModelMetadata,
     release: u64,
     artifact: Artifact,
     checked: Checked,
     now: Timestamp,
+    default_engines: &EnginePolicy,
 ) -> Result<Manifest, IntakeError> {
     let mut gate = meta.gate.clone();
     if gate.reference.is_none() {
         gate.reference = checked.reference;
+    }
+    let engines = meta
+        .engines
+        .clone()
+        .unwrap_or_else(|| default_engines.clone());
+    if !engines.tolerance.is_empty() && gate.reference.is_none() {
+        tracing::info!(
+            slot = %meta.slot,
+            version = %meta.version,
+            "no reference output recorded: robots will not try reduced-precision engines"
+        );
     }
     let lifetime = SignedDuration::from_hours(24 * i64::from(meta.expires_in_days));
     let expires_at = now
@@ -320,7 +428,7 @@ pub fn build_manifest(
         issued_at: now,
         expires_at,
         allow_downgrade: false,
-        engines: Default::default(),
+        engines,
     })
 }
 
@@ -365,6 +473,121 @@ mod tests {
         for json in bad {
             assert!(ModelMetadata::parse(json.as_bytes()).is_err(), "{json}");
         }
+    }
+
+    const BASE: &str = r#""slot":"orientation","name":"rapid","version":"1.0.0""#;
+
+    fn with_engines(engines: &str) -> Result<ModelMetadata, IntakeError> {
+        ModelMetadata::parse(format!(r#"{{{BASE},"engines":{engines}}}"#).as_bytes())
+    }
+
+    #[test]
+    fn an_engine_policy_in_the_metadata_is_read_as_the_manifest_has_it() {
+        let meta = with_engines(
+            r#"{"candidates":["onnxruntime-tensorrt-fp16","onnxruntime-cuda","tract"],"tolerance":{"fp16":0.05}}"#,
+        )
+        .unwrap();
+        let policy = meta.engines.unwrap();
+        assert_eq!(
+            policy.candidates,
+            Candidates::List(vec![
+                EngineKind::OnnxruntimeTensorrtFp16,
+                EngineKind::OnnxruntimeCuda,
+                EngineKind::Tract
+            ])
+        );
+        assert_eq!(policy.tolerance[&Precision::Fp16], 0.05);
+        let auto = with_engines(r#"{"candidates":"auto"}"#).unwrap();
+        assert_eq!(auto.engines, Some(EnginePolicy::auto()));
+        let absent = ModelMetadata::parse(format!("{{{BASE}}}").as_bytes()).unwrap();
+        assert_eq!(absent.engines, None);
+    }
+
+    #[test]
+    fn a_malformed_engine_policy_is_refused_naming_the_engines_field() {
+        for (engines, says) in [
+            (r#""auto""#, "invalid type"),
+            (r#"{"candidates":"fastest"}"#, "\"fastest\""),
+            (r#"{"candidates":[]}"#, "at least one engine"),
+            (
+                r#"{"candidates":["tract","tensorflow"]}"#,
+                "unknown engine \"tensorflow\"",
+            ),
+            (r#"{"candidates":[7]}"#, "not an engine name"),
+            (
+                r#"{"candidates":"auto","prefer":"gpu"}"#,
+                "unknown field `prefer`",
+            ),
+            (r#"{"candidates":"auto","tolerance":{"fp8":0.1}}"#, "fp8"),
+            (
+                r#"{"candidates":"auto","tolerance":{"fp16":-1}}"#,
+                "tolerance.fp16",
+            ),
+            (
+                r#"{"candidates":"auto","tolerance":{"native":0.1}}"#,
+                "top-level `tolerance`",
+            ),
+            (r#"{"candidates":["tract","tract"]}"#, "tract twice"),
+            (
+                r#"{"candidates":["onnxruntime-tensorrt-int8"]}"#,
+                "needs `tolerance.int8`",
+            ),
+        ] {
+            match with_engines(engines) {
+                Err(IntakeError::Field { field, reason }) => {
+                    assert_eq!(field, "engines", "{engines}");
+                    assert!(reason.contains(says), "{engines}: {reason}");
+                }
+                other => panic!("{engines}: {other:?}"),
+            }
+        }
+        // Another field's error is still that field's.
+        let other = ModelMetadata::parse(
+            format!(r#"{{{BASE},"colour":"red","engines":{{"candidates":"auto"}}}}"#).as_bytes(),
+        );
+        assert!(matches!(other, Err(IntakeError::Metadata(_))), "{other:?}");
+    }
+
+    fn checked() -> Checked {
+        Checked {
+            inputs: vec![],
+            outputs: vec![],
+            reference: None,
+        }
+    }
+
+    fn artifact() -> Artifact {
+        Artifact {
+            size: 1,
+            sha256: Sha256Digest::of(b"m"),
+            format: botfleet_protocol::manifest::ModelFormat::Onnx,
+            quantization: Quantization::Fp32,
+        }
+    }
+
+    #[test]
+    fn the_server_default_applies_only_when_the_metadata_names_no_policy() {
+        let now = Timestamp::UNIX_EPOCH;
+        let open = ModelMetadata::parse(format!("{{{BASE}}}").as_bytes()).unwrap();
+        let manifest =
+            build_manifest(&open, 1, artifact(), checked(), now, &EnginePolicy::auto()).unwrap();
+        assert_eq!(manifest.engines, EnginePolicy::auto());
+        let tract_only = with_engines(r#"{"candidates":["tract"]}"#).unwrap();
+        let manifest = build_manifest(
+            &tract_only,
+            1,
+            artifact(),
+            checked(),
+            now,
+            &EnginePolicy::auto(),
+        )
+        .unwrap();
+        assert_eq!(manifest.engines, EnginePolicy::default());
+        let json = serde_json::to_value(&manifest).unwrap();
+        assert!(
+            json.get("engines").is_none(),
+            "tract only is what a manifest without `engines` means"
+        );
     }
 
     #[test]

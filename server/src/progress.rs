@@ -136,6 +136,27 @@ fn s<'a>(v: &'a Value, key: &str) -> &'a str {
     v[key].as_str().unwrap_or("-")
 }
 
+/// Each engine a benchmark measured, on one line: `onnxruntime-cuda p99 1.50 ms ok · …`.
+fn engine_figures(bench: &Value) -> String {
+    let figures: Vec<String> = bench["engines"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| {
+            let p99 = e["p99_ms"]
+                .as_f64()
+                .map_or_else(|| "-".to_owned(), |v| format!("{v:.2} ms"));
+            let verdict = if e["passed"] == true {
+                "ok".to_owned()
+            } else {
+                format!("failed: {}", e["reason"].as_str().unwrap_or("-"))
+            };
+            format!("{} p99 {p99} {verdict}", s(e, "engine"))
+        })
+        .collect();
+    figures.join(" · ")
+}
+
 /// A short text view of an API answer; `what` names the command's kind of answer.
 pub fn text(what: Shown, v: &Value) -> String {
     let rows = v.as_array().cloned().unwrap_or_default();
@@ -182,11 +203,23 @@ pub fn text(what: Shown, v: &Value) -> String {
                     .flatten()
                     .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
                     .collect();
+                let engines: Vec<String> = d["serving_engines"]
+                    .as_object()
+                    .into_iter()
+                    .flatten()
+                    .map(|(slot, e)| format!("{slot}={}", e.as_str().unwrap_or("-")))
+                    .collect();
+                let engines = if engines.is_empty() {
+                    "-".to_owned()
+                } else {
+                    engines.join(",")
+                };
                 out += &format!(
-                    "{:<24} {:<8} last seen {:<28} {}\n",
+                    "{:<24} {:<8} last seen {:<28} engines {:<28} {}\n",
                     s(&d, "device_id"),
                     presence,
                     s(&d, "last_seen"),
+                    engines,
                     labels.join(",")
                 );
             }
@@ -202,12 +235,23 @@ pub fn text(what: Shown, v: &Value) -> String {
                 v["waves"]
             );
             for (device, p) in v["devices"].as_object().into_iter().flatten() {
-                out += &format!(
-                    "  {device:<24} wave {} {:<12} {}\n",
+                // What serves, else what the gate chose.
+                let engine = p["serving_engine"]
+                    .as_str()
+                    .or_else(|| p["engine"].as_str())
+                    .unwrap_or("-");
+                let line = format!(
+                    "  {device:<24} wave {} {:<12} {engine:<26} {}",
                     p["wave"].as_u64().unwrap_or(0) + 1,
                     s(p, "outcome"),
                     p["message"].as_str().unwrap_or("")
                 );
+                out += line.trim_end();
+                out += "\n";
+                let figures = engine_figures(&p["bench"]);
+                if !figures.is_empty() {
+                    out += &format!("    {figures}\n");
+                }
             }
         }
         Shown::Other => out = serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string()),
@@ -255,5 +299,42 @@ mod tests {
         let shown = text(Shown::Rollout, &view);
         assert!(shown.starts_with("rollout r-1: faces 1.0.0 is paused (wave 1 of 2)"));
         assert!(shown.contains("robot-1"));
+    }
+
+    #[test]
+    fn a_rollout_shows_each_devices_engine_and_the_figures_of_every_engine_measured() {
+        let view = json!({"rollout_id": "r-1", "slot": "faces", "version": "1.0.0",
+            "state": "in_progress", "wave": 0, "waves": 1, "devices": {
+                "robot-1": {"wave": 0, "outcome": "active", "engine": "onnxruntime-cuda",
+                    "serving_engine": "onnxruntime-cuda", "bench": {"engines": [
+                        {"engine": "onnxruntime-cuda", "p99_ms": 1.5, "passed": true},
+                        {"engine": "tract", "p99_ms": 9.25, "passed": false,
+                         "reason": "p99 over budget"}]}},
+                "robot-2": {"wave": 0, "outcome": "in_progress", "engine": "tract"}}});
+        let shown = text(Shown::Rollout, &view);
+        let lines: Vec<&str> = shown.lines().collect();
+        assert!(lines[1].contains("robot-1") && lines[1].contains("onnxruntime-cuda"));
+        assert_eq!(
+            lines[2].trim(),
+            "onnxruntime-cuda p99 1.50 ms ok · tract p99 9.25 ms failed: p99 over budget"
+        );
+        assert!(lines[3].contains("robot-2") && lines[3].contains("tract"));
+    }
+
+    #[test]
+    fn a_device_list_shows_the_engine_serving_each_slot() {
+        let devices = json!([
+            {"device_id": "robot-1", "online": true, "last_seen": "2026-01-01T00:00:00Z",
+             "serving_engines": {"faces": "onnxruntime-tensorrt-fp16", "orientation": "tract"}},
+            {"device_id": "robot-2", "online": false}]);
+        let shown = text(Shown::Devices, &devices);
+        assert!(
+            shown.contains("engines faces=onnxruntime-tensorrt-fp16,orientation=tract"),
+            "{shown}"
+        );
+        assert!(
+            shown.lines().nth(1).unwrap().contains("engines -"),
+            "{shown}"
+        );
     }
 }

@@ -14,6 +14,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
+use botfleet_protocol::engine::EnginePolicy;
 use botfleet_protocol::manifest::{
     Artifact, KeyId, Manifest, ModelFormat, Quantization, Sha256Digest, SignedManifest,
 };
@@ -129,6 +130,8 @@ pub struct Registry {
     db: Arc<Db>,
     public_url: String,
     signer: Arc<ManifestSigner>,
+    /// The engine policy of uploads whose metadata names none (`intake.engines`).
+    default_engines: EnginePolicy,
     records: RwLock<BTreeMap<Key, StoredModel>>,
     commit: tokio::sync::Mutex<()>,
 }
@@ -141,6 +144,7 @@ impl Registry {
         db: Arc<Db>,
         public_url: String,
         signer: Arc<ManifestSigner>,
+        default_engines: EnginePolicy,
     ) -> Result<Self, RegistryError> {
         let artifacts = data_dir.join("artifacts");
         files::create_dir(&artifacts).map_err(io_err("create", &artifacts))?;
@@ -161,6 +165,7 @@ impl Registry {
             db,
             public_url,
             signer,
+            default_engines,
             records: RwLock::new(records),
             commit: tokio::sync::Mutex::new(()),
         })
@@ -268,7 +273,14 @@ impl Registry {
             quantization: meta.quantization,
         };
         let now = Timestamp::now();
-        let manifest = intake::build_manifest(&meta, release, artifact, checked, now)?;
+        let manifest = intake::build_manifest(
+            &meta,
+            release,
+            artifact,
+            checked,
+            now,
+            &self.default_engines,
+        )?;
         let signed_manifest = self.signer.sign(&manifest).map_err(RegistryError::Sign)?;
         let stored = StoredModel {
             slot: meta.slot.clone(),

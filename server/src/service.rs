@@ -195,6 +195,7 @@ pub async fn start(config: Config) -> Result<Running, Error> {
         db.clone(),
         public_url.clone(),
         signer.clone(),
+        settings.config.intake.engines.clone(),
     )?);
     let desired = DesiredStore::open(&data_dir.join("desired"))?;
     let loaded = db.load()?;

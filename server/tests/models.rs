@@ -253,3 +253,65 @@ async fn health_and_unknown_routes_answer_json() {
     assert_eq!(response.status(), 405);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn the_engine_policy_of_an_upload_is_signed_into_its_manifest_with_the_server_default_when_absent()
+ {
+    use botfleet_protocol::engine::{Candidates, EngineKind, EnginePolicy, Precision};
+
+    let server = TestServer::start().await;
+    let open = server.upload_pnet("faces", "1.0.0").await;
+    let manifest = verify(&open, &server.running.public_key());
+    assert_eq!(manifest.engines, EnginePolicy::auto(), "intake.engines");
+    assert!(
+        manifest.gate.reference.is_some(),
+        "the reference is still recorded"
+    );
+
+    let mut meta = json!({
+        "slot": "faces", "name": "mtcnn-pnet", "version": "1.1.0",
+        "inputs": [{"name": "input_1", "datatype": "FP32", "shape": [1, 12, 12, 3]}],
+        "engines": {"candidates": ["onnxruntime-tensorrt-fp16", "onnxruntime-cuda", "tract"],
+                    "tolerance": {"fp16": 0.05}}
+    });
+    let (status, record) = server.upload(&meta, fixture_bytes("mtcnn_pnet.onnx")).await;
+    assert_eq!(status, 201, "{record}");
+    let manifest = verify(&record, &server.running.public_key());
+    assert_eq!(
+        manifest.engines.candidates,
+        Candidates::List(vec![
+            EngineKind::OnnxruntimeTensorrtFp16,
+            EngineKind::OnnxruntimeCuda,
+            EngineKind::Tract
+        ])
+    );
+    assert_eq!(manifest.engines.tolerance[&Precision::Fp16], 0.05);
+
+    meta["version"] = json!("1.2.0");
+    meta["engines"] = json!({"candidates": ["onnxruntime-gpu"]});
+    let (status, body) = server.upload(&meta, fixture_bytes("mtcnn_pnet.onnx")).await;
+    assert_eq!(status, 400, "{body}");
+    let error = body["error"].as_str().unwrap();
+    assert!(
+        error.contains("`engines`") && error.contains("unknown engine \"onnxruntime-gpu\""),
+        "{error}"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_server_configured_for_tract_only_signs_manifests_as_before_engines() {
+    use botfleet_protocol::engine::EnginePolicy;
+
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start_with(dir, |c| c.intake.engines = EnginePolicy::default()).await;
+    let record = server.upload_pnet("faces", "1.0.0").await;
+    assert!(
+        record["manifest"].get("engines").is_none(),
+        "{}",
+        record["manifest"]
+    );
+    let manifest = verify(&record, &server.running.public_key());
+    assert_eq!(manifest.engines, EnginePolicy::default());
+    server.stop().await;
+}

@@ -343,3 +343,74 @@ async fn metrics_count_rollouts_by_state_and_the_api_describes_itself() {
     assert!(doc["paths"]["/api/v1/rollouts/{id}/rollback"]["post"].is_object());
     server.stop().await;
 }
+
+#[tokio::test]
+async fn the_engine_a_robot_chose_and_serves_shows_in_the_rollout_the_device_and_the_metrics() {
+    let server = TestServer::start().await;
+    let record = server.upload_pnet("faces", "1.0.0").await;
+    let sha = record["sha256"].as_str().unwrap();
+    let body = json!({"slot": "faces", "version": "1.0.0", "devices": ["robot-1"]});
+    let (_, created) = server.rollout(&body, None).await;
+    let id = created["rollout_id"].as_str().unwrap();
+
+    let mut robot = MqttClient::connect(server.mqtt_addr(), "robot-1").await;
+    let events = topic("robot-1", TopicKind::Events);
+    let bench = json!({"stage": "benchmarked", "runs": 20, "p50_ms": 1.0, "p99_ms": 1.4,
+        "mean_ms": 1.1, "passed": true, "incumbent_p99_ms": 9.0, "incumbent_engine": "tract",
+        "engine": "onnxruntime-cuda", "engines": [
+            {"engine": "onnxruntime-cuda", "load_ms": 900, "p50_ms": 1.0, "p99_ms": 1.4,
+             "passed": true},
+            {"engine": "tract", "load_ms": 120, "p50_ms": 8.0, "p99_ms": 9.1, "passed": true}]});
+    for (at, stage) in [
+        ("2025-01-01T00:00:01Z", bench),
+        (
+            "2025-01-01T00:00:02Z",
+            json!({"stage": "active", "swap_micros": 40}),
+        ),
+    ] {
+        robot
+            .publish(&events, false, event("robot-1", id, sha, at, stage))
+            .await;
+    }
+    let status = json!({"online": true, "agent_version": "0.2.0", "at": "2025-01-01T00:00:03Z",
+        "active": {"faces": {"name": "mtcnn-pnet", "version": "1.0.0", "release": 1,
+            "sha256": sha, "since": "2025-01-01T00:00:02Z", "engine": "onnxruntime-cuda"}}});
+    robot
+        .publish(
+            &topic("robot-1", TopicKind::Status),
+            true,
+            status.to_string().into_bytes(),
+        )
+        .await;
+
+    let path = format!("/api/v1/rollouts/{id}");
+    let view = server
+        .wait_for(&path, |v| {
+            v["devices"]["robot-1"]["serving_engine"] == "onnxruntime-cuda"
+        })
+        .await;
+    let one = &view["devices"]["robot-1"];
+    assert_eq!(one["engine"], "onnxruntime-cuda");
+    assert_eq!(one["bench"]["engines"][1]["engine"], "tract");
+    assert_eq!(one["bench"]["engines"][1]["p99_ms"], 9.1);
+
+    let device = server
+        .wait_for("/api/v1/devices/robot-1", |d| d["online"] == true)
+        .await;
+    assert_eq!(device["serving_engines"]["faces"], "onnxruntime-cuda");
+    let latest = &device["benchmarks"]["faces"];
+    assert_eq!(latest["rollout_id"], id);
+    assert_eq!(latest["report"]["engines"][0]["load_ms"], 900);
+
+    let text = reqwest::get(format!("{}/metrics", server.running.base_url()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.contains("botfleet_devices_engine{slot=\"faces\",engine=\"onnxruntime-cuda\"} 1"),
+        "{text}"
+    );
+    server.stop().await;
+}

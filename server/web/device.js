@@ -1,7 +1,8 @@
-// Device: facts, active models, and plots of the last hour of telemetry.
+// Device: facts, active models and their engines, the engines it has, its latest benchmark
+// per slot with every engine measured, and plots of the last hour of telemetry.
 import uPlot from './vendor/uPlot.esm.js';
 import { api } from './api.js';
-import { ago, bytes, h, pill, table } from './ui.js';
+import { ago, bytes, h, ms, pill, table } from './ui.js';
 
 const COLORS = ['#2563eb', '#dc2626', '#16a34a', '#d97706', '#7c3aed', '#0891b2', '#db2777', '#4b5563'];
 
@@ -36,6 +37,39 @@ function chartsFor(points) {
   return charts;
 }
 
+// The engines a robot has (from its info), and why others are not there.
+function enginesOf(info) {
+  const e = info.engines;
+  if (!e) return h('p', { class: 'summary', id: 'engines' }, 'engines: tract (the agent reports no others)');
+  const versions = [
+    e.onnxruntime ? `onnxruntime ${e.onnxruntime.version}` : '',
+    e.cuda ? `CUDA ${e.cuda}` : '', e.tensorrt ? `TensorRT ${e.tensorrt}` : '',
+    e.gpu_compute_capability ? `sm ${e.gpu_compute_capability}` : '',
+  ].filter(Boolean).join(' · ');
+  return h('div', { id: 'engines' },
+    h('p', {}, 'engines: ', (e.available || []).map((k) => h('code', { class: 'engine' }, k)), versions ? ` · ${versions}` : ''),
+    Object.entries(e.unavailable || {}).map(([k, why]) => h('p', { class: 'summary' }, `${k} unavailable: ${why}`)));
+}
+
+// The latest benchmark per slot, one row per engine measured.
+function benchmarks(d) {
+  const rows = Object.entries(d.benchmarks || {}).flatMap(([slot, b]) => {
+    const r = b.report;
+    const chosen = r.engine || 'tract';
+    const each = (r.engines && r.engines.length) ? r.engines
+      : [{ engine: chosen, p50_ms: r.p50_ms, p99_ms: r.p99_ms, reference_max_abs_err: r.reference_max_abs_err, passed: r.passed }];
+    return each.map((e) => h('tr', { class: e.engine === chosen ? 'current' : '' },
+      h('td', {}, slot), h('td', {}, b.release === undefined ? '' : b.release), h('td', {}, e.engine),
+      h('td', {}, e.load_ms === undefined ? '' : `${e.load_ms} ms${e.cached ? ' (cached)' : ''}`),
+      h('td', {}, ms(e.p50_ms)), h('td', {}, ms(e.p99_ms)),
+      h('td', {}, e.reference_max_abs_err === undefined ? '' : e.reference_max_abs_err.toExponential(1)),
+      h('td', { class: e.passed ? 'good' : 'bad' }, e.passed ? (e.engine === chosen ? 'chosen' : 'passed') : (e.reason || 'failed'))));
+  });
+  return rows.length
+    ? [h('h2', {}, 'Latest benchmarks'), table(['Slot', 'Release', 'Engine', 'Load', 'p50', 'p99', 'Max error', 'Verdict'], rows)]
+    : [];
+}
+
 export async function render(root, ctx) {
   const id = ctx.id;
   const facts = h('div');
@@ -53,9 +87,12 @@ export async function render(root, ctx) {
       h('p', {}, d.online ? pill('online') : pill('offline'), ` last seen ${ago(d.last_seen)}`,
         info.hostname ? ` · ${info.hostname}` : '', d.status ? ` · agent ${d.status.agent_version}` : ''),
       h('p', {}, Object.entries(d.labels || info.labels || {}).map(([k, v]) => h('code', { class: 'label' }, `${k}=${v}`))),
-      table(['Slot', 'Model', 'Version', 'Release', 'Since'], Object.entries(active).map(([slot, m]) =>
-        h('tr', {}, h('td', {}, slot), h('td', {}, m.name), h('td', {}, m.version), h('td', {}, m.release), h('td', {}, ago(m.since))))),
-      d.telemetry ? h('p', { class: 'summary' }, `memory ${bytes(d.telemetry.memory_used_bytes)} of ${bytes(d.telemetry.memory_total_bytes)}`) : '');
+      table(['Slot', 'Model', 'Version', 'Release', 'Engine', 'Since'], Object.entries(active).map(([slot, m]) =>
+        h('tr', {}, h('td', {}, slot), h('td', {}, m.name), h('td', {}, m.version), h('td', {}, m.release),
+          h('td', {}, m.engine || 'tract'), h('td', {}, ago(m.since))))),
+      d.info ? enginesOf(info) : '',
+      d.telemetry ? h('p', { class: 'summary' }, `memory ${bytes(d.telemetry.memory_used_bytes)} of ${bytes(d.telemetry.memory_total_bytes)}`) : '',
+      ...benchmarks(d));
     let points = [];
     try {
       points = (await api(`devices/${encodeURIComponent(id)}/telemetry`)).points;

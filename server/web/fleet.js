@@ -1,4 +1,4 @@
-// Fleet: every device with presence, labels, active model per slot, last seen.
+// Fleet: every device with presence, labels, active model and engine per slot, last seen.
 import { api } from './api.js';
 import { ago, h, pill, table } from './ui.js';
 
@@ -24,7 +24,8 @@ export async function render(root, ctx) {
         h('td', {}, h('a', { href: `#/devices/${encodeURIComponent(d.device_id)}` }, d.device_id)),
         h('td', {}, d.online ? pill('online') : pill('offline')),
         h('td', {}, Object.entries(labels).map(([k, v]) => h('code', { class: 'label' }, `${k}=${v}`))),
-        h('td', {}, Object.entries(active).map(([slot, m]) => h('div', {}, `${slot}: ${m.name} ${m.version}`))),
+        h('td', {}, Object.entries(active).map(([slot, m]) => h('div', {}, `${slot}: ${m.name} ${m.version} `,
+          h('small', { class: 'engine' }, m.engine || 'tract')))),
         h('td', { title: d.last_seen || '' }, ago(d.last_seen)));
     });
     body.replaceChildren(

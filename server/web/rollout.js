@@ -1,5 +1,5 @@
-// One rollout: waves with progress by stage, thresholds, per-device timeline, benchmark
-// numbers new vs incumbent, and the operator's buttons.
+// One rollout: waves with progress by stage, thresholds, per-device timeline and engine,
+// benchmark numbers new vs incumbent with every engine measured, and the operator's buttons.
 import { api, post } from './api.js';
 import { confirm, h, ms, pill, stackedBar, table, time } from './ui.js';
 
@@ -17,6 +17,15 @@ const median = (xs) => {
   const s = xs.filter((x) => typeof x === 'number').sort((a, b) => a - b);
   return s.length ? s[Math.floor((s.length - 1) / 2)] : undefined;
 };
+
+// What serves the model on a device, else what its gate chose.
+const engineOf = (p) => p.serving_engine || p.engine || '';
+
+// Every engine a benchmark measured: "onnxruntime-cuda 1.50 ms · tract 9.00 ms (failed: …)".
+function engineFigures(b) {
+  return (b.engines || []).map((e) => h('div', { class: e.passed ? '' : 'bad', title: e.reason || '' },
+    `${e.engine} ${ms(e.p99_ms) || '-'}${e.cached ? ' (cached)' : ''}${e.passed ? '' : ' ✗'}`));
+}
 
 const ACTIONS = {
   in_progress: ['pause', 'abort', 'rollback'],
@@ -78,16 +87,18 @@ export async function render(root, ctx) {
 
     const reports = all.filter(([, p]) => p.bench).map(([d, p]) => [d, p.bench]);
     bench.replaceChildren(reports.length
-      ? table(['Device', 'new p50', 'new p99', 'incumbent p99', 'passed'], [
-        h('tr', { class: 'median' }, h('td', {}, 'median'), h('td', {}, ms(median(reports.map(([, b]) => b.p50_ms)))),
-          h('td', {}, ms(median(reports.map(([, b]) => b.p99_ms)))), h('td', {}, ms(median(reports.map(([, b]) => b.incumbent_p99_ms)))), h('td', {})),
-        ...reports.map(([d, b]) => h('tr', {}, h('td', {}, d), h('td', {}, ms(b.p50_ms)), h('td', {}, ms(b.p99_ms)),
-          h('td', {}, ms(b.incumbent_p99_ms)), h('td', {}, b.passed ? 'yes' : 'no')))])
+      ? table(['Device', 'engine', 'new p50', 'new p99', 'incumbent p99', 'passed', 'every engine (p99)'], [
+        h('tr', { class: 'median' }, h('td', {}, 'median'), h('td', {}), h('td', {}, ms(median(reports.map(([, b]) => b.p50_ms)))),
+          h('td', {}, ms(median(reports.map(([, b]) => b.p99_ms)))), h('td', {}, ms(median(reports.map(([, b]) => b.incumbent_p99_ms)))), h('td', {}), h('td', {})),
+        ...reports.map(([d, b]) => h('tr', {}, h('td', {}, d), h('td', {}, b.engine || 'tract'), h('td', {}, ms(b.p50_ms)), h('td', {}, ms(b.p99_ms)),
+          h('td', {}, ms(b.incumbent_p99_ms), b.incumbent_p99_ms !== undefined ? h('small', {}, ` on ${b.incumbent_engine || 'tract'}`) : ''),
+          h('td', {}, b.passed ? 'yes' : 'no'), h('td', { class: 'engines' }, engineFigures(b))))])
       : h('p', { class: 'summary' }, 'no benchmark reported yet'));
 
-    devices.replaceChildren(table(['Device', 'Wave', 'Outcome', 'Timeline'], all.map(([d, p]) => h('tr', { 'data-device': d },
+    devices.replaceChildren(table(['Device', 'Wave', 'Outcome', 'Engine', 'Timeline'], all.map(([d, p]) => h('tr', { 'data-device': d },
       h('td', {}, h('a', { href: `#/devices/${encodeURIComponent(d)}` }, d)), h('td', {}, p.wave + 1),
       h('td', {}, pill(p.outcome), p.reason ? ` ${p.reason}` : '', p.message ? ` ${p.message}` : ''),
+      h('td', { class: 'engine', title: p.serving_engine ? 'serving' : 'chosen by the gate' }, engineOf(p)),
       h('td', { class: 'timeline' }, (p.history || []).map((e) => h('span', { class: 'step', title: e.at }, `${e.stage} ${time(e.at)}`)))))));
   };
   await refresh();

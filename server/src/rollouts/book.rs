@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
+use botfleet_protocol::engine::EngineKind;
 use botfleet_protocol::messages::{Event, Status};
 use botfleet_protocol::{DeviceId, RolloutId, SlotName};
 use serde::{Deserialize, Serialize};
@@ -189,11 +190,12 @@ impl Rollouts {
             if !rollout.devices.contains_key(device) {
                 continue;
             }
-            let serving = status
-                .active
-                .get(&rollout.model.slot)
-                .map(|m| (m.sha256, m.release));
-            if rollout.observe_active(device, serving) {
+            let active = status.active.get(&rollout.model.slot);
+            let serving = active.map(|m| (m.sha256, m.release));
+            // An agent that names no engine has only tract.
+            let engine = active.map(|m| m.engine.unwrap_or(EngineKind::Tract));
+            let changed = rollout.observe_active(device, serving);
+            if rollout.observe_engine(device, engine) || changed {
                 self.dirty.insert(rollout.id.clone());
             }
         }

@@ -5,6 +5,7 @@
 //! redelivery) changes nothing.
 
 use botfleet_protocol::EventId;
+use botfleet_protocol::engine::EngineKind;
 use botfleet_protocol::messages::{BenchReport, RejectReason, Stage};
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
@@ -75,8 +76,16 @@ pub struct ProgressView {
     pub reason: Option<RejectReason>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// The latest benchmark, with every engine's figures in `bench.engines`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bench: Option<BenchReport>,
+    /// The engine the device's gate chose (the latest benchmark's; tract for an agent that
+    /// names none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub engine: Option<EngineKind>,
+    /// The engine serving this rollout's model, from the device's status.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub serving_engine: Option<EngineKind>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub updated_at: Option<Timestamp>,
     pub history: Vec<HistoryEntry>,
@@ -178,6 +187,10 @@ impl DeviceProgress {
             outcome: self.outcome(),
             reason,
             message,
+            engine: bench
+                .as_ref()
+                .map(|b| b.engine.unwrap_or(EngineKind::Tract)),
+            serving_engine: None,
             bench,
             updated_at: latest.map(|(t, _)| *t),
             history: self

@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 
 use botfleet_protocol::DeviceId;
+use botfleet_protocol::engine::EngineKind;
 use botfleet_protocol::manifest::Sha256Digest;
 use botfleet_protocol::messages::DesiredModel;
 use jiff::{SignedDuration, Timestamp};
@@ -79,6 +80,9 @@ pub struct DeviceRun {
     pub mark: Option<Mark>,
     /// Its retained status names this rollout's artifact as serving the slot.
     pub reported_active: bool,
+    /// The engine that status names for it (while `reported_active`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serving_engine: Option<EngineKind>,
 }
 
 impl DeviceRun {
@@ -125,16 +129,6 @@ pub struct Rollout {
 
 fn secs(s: u64) -> SignedDuration {
     SignedDuration::from_secs(i64::try_from(s).unwrap_or(i64::MAX))
-}
-
-fn median(mut values: Vec<f64>) -> Option<f64> {
-    values.sort_by(f64::total_cmp);
-    let n = values.len();
-    match n {
-        0 => None,
-        _ if n % 2 == 1 => Some(values[n / 2]),
-        _ => Some((values[n / 2 - 1] + values[n / 2]) / 2.0),
-    }
 }
 
 impl Rollout {
@@ -196,6 +190,18 @@ impl Rollout {
             run.mark = None;
         }
         before != (run.reported_active, run.mark)
+    }
+
+    /// Records the engine `device` reports serving the slot with; kept only while that is
+    /// this rollout's model. `true` when it changed.
+    pub fn observe_engine(&mut self, device: &DeviceId, engine: Option<EngineKind>) -> bool {
+        let Some(run) = self.devices.get_mut(device) else {
+            return false;
+        };
+        let engine = engine.filter(|_| run.reported_active);
+        let changed = run.serving_engine != engine;
+        run.serving_engine = engine;
+        changed
     }
 
     /// What [`Self::step`] can change, to tell whether it did.
@@ -313,21 +319,12 @@ impl Rollout {
     /// Why the latency gate fails for the devices started so far, if it does.
     fn gate_failure(&self) -> Option<String> {
         let gate = self.strategy.gate?;
-        let reports: Vec<_> = self
+        let reports = self
             .devices
             .values()
             .filter(|r| r.wave <= self.wave)
-            .filter_map(|r| r.progress.bench())
-            .collect();
-        let candidate = median(reports.iter().map(|b| b.p99_ms).collect())?;
-        let incumbent = median(reports.iter().filter_map(|b| b.incumbent_p99_ms).collect())?;
-        let limit = incumbent * (1.0 + gate.max_p99_regression_percent / 100.0);
-        (candidate > limit).then(|| {
-            format!(
-                "gate: fleet median p99 {candidate:.3} ms exceeds {limit:.3} ms (incumbent {incumbent:.3} ms + {}%)",
-                gate.max_p99_regression_percent
-            )
-        })
+            .filter_map(|r| r.progress.bench());
+        super::gate::regression(gate, reports)
     }
 
     fn on_error(&mut self, why: String, now: Timestamp, actions: &mut Vec<Action>) {

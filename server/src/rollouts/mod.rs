@@ -3,6 +3,7 @@
 //! - `strategy`: waves (stable hashing of device ids), bake time, thresholds, deadline, gate.
 //! - `machine`: one rollout as a pure state machine (`step`, pause/resume/abort/roll back).
 //! - `fold`: one device's events folded into its progress, whatever the delivery order.
+//! - `gate`: the fleet latency gate, each engine's p99s against the same engine's.
 //! - `book` ([`Rollouts`]): every rollout and idempotency key, in memory; changed records
 //!   are marked dirty so the caller writes them to the database (`crate::db`).
 //! - `create` ([`create::RolloutService`]), `operate` and `driver`: the I/O — desired
@@ -13,6 +14,7 @@ mod book;
 pub mod create;
 mod driver;
 mod fold;
+mod gate;
 mod machine;
 pub mod operate;
 mod selector;

@@ -28,8 +28,9 @@ pub enum OnError {
     Rollback,
 }
 
-/// A gate on the numbers devices report: the median benchmark p99 of the wave must not
-/// regress more than `max_p99_regression_percent` against the median incumbent p99.
+/// A gate on the numbers devices report: the median benchmark p99 of the waves so far must
+/// not regress more than `max_p99_regression_percent` against the median incumbent p99,
+/// engine by engine (`super::gate`).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Gate {

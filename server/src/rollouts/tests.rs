@@ -1,3 +1,4 @@
+use botfleet_protocol::engine::EngineKind;
 use botfleet_protocol::messages::{BenchReport, Event, RejectReason, Stage, Status};
 use jiff::Timestamp;
 
@@ -459,4 +460,214 @@ fn a_status_is_no_evidence_for_another_release_of_the_same_bytes_nor_against_a_r
         .apply(t(1), &rejected());
     r.observe_active(&started[1], Some((model().sha256, 3)));
     assert_eq!(r.devices[&started[1]].outcome(), Outcome::Rejected);
+}
+
+/// A benchmark report: the candidate's p99 on `engine`, the incumbent's on its own.
+fn report_on(
+    p99: f64,
+    engine: Option<EngineKind>,
+    incumbent_p99: f64,
+    incumbent_engine: Option<EngineKind>,
+) -> BenchReport {
+    BenchReport {
+        runs: 20,
+        p50_ms: p99 * 0.8,
+        p99_ms: p99,
+        mean_ms: p99 * 0.8,
+        incumbent_p99_ms: Some(incumbent_p99),
+        reference_max_abs_err: None,
+        peak_rss_bytes: None,
+        passed: true,
+        engine,
+        incumbent_engine,
+        engines: vec![],
+    }
+}
+
+fn bench_on(
+    p99: f64,
+    engine: Option<EngineKind>,
+    incumbent_p99: f64,
+    incumbent_engine: Option<EngineKind>,
+) -> Stage {
+    Stage::Benchmarked(report_on(p99, engine, incumbent_p99, incumbent_engine))
+}
+
+/// A first wave of one device per report, each reporting its benchmark and then active;
+/// the rollout as the gate left it.
+fn gated(reports: &[Stage]) -> Rollout {
+    let strategy = Strategy {
+        waves: vec![
+            WaveSize::Count(reports.len() as u32),
+            WaveSize::Percent(100.0),
+        ],
+        gate: Some(Gate {
+            max_p99_regression_percent: 10.0,
+        }),
+        ..Strategy::default()
+    };
+    let mut r = Rollout::new(
+        rid("r-1"),
+        model(),
+        t(0),
+        strategy,
+        &names(2 * reports.len()),
+    );
+    r.step(t(0), online);
+    let first: Vec<DeviceId> = r
+        .devices
+        .iter()
+        .filter(|(_, run)| run.wave == 0)
+        .map(|(id, _)| id.clone())
+        .collect();
+    for (id, report) in first.iter().zip(reports) {
+        let run = r.devices.get_mut(id).unwrap();
+        run.progress.apply(t(1), report);
+        run.progress.apply(t(2), &active());
+    }
+    r.step(t(3), online);
+    r
+}
+
+const CUDA: Option<EngineKind> = Some(EngineKind::OnnxruntimeCuda);
+const TRACT: Option<EngineKind> = Some(EngineKind::Tract);
+
+#[test]
+fn the_gate_fails_when_devices_on_one_engine_regress_and_names_that_engine() {
+    let r = gated(&[
+        bench_on(2.5, CUDA, 2.0, CUDA),
+        bench_on(2.4, CUDA, 2.0, CUDA),
+        bench_on(2.6, CUDA, 2.1, CUDA),
+    ]);
+    assert_eq!(r.state, RolloutState::Paused);
+    let reason = r.reason.unwrap();
+    assert!(
+        reason.starts_with("gate: median p99 on onnxruntime-cuda 2.500 ms"),
+        "{reason}"
+    );
+    assert!(reason.contains("3 devices"), "{reason}");
+}
+
+#[test]
+fn devices_on_different_engines_are_not_mixed_in_the_gate() {
+    // Mixed together the medians would be 9.0 ms new against 1.0 ms before: a regression
+    // that no device has on its own engine.
+    let fine = [
+        bench_on(1.0, CUDA, 0.95, CUDA),
+        bench_on(10.0, TRACT, 9.5, TRACT),
+        // Moved from CUDA to tract (CUDA missed the reference): compared on the robot.
+        bench_on(9.0, TRACT, 1.0, CUDA),
+    ];
+    let r = gated(&fine);
+    assert_eq!(
+        (r.state, r.wave, r.reason.as_deref()),
+        (RolloutState::InProgress, 1, None)
+    );
+
+    let mut regressed = fine.clone();
+    regressed[1] = bench_on(12.0, TRACT, 9.5, TRACT);
+    let r = gated(&regressed);
+    assert_eq!(r.state, RolloutState::Paused);
+    let reason = r.reason.unwrap();
+    assert!(reason.contains("on tract 12.000 ms"), "{reason}");
+    assert!(!reason.contains("onnxruntime-cuda"), "{reason}");
+}
+
+#[test]
+fn old_agents_that_name_no_engine_are_gated_as_tract_as_before() {
+    let old = |p99: f64| bench_on(p99, None, 2.0, None);
+    let r = gated(&[old(2.1), old(2.2), old(2.0)]);
+    assert_eq!((r.state, r.wave), (RolloutState::InProgress, 1));
+
+    // An old agent and a new one that stayed on tract are the same group.
+    let r = gated(&[old(2.5), old(2.6), bench_on(2.5, TRACT, 2.0, TRACT)]);
+    assert_eq!(r.state, RolloutState::Paused);
+    let reason = r.reason.unwrap();
+    assert!(reason.contains("on tract 2.500 ms"), "{reason}");
+    assert!(reason.contains("3 devices"), "{reason}");
+}
+
+#[test]
+fn the_rollout_view_shows_the_engine_chosen_serving_and_every_engine_measured() {
+    let mut book = book_with("r-1", &["robot-1"], Strategy::default());
+    let bench = Stage::Benchmarked(BenchReport {
+        engines: vec![
+            botfleet_protocol::engine::EngineBench {
+                engine: EngineKind::OnnxruntimeCuda,
+                load_ms: 900,
+                p50_ms: Some(1.0),
+                p99_ms: Some(1.5),
+                reference_max_abs_err: Some(1e-4),
+                peak_rss_bytes: None,
+                cached: false,
+                passed: true,
+                reason: None,
+            },
+            botfleet_protocol::engine::EngineBench {
+                engine: EngineKind::Tract,
+                load_ms: 100,
+                p50_ms: Some(8.0),
+                p99_ms: Some(9.0),
+                reference_max_abs_err: Some(1e-5),
+                peak_rss_bytes: None,
+                cached: false,
+                passed: true,
+                reason: None,
+            },
+        ],
+        ..report_on(1.5, CUDA, 9.5, TRACT)
+    });
+    book.apply(&event("robot-1", Some("r-1"), 1, bench));
+    let id = rid("r-1");
+    let device = |book: &Rollouts| book.get(&id).unwrap().devices.unwrap()[&dev("robot-1")].clone();
+    let view = device(&book);
+    assert_eq!(view.engine, CUDA);
+    assert_eq!(view.serving_engine, None, "no status says so yet");
+    let figures: Vec<_> = view
+        .bench
+        .unwrap()
+        .engines
+        .iter()
+        .map(|e| (e.engine, e.p99_ms))
+        .collect();
+    assert_eq!(
+        figures,
+        [
+            (EngineKind::OnnxruntimeCuda, Some(1.5)),
+            (EngineKind::Tract, Some(9.0))
+        ]
+    );
+    let json = serde_json::to_value(book.get(&id).unwrap()).unwrap();
+    assert_eq!(json["devices"]["robot-1"]["engine"], "onnxruntime-cuda");
+
+    let status = |engine: serde_json::Value| -> Status {
+        serde_json::from_value(serde_json::json!({
+            "online": true, "agent_version": "0.2.0", "at": "2026-01-01T00:00:00Z",
+            "active": {"orientation": {"name": "m", "version": "1.0.0", "release": 3,
+                "sha256": model().sha256, "since": "2026-01-01T00:00:00Z", "engine": engine}}
+        }))
+        .unwrap()
+    };
+    book.observe_status(
+        &dev("robot-1"),
+        &status(serde_json::json!("onnxruntime-cuda")),
+    );
+    assert_eq!(device(&book).serving_engine, CUDA);
+    assert_eq!(device(&book).outcome, Outcome::Active);
+    // An old agent's status names no engine: it had only tract.
+    book.observe_status(&dev("robot-1"), &status(serde_json::Value::Null));
+    assert_eq!(device(&book).serving_engine, TRACT);
+}
+
+#[test]
+fn an_old_agents_benchmark_is_shown_as_tract() {
+    let mut book = book_with("r-1", &["robot-1"], Strategy::default());
+    book.apply(&event(
+        "robot-1",
+        Some("r-1"),
+        1,
+        bench_on(2.0, None, 2.0, None),
+    ));
+    let view = book.get(&rid("r-1")).unwrap().devices.unwrap()[&dev("robot-1")].clone();
+    assert_eq!(view.engine, TRACT);
 }

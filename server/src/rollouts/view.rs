@@ -104,6 +104,7 @@ impl Rollout {
                         let mut view = run.progress.view();
                         view.outcome = run.outcome();
                         view.wave = run.wave;
+                        view.serving_engine = run.serving_engine;
                         (id.clone(), view)
                     })
                     .collect()

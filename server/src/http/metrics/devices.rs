@@ -1,7 +1,10 @@
 //! Device families of `GET /metrics`: presence for the whole fleet, and per-device gauges
 //! (CPU, memory, GPU, temperatures) for online devices only, within cardinality limits.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
+
+use botfleet_protocol::engine::EngineKind;
 
 use crate::devices::DeviceView;
 
@@ -50,6 +53,29 @@ where
     }
 }
 
+/// Online devices by the engine serving each slot: one series per slot and engine, so the
+/// count stays small whatever the fleet's size.
+fn engines(online: &[&DeviceView], body: &mut String) {
+    let mut counts: BTreeMap<(&str, EngineKind), usize> = BTreeMap::new();
+    for d in online {
+        for (slot, engine) in &d.serving_engines {
+            *counts.entry((slot.as_str(), *engine)).or_default() += 1;
+        }
+    }
+    header(
+        body,
+        "botfleet_devices_engine",
+        "Online devices by the engine serving each slot.",
+    );
+    for ((slot, engine), n) in counts {
+        let _ = writeln!(
+            body,
+            "botfleet_devices_engine{{slot=\"{}\",engine=\"{engine}\"}} {n}",
+            escape(slot)
+        );
+    }
+}
+
 /// Appends the device families for `devices` to `body`.
 pub fn render(devices: &[DeviceView], limits: &Limits, body: &mut String) {
     let online: Vec<&DeviceView> = devices.iter().filter(|d| d.online).collect();
@@ -64,6 +90,7 @@ pub fn render(devices: &[DeviceView], limits: &Limits, body: &mut String) {
         "botfleet_devices{{state=\"offline\"}} {}",
         devices.len() - online.len()
     );
+    engines(&online, body);
     let shown = &online[..online.len().min(limits.max_devices)];
     header(
         body,
@@ -198,6 +225,46 @@ mod tests {
             );
         }
         assert!(!body.contains("gpu_power"), "absent figures make no series");
+    }
+
+    #[test]
+    fn online_devices_are_counted_by_the_engine_serving_each_slot() {
+        let mut devices = Devices::default();
+        let now = Timestamp::UNIX_EPOCH;
+        let engines = [
+            ("robot-0", Some("onnxruntime-cpu"), true),
+            ("robot-1", Some("onnxruntime-cpu"), true),
+            ("robot-2", None, true),
+            ("robot-3", Some("onnxruntime-cuda"), false),
+        ];
+        for (id, engine, online) in engines {
+            let mut model = serde_json::json!({"name": "m", "version": "1", "release": 1,
+                "sha256": botfleet_protocol::manifest::Sha256Digest::of(b"m"),
+                "since": "2026-01-01T00:00:00Z"});
+            if let Some(engine) = engine {
+                model["engine"] = engine.into();
+            }
+            let status = serde_json::from_value(serde_json::json!({"online": online,
+                "agent_version": "0.2.0", "at": "2026-01-01T00:00:00Z",
+                "active": {"orientation": model}}))
+            .unwrap();
+            devices.apply_status(&DeviceId::new(id).unwrap(), status, now);
+        }
+        let mut body = String::new();
+        render(&devices.list(), &Limits::default(), &mut body);
+        let series: Vec<&str> = body
+            .lines()
+            .filter(|l| l.starts_with("botfleet_devices_engine{"))
+            .collect();
+        assert_eq!(
+            series,
+            [
+                "botfleet_devices_engine{slot=\"orientation\",engine=\"tract\"} 1",
+                "botfleet_devices_engine{slot=\"orientation\",engine=\"onnxruntime-cpu\"} 2",
+            ],
+            "offline devices serve nothing; an old agent serves on tract"
+        );
+        assert!(body.contains("# TYPE botfleet_devices_engine gauge"));
     }
 
     #[test]
