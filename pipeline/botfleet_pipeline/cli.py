@@ -1,16 +1,24 @@
-"""``python -m botfleet_pipeline train|quantize|evaluate``: the steps from a shell.
+"""``python -m botfleet_pipeline train|quantize|evaluate|register|rollout|wait``: the
+steps from a shell.
 
-Each command prints its measurements as one JSON object on stdout. ``--min-agreement``
-turns a measurement into a gate: the command exits 1 when the model's top-1 agreement
-with its float parent is below the threshold (an Airflow task then fails).
+Each command prints its result as one JSON object on stdout. ``--min-agreement`` turns a
+measurement into a gate: the command exits 1 when the model's top-1 agreement with its
+float parent is below the threshold (an Airflow task then fails). ``register``,
+``rollout`` and ``wait`` talk to botfleet-server (``--server``, default
+``$BOTFLEET_SERVER_URL``; token from ``$BOTFLEET_TOKEN`` or ``--token-file``) and exit 1
+with the reason on stderr when the server refuses or the fleet rejects the model.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
 from pathlib import Path
+
+DEFAULT_SERVER = "http://127.0.0.1:8080"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -54,7 +62,104 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--gate-samples", type=int, default=None, help="samples in the gate set (default 64)")
     e.add_argument("--gate", type=Path, default=None, help="also measure agreement on this gate file")
     e.add_argument("--min-agreement", type=float, default=None, help="exit 1 below this top-1 agreement")
+    e.add_argument(
+        "--report", type=Path, default=None, help="also write the result, with every held-out top-1, here"
+    )
+
+    r = sub.add_parser("register", help="upload a model with its metadata and evaluation set")
+    _server_args(r)
+    r.add_argument("--run", type=Path, required=True, help="run directory written by train")
+    r.add_argument("--model", type=Path, required=True, help="the ONNX file to upload")
+    r.add_argument("--evaluation", type=Path, default=None, help="evaluation set (evaluate --export-gate)")
+    r.add_argument(
+        "--min-agreement",
+        type=float,
+        default=None,
+        help="on-device accuracy gate: least top-1 agreement on the evaluation set (needs --evaluation)",
+    )
+    r.add_argument("--slot", required=True)
+    r.add_argument("--name", required=True)
+    r.add_argument("--version", required=True)
+    r.add_argument("--pipeline-run", required=True, help="the pipeline run id, recorded in the provenance")
+    r.add_argument("--gate", type=json.loads, default=None, help="benchmark gate (JSON object)")
+    r.add_argument("--commit", default=None, help="source commit, recorded in the provenance")
+    r.add_argument("--source", default=None, help="where the model comes from, recorded in the provenance")
+
+    o = sub.add_parser("rollout", help="roll a registered model out and wait for the fleet's verdict")
+    _server_args(o)
+    o.add_argument("--slot", required=True)
+    o.add_argument("--version", required=True)
+    o.add_argument("--sha256", required=True, help="the registered bytes the rollout must carry")
+    target = o.add_mutually_exclusive_group(required=True)
+    target.add_argument("--selector", default=None, help="label selector, e.g. site=lab,arch=aarch64")
+    target.add_argument("--device", action="append", dest="devices", help="a device id (repeatable)")
+    o.add_argument("--strategy", type=json.loads, default=None, help="waves, thresholds, deadline (JSON)")
+    o.add_argument("--idempotency-key", required=True, help="e.g. the pipeline run id")
+    o.add_argument("--supersede", action="store_true", help="take over devices a live rollout owns")
+    o.add_argument("--no-wait", action="store_true", help="return once the rollout has started")
+    _wait_args(o)
+
+    w = sub.add_parser("wait", help="wait for a rollout's verdict; exit 1 unless the fleet took the model")
+    _server_args(w)
+    w.add_argument("rollout_id")
+    _wait_args(w)
     return p
+
+
+def _server_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--server",
+        default=os.environ.get("BOTFLEET_SERVER_URL", DEFAULT_SERVER),
+        help=f"botfleet-server base URL (default $BOTFLEET_SERVER_URL or {DEFAULT_SERVER})",
+    )
+    p.add_argument(
+        "--token-file", type=Path, default=None, help="file holding the API token (default $BOTFLEET_TOKEN)"
+    )
+
+
+def _wait_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the verdict")
+    p.add_argument("--poll", type=float, default=2.0, help="seconds between polls")
+
+
+def _ship(args) -> dict:
+    from . import ship
+    from .client import Server
+
+    token = args.token_file.read_text().strip() if args.token_file is not None else None
+    server = Server.at(args.server, token)
+    if args.command == "register":
+        metadata = ship.model_metadata(
+            args.run,
+            args.model,
+            slot=args.slot,
+            name=args.name,
+            version=args.version,
+            pipeline_run=args.pipeline_run,
+            min_agreement=args.min_agreement,
+            gate=args.gate,
+            commit=args.commit,
+            source=args.source,
+        )
+        return ship.register(server, args.model, metadata, args.evaluation)
+    if args.command == "rollout":
+        created = ship.start_rollout(
+            server,
+            slot=args.slot,
+            version=args.version,
+            sha256=args.sha256,
+            idempotency_key=args.idempotency_key,
+            selector=args.selector,
+            devices=args.devices,
+            strategy=args.strategy,
+            supersede=args.supersede,
+        )
+        if args.no_wait:
+            return created
+        rollout_id = created["rollout_id"]
+    else:
+        rollout_id = args.rollout_id
+    return ship.wait_for_rollout(server, rollout_id, timeout_s=args.timeout, poll_s=args.poll)
 
 
 def _kwargs(**values):
@@ -63,6 +168,17 @@ def _kwargs(**values):
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command in ("register", "rollout", "wait"):
+        from .client import ShipError
+
+        logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+        try:
+            result = _ship(args)
+        except ShipError as err:
+            print(err, file=sys.stderr)
+            return 1
+        print(json.dumps(result, indent=2, sort_keys=True))
+        return 0
     agreements: list[float] = []
     if args.command == "train":
         from .train import train
@@ -90,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
         from .runs import Run
 
         onnx_path = args.model if args.model is not None else Run(args.run).float_model
-        result = evaluate.evaluate(onnx_path, args.run)
+        result = evaluate.evaluate(onnx_path, args.run, predictions=args.report is not None)
+        top1 = result.pop("top1", None)
         agreements.append(result["top1_agreement"])
         if args.export_gate is not None:
             result["exported_gate"] = evaluate.export_gate(
@@ -99,10 +216,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.gate is not None:
             result["gate"] = evaluate.evaluate_gate(onnx_path, args.gate)
             agreements.append(result["gate"]["top1_agreement"])
+        if args.report is not None:
+            args.report.write_text(json.dumps({**result, "top1": top1}, sort_keys=True) + "\n")
     print(json.dumps(result, indent=2, sort_keys=True))
-    if args.min_agreement is not None and min(agreements) < args.min_agreement:
+    min_agreement = getattr(args, "min_agreement", None)
+    if min_agreement is not None and min(agreements) < min_agreement:
         print(
-            f"top-1 agreement {min(agreements):.4f} is below --min-agreement {args.min_agreement}",
+            f"top-1 agreement {min(agreements):.4f} is below --min-agreement {min_agreement}",
             file=sys.stderr,
         )
         return 1

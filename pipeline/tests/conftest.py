@@ -1,4 +1,5 @@
-"""One training run (and its quantized variants) shared by the whole test session."""
+"""One training run (and its quantized variants) shared by the whole test session, and a
+stand-in for botfleet-server's API."""
 
 from __future__ import annotations
 
@@ -27,3 +28,14 @@ def qat(run_dir):
 @pytest.fixture(scope="session")
 def broken(run_dir):
     return quantize.ptq(run_dir, calibration="constant")
+
+
+@pytest.fixture
+def fake():
+    """botfleet-server's API stand-in on loopback (tests/fake_server.py)."""
+    from fake_server import start
+
+    server, httpd = start()
+    yield server
+    httpd.shutdown()
+    httpd.server_close()

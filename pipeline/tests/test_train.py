@@ -95,3 +95,12 @@ def test_onnx_interface_and_dynamic_batch(run_dir):
         one = sess.run(["logits"], {"x": x[i : i + 1]})[0]
         assert one.shape == (1, 10)
         np.testing.assert_allclose(one[0], seven[i], rtol=1e-5, atol=1e-5)
+
+
+def test_cli_train_writes_a_run(tmp_path, capsys):
+    from botfleet_pipeline import cli
+
+    assert cli.main(["train", "--out", str(tmp_path / "run"), "--epochs", "1"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["onnx_sha256"] == spec.sha256_file(tmp_path / "run" / "model.onnx")
+    assert printed["epochs"] == 1
