@@ -259,7 +259,8 @@ def judge(rollout: dict) -> tuple[Verdict, str]:
     """The fleet's verdict on a rollout view, and why; decides nothing else."""
     state = rollout.get("state")
     rollout_id = rollout.get("rollout_id")
-    summary = ", ".join(f"{n} {outcome}" for outcome, n in sorted((rollout.get("summary") or {}).items()))
+    counts = sorted((rollout.get("summary") or {}).items())
+    summary = ", ".join(f"{n} {outcome}" for outcome, n in counts if n) or "no devices"
     if state in _RUNNING_STATES:
         return Verdict.RUNNING, f"rollout {rollout_id} in progress: wave {rollout.get('wave')}, {summary}"
     reasons = device_reasons(rollout)
