@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import openapi
 import pytest
 
 from botfleet_pipeline import cli, evaluate
@@ -37,6 +38,9 @@ def test_evaluation_set_has_exactly_the_contracts_members(run_dir, tmp_path):
         assert 0 <= sample["top1"] < 10
         assert len(sample["output"]) == 10
         assert all(isinstance(v, float) for v in sample["data"] + sample["output"])
+
+    # The server's OpenAPI document describes the same file.
+    assert not openapi.errors("EvaluationSet", gate)
 
     # What evaluate reads back is exactly the first 64 held-out inputs and the float
     # model's answers on them.
