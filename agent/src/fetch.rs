@@ -21,6 +21,31 @@ use tracing::{info, warn};
 
 use crate::backoff::Backoff;
 
+/// What a download must produce: exactly this many bytes with this digest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Expected {
+    pub size: u64,
+    pub sha256: Sha256Digest,
+}
+
+impl From<&Artifact> for Expected {
+    fn from(artifact: &Artifact) -> Self {
+        Self {
+            size: artifact.size,
+            sha256: artifact.sha256,
+        }
+    }
+}
+
+impl From<&botfleet_protocol::evaluation::Evaluation> for Expected {
+    fn from(set: &botfleet_protocol::evaluation::Evaluation) -> Self {
+        Self {
+            size: set.size,
+            sha256: set.sha256,
+        }
+    }
+}
+
 /// Why a download did not produce the declared artifact.
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
@@ -146,10 +171,11 @@ fn available_space(dir: &Path) -> Result<u64, FetchError> {
 pub async fn download(
     client: &reqwest::Client,
     url: &str,
-    artifact: &Artifact,
+    artifact: impl Into<Expected>,
     dest: &Path,
     limits: Limits,
 ) -> Result<Fetched, FetchError> {
+    let artifact = artifact.into();
     let started = Instant::now();
     let deadline = tokio::time::Instant::now() + limits.total;
     let mut backoff = Backoff::new(limits.retry_initial, limits.retry_initial * 32);
@@ -158,7 +184,7 @@ pub async fn download(
         attempt += 1;
         let outcome = tokio::time::timeout_at(
             deadline,
-            attempt_once(client, url, artifact, dest, limits.stall),
+            attempt_once(client, url, &artifact, dest, limits.stall),
         )
         .await
         .unwrap_or(Err(FetchError::TimedOut(limits.total)));
@@ -196,7 +222,7 @@ pub async fn download(
 async fn attempt_once(
     client: &reqwest::Client,
     url: &str,
-    artifact: &Artifact,
+    artifact: &Expected,
     dest: &Path,
     stall: Duration,
 ) -> Result<(u64, u64), FetchError> {

@@ -16,10 +16,11 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use botfleet_engine::{
-    BenchStats, Engines, LoadOptions, Model, OnnxRuntimeSettings, benchmark, reference_error,
-    reference_inputs,
+    BenchStats, Engines, LoadOptions, Model, OnnxRuntimeSettings, benchmark, evaluate,
+    reference_error, reference_inputs,
 };
 use botfleet_protocol::engine::{EngineKind, EnginesInfo};
+use botfleet_protocol::evaluation::{Agreement, Evaluation, EvaluationSet};
 use botfleet_protocol::manifest::Gate;
 use botfleet_protocol::tensor::TensorSpec;
 use serde::{Deserialize, Serialize};
@@ -53,6 +54,10 @@ pub struct GateRequest {
     /// CUDA reserves far more address space than it uses).
     pub memory_limit_bytes: u64,
     pub onnxruntime: OnnxRuntimeSettings,
+    /// The accuracy gate's evaluation set (the manifest's `gate.evaluation` says what to
+    /// measure on it), checked by the parent against its digest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evaluation: Option<PathBuf>,
 }
 
 /// A model on disk with the input signature it is loaded with.
@@ -136,6 +141,9 @@ pub enum EngineResult {
         peak_rss_bytes: Option<u64>,
         /// A TensorRT engine was found in the cache rather than built.
         cached: bool,
+        /// Answers on the evaluation set that agreed with the parent's.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        agreement: Option<Agreement>,
     },
     /// The engine refused the candidate.
     NotLoadable { message: String },
@@ -330,6 +338,16 @@ pub fn measure(request: &GateRequest) -> GateReport {
         },
     );
     let gate = &request.gate;
+    let evaluation = match (&gate.evaluation, &request.evaluation) {
+        (None, _) => Ok(None),
+        (Some(_), None) => Err("the gate names an evaluation set but none was given".to_owned()),
+        (Some(evaluation), Some(path)) => std::fs::read(path)
+            .map_err(|e| format!("evaluation set {}: {e}", path.display()))
+            .and_then(|bytes| {
+                EvaluationSet::parse(&bytes, evaluation.metric).map_err(|e| e.to_string())
+            })
+            .map(|set| Some((evaluation, set))),
+    };
     let bench = |model: &Model, seed: u64| {
         reference_inputs(model, seed)
             .and_then(|inputs| benchmark(model, &inputs, gate.warmup_runs, gate.runs))
@@ -346,9 +364,19 @@ pub fn measure(request: &GateRequest) -> GateReport {
         let started = std::time::Instant::now();
         let loaded = load(&engines, &request.candidate, engine);
         let load_ms = started.elapsed().as_millis() as u64;
-        let result = match loaded {
-            Err(message) => EngineResult::NotLoadable { message },
-            Ok(model) => measure_one(&model, gate, request.candidate.seed, cached, &bench),
+        let result = match (loaded, &evaluation) {
+            (Err(message), _) => EngineResult::NotLoadable { message },
+            (Ok(_), Err(message)) => EngineResult::WrongOutput {
+                message: message.clone(),
+            },
+            (Ok(model), Ok(evaluation)) => measure_one(
+                &model,
+                gate,
+                evaluation.as_ref().map(|(e, set)| (*e, set)),
+                request.candidate.seed,
+                cached,
+                &bench,
+            ),
         };
         runs.push(EngineRun {
             engine,
@@ -371,6 +399,7 @@ pub fn measure(request: &GateRequest) -> GateReport {
 fn measure_one(
     model: &Model,
     gate: &Gate,
+    evaluation: Option<(&Evaluation, &EvaluationSet)>,
     seed: u64,
     cached: bool,
     bench: &dyn Fn(&Model, u64) -> Result<Stats, botfleet_engine::EngineError>,
@@ -384,12 +413,22 @@ fn measure_one(
             };
         }
     };
+    let agreement = match evaluation.map(|(e, set)| evaluate(model, e, set)) {
+        None => None,
+        Some(Ok(agreement)) => Some(agreement),
+        Some(Err(e)) => {
+            return EngineResult::WrongOutput {
+                message: format!("evaluation set: {e}"),
+            };
+        }
+    };
     match bench(model, seed) {
         Ok(stats) => EngineResult::Measured {
             stats,
             reference_max_abs_err,
             peak_rss_bytes: peak_rss(),
             cached,
+            agreement,
         },
         Err(e) => EngineResult::NotLoadable {
             message: e.to_string(),

@@ -110,6 +110,20 @@ impl Store {
         self.root.join("partial").join(sha.to_hex())
     }
 
+    /// Where the accuracy gate's evaluation set of the artifact `sha` is kept (collected
+    /// with the artifact).
+    pub fn evaluation_path(&self, sha: &Sha256Digest) -> PathBuf {
+        self.root
+            .join("models")
+            .join(format!("{}.evaluation", sha.to_hex()))
+    }
+
+    /// The evaluation set of artifact `sha`, when the store has it with digest `want`.
+    pub fn read_evaluation(&self, sha: &Sha256Digest, want: &Sha256Digest) -> Option<Vec<u8>> {
+        let bytes = fs::read(self.evaluation_path(sha)).ok()?;
+        (Sha256Digest::of(&bytes) == *want).then_some(bytes)
+    }
+
     pub fn has(&self, sha: &Sha256Digest) -> bool {
         self.model_path(sha).is_file()
     }
@@ -121,6 +135,19 @@ impl Store {
         let mut perms = fs::metadata(&from).map_err(io(&from))?.permissions();
         perms.set_readonly(true);
         fs::set_permissions(&from, perms).map_err(io(&from))?;
+        fs::rename(&from, &to).map_err(io(&to))?;
+        sync_dir(&self.root.join("models"))?;
+        Ok(to)
+    }
+
+    /// Moves a downloaded and checked evaluation set (in `partial/{set}`) to its model.
+    pub fn commit_evaluation(
+        &self,
+        set: &Sha256Digest,
+        model: &Sha256Digest,
+    ) -> Result<PathBuf, StoreError> {
+        let from = self.partial_path(set);
+        let to = self.evaluation_path(model);
         fs::rename(&from, &to).map_err(io(&to))?;
         sync_dir(&self.root.join("models"))?;
         Ok(to)

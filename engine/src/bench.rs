@@ -2,6 +2,7 @@
 
 use std::time::Instant;
 
+use botfleet_protocol::evaluation::{Agreement, Evaluation, EvaluationSet, agrees};
 use botfleet_protocol::manifest::{Reference, reference_input};
 use botfleet_protocol::tensor::DataType;
 
@@ -116,6 +117,40 @@ pub fn reference_error(model: &Model, reference: &Reference) -> Result<f32, Engi
         }
     }
     Ok(worst)
+}
+
+/// Runs every sample of `set` through the model and counts the answers that agree with
+/// the parent's, by the gate's metric. `Err` when the model cannot take a sample or does not
+/// produce the compared output (a set that does not fit, not a disagreement).
+pub fn evaluate(
+    model: &Model,
+    evaluation: &Evaluation,
+    set: &EvaluationSet,
+) -> Result<Agreement, EngineError> {
+    let mut agreed = 0u32;
+    for sample in &set.samples {
+        let input = Tensor {
+            name: set.input.clone(),
+            shape: set.shape.clone(),
+            data: TensorData::Fp32(sample.data.clone()),
+        };
+        let outputs = model.run(vec![input])?;
+        let got = outputs
+            .iter()
+            .find(|t| t.name == set.output)
+            .ok_or_else(|| {
+                EngineError::Run(format!("evaluation output {:?} not produced", set.output))
+            })?
+            .data
+            .to_f32();
+        if agrees(evaluation.metric, evaluation.tolerance, sample, &got) {
+            agreed += 1;
+        }
+    }
+    Ok(Agreement {
+        samples: u32::try_from(set.samples.len()).unwrap_or(u32::MAX),
+        agreed,
+    })
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@ mod onnxruntime;
 mod tensor;
 mod tract;
 
-pub use bench::{BenchStats, benchmark, percentile, reference_error, reference_inputs};
+pub use bench::{BenchStats, benchmark, evaluate, percentile, reference_error, reference_inputs};
 pub use engines::{Engines, LoadOptions, OnnxRuntimeSettings};
 pub use model::{EngineError, GraphPort, Model};
 pub use tensor::{Tensor, TensorData};

@@ -295,7 +295,7 @@ fn session(
     }
     let builder = Session::builder(&runtime.env)
         .map_err(|e| e.to_string())?
-        .with_optimization_level(GraphOptimizationLevel::Level3)
+        .with_optimization_level(GraphOptimizationLevel::All)
         .map_err(|e| e.to_string())?
         .with_intra_threads(settings.intra_threads.max(1))
         .map_err(|e| e.to_string())?

@@ -229,6 +229,9 @@ pub struct EngineBench {
     /// The TensorRT engine came from the robot's cache rather than a new build.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub cached: bool,
+    /// The accuracy gate's figure: share of the evaluation set that agreed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agreement: Option<f64>,
     pub passed: bool,
     /// Why it did not pass (or could not run).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -6,11 +6,13 @@
 //!   way to a [`manifest::Verified`] manifest.
 //! - [`rollback`]: the signed rollback order, verified with the manifest's trusted keys.
 //! - [`engine`]: inference engines: the manifest's policy, what a robot has, what the gate measured.
+//! - [`evaluation`]: the accuracy gate's evaluation set, which travels with a model.
 //! - [`ids`]: validated names that become topic levels and file names.
 //!
 //! This crate does no I/O: no async runtime, no MQTT client.
 
 pub mod engine;
+pub mod evaluation;
 pub mod finite;
 pub mod ids;
 pub mod manifest;

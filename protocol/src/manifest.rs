@@ -22,6 +22,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use sha2::{Digest as _, Sha256};
 
 use crate::engine::EnginePolicy;
+use crate::evaluation::Evaluation;
 use crate::ids::SlotName;
 use crate::tensor::TensorSpec;
 
@@ -192,6 +193,9 @@ pub struct Gate {
     /// After the swap: the p99 of live requests, in milliseconds, that rolls it back.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_serving_p99_ms: Option<f64>,
+    /// The accuracy gate: an evaluation set the model's answers must agree with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evaluation: Option<Evaluation>,
 }
 
 impl Gate {
@@ -214,6 +218,7 @@ impl Default for Gate {
             reference: None,
             max_error_rate: None,
             max_serving_p99_ms: None,
+            evaluation: None,
         }
     }
 }
@@ -230,6 +235,12 @@ pub struct Provenance {
     pub commit: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<String>,
+    /// The float model this one was derived from (quantized, pruned, converted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent_sha256: Option<Sha256Digest>,
+    /// Figures the pipeline measured (accuracy, agreement with the parent, …), by name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metrics: BTreeMap<String, f64>,
 }
 
 /// The model manifest.

@@ -288,6 +288,9 @@ pub struct DesiredModel {
     pub manifest: SignedManifest,
     /// Where to download the artifact; the manifest's digest decides whether it is right.
     pub artifact_url: String,
+    /// Where to download the evaluation set the manifest's gate names (its digest decides).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evaluation_url: Option<String>,
 }
 
 /// One step of a rollout on one device.
@@ -394,6 +397,8 @@ pub enum RejectReason {
     GateMissed,
     /// The reference output check failed.
     WrongOutput,
+    /// The accuracy gate failed: answers on the evaluation set disagree with the parent's.
+    Inaccurate,
 }
 
 /// Numbers from the on-device benchmark.
@@ -426,6 +431,9 @@ pub struct BenchReport {
     /// Every engine measured in the same run, in order of preference.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub engines: Vec<EngineBench>,
+    /// The accuracy gate's figure on the engine above (share of the evaluation set).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agreement: Option<f64>,
 }
 
 /// A one-off operation for one device.

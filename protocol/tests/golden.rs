@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use botfleet_protocol::engine::{EngineBench, EngineKind, EnginesInfo, OnnxRuntimeInfo};
+use botfleet_protocol::evaluation::{AgreementMetric, Evaluation};
 use botfleet_protocol::manifest::{
     Artifact, Compatibility, Gate, ModelFormat, Provenance, Quantization, Reference, Sha256Digest,
     reference_input,
@@ -80,12 +81,25 @@ fn manifest() -> Manifest {
             }),
             max_error_rate: Some(0.05),
             max_serving_p99_ms: None,
+            evaluation: Some(Evaluation {
+                size: 28_311,
+                sha256: Sha256Digest::of(b"evaluation set"),
+                samples: 64,
+                input: "input".into(),
+                output: "output".into(),
+                metric: AgreementMetric::Top1Agreement,
+                min_agreement: 0.95,
+                tolerance: None,
+                parent_sha256: Some(Sha256Digest::of(b"float parent")),
+            }),
         },
         provenance: Provenance {
             pipeline_run: Some("train_orientation/2026-11-28T10:00:00+00:00".into()),
             dataset: Some("pages-v3".into()),
             commit: Some("4be1c2d".into()),
             source: None,
+            parent_sha256: Some(Sha256Digest::of(b"float parent")),
+            metrics: BTreeMap::from([("accuracy".into(), 0.978), ("top1_agreement".into(), 1.0)]),
         },
         issued_at: ts("2026-11-28T10:00:00Z"),
         expires_at: ts("2036-11-28T10:00:00Z"),
@@ -341,6 +355,10 @@ fn desired_matches_its_fixture() {
                     rollout_id: Some(rollout()),
                     manifest: signer().sign(&manifest()).unwrap(),
                     artifact_url: format!("http://127.0.0.1:8080/artifacts/{}", digest()),
+                    evaluation_url: Some(format!(
+                        "http://127.0.0.1:8080/artifacts/{}",
+                        Sha256Digest::of(b"evaluation set")
+                    )),
                 },
             )]),
         },
@@ -374,6 +392,7 @@ fn every_event_stage_matches_its_fixture() {
             passed: false,
             engine: Some(EngineKind::OnnxruntimeCuda),
             incumbent_engine: Some(EngineKind::OnnxruntimeCuda),
+            agreement: Some(1.0),
             engines: vec![
                 EngineBench {
                     engine: EngineKind::OnnxruntimeCuda,
@@ -383,6 +402,7 @@ fn every_event_stage_matches_its_fixture() {
                     reference_max_abs_err: Some(0.0004),
                     peak_rss_bytes: Some(96_468_992),
                     cached: false,
+                    agreement: Some(1.0),
                     passed: false,
                     reason: Some("p99 24.50 ms is over the budget of 20.00 ms".into()),
                 },
@@ -394,6 +414,7 @@ fn every_event_stage_matches_its_fixture() {
                     reference_max_abs_err: Some(0.0001),
                     peak_rss_bytes: Some(60_000_000),
                     cached: false,
+                    agreement: Some(0.984),
                     passed: false,
                     reason: Some("p99 52.00 ms is over the budget of 20.00 ms".into()),
                 },
@@ -406,6 +427,11 @@ fn every_event_stage_matches_its_fixture() {
         Stage::Rejected {
             reason: RejectReason::GateMissed,
             message: "p99 24.5 ms is 123% over the incumbent's 11.0 ms; 50% allowed".into(),
+        },
+        Stage::Rejected {
+            reason: RejectReason::Inaccurate,
+            message: "accuracy gate: top-1 agreement 0.625 on 64 samples is below 0.95 (tract)"
+                .into(),
         },
         Stage::Failed {
             message: "download stalled: no byte for 30 s".into(),

@@ -94,6 +94,7 @@ fn desired() -> impl Strategy<Value = Desired> {
                     let model = DesiredModel {
                         rollout_id: rollout.map(|r| RolloutId::new(r).unwrap()),
                         manifest,
+                        evaluation_url: Some(format!("{url}.evaluation")),
                         artifact_url: url,
                     };
                     (slot, model)

@@ -200,6 +200,7 @@ mod tests {
                 signatures: vec![],
             },
             artifact_url: url.into(),
+            evaluation_url: None,
         }
     }
 

@@ -7,6 +7,7 @@ use std::fmt;
 use botfleet_engine::{EngineError, Model, reference_inputs};
 use botfleet_protocol::SlotName;
 use botfleet_protocol::engine::{Candidates, EngineKind, EnginePolicy, Precision};
+use botfleet_protocol::evaluation::{AgreementMetric, Evaluation, EvaluationError, EvaluationSet};
 use botfleet_protocol::manifest::{
     Artifact, Compatibility, Gate, MANIFEST_SCHEMA, Manifest, Provenance, Quantization, Reference,
     Sha256Digest,
@@ -46,6 +47,11 @@ pub enum IntakeError {
     NotLoadable(EngineError),
     #[error("the model loaded but a test inference failed: {0}")]
     TestRun(EngineError),
+    /// The `evaluation` part is malformed or does not fit the model.
+    #[error("`evaluation` part: {0}")]
+    Evaluation(EvaluationError),
+    #[error("`evaluation` part: running the model on it failed: {0}")]
+    EvaluationRun(EngineError),
 }
 
 fn field(field: &'static str, reason: impl Into<String>) -> IntakeError {
@@ -149,6 +155,34 @@ pub struct ModelMetadata {
     /// Which engines the robots' gate may pick from; absent: the server's `intake.engines`.
     #[serde(default)]
     pub engines: Option<EnginePolicy>,
+    /// The accuracy gate for the `evaluation` part: required exactly when that part is sent.
+    #[serde(default)]
+    pub evaluation: Option<AccuracyGate>,
+}
+
+fn default_min_agreement() -> f64 {
+    1.0
+}
+
+/// What the robots must measure on the evaluation set (the metadata's `evaluation`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccuracyGate {
+    #[serde(default)]
+    pub metric: AgreementMetric,
+    /// Share of the samples (0..=1) whose answers must agree with the parent's.
+    #[serde(default = "default_min_agreement")]
+    pub min_agreement: f64,
+    /// Largest difference per value, for `within_tolerance`.
+    #[serde(default)]
+    pub tolerance: Option<f32>,
+}
+
+/// The `gate` member alone, to refuse a `gate.evaluation` with the reason.
+#[derive(Deserialize)]
+struct GateMember {
+    #[serde(default)]
+    gate: Option<serde_json::Value>,
 }
 
 /// The `engines` member alone, to name it when it is what made the metadata invalid.
@@ -161,6 +195,16 @@ struct EnginesMember {
 impl ModelMetadata {
     /// Parses and checks the metadata JSON.
     pub fn parse(json: &[u8]) -> Result<Self, IntakeError> {
+        let gate = serde_json::from_slice::<GateMember>(json)
+            .ok()
+            .and_then(|m| m.gate);
+        if gate.is_some_and(|g| g.get("evaluation").is_some()) {
+            return Err(field(
+                "gate",
+                "`gate.evaluation` is written by the server from the `evaluation` part; put \
+                 `metric` and `min_agreement` in the top-level `evaluation` member",
+            ));
+        }
         let meta: Self = serde_json::from_slice(json).map_err(|err| engines_error(json, err))?;
         let name = meta.name.trim();
         if name.is_empty() || name.len() > MAX_NAME_LEN || name.chars().any(char::is_control) {
@@ -189,6 +233,35 @@ impl ModelMetadata {
         }
         if let Some(policy) = &meta.engines {
             check_engine_policy(policy).map_err(|reason| field("engines", reason))?;
+        }
+        if meta.gate.evaluation.is_some() {
+            return Err(field("gate", "`gate.evaluation` is written by the server"));
+        }
+        if let Some(gate) = &meta.evaluation {
+            if !(gate.min_agreement.is_finite() && (0.0..=1.0).contains(&gate.min_agreement)) {
+                return Err(field(
+                    "evaluation",
+                    "`min_agreement` must be between 0 and 1",
+                ));
+            }
+            match (gate.metric, gate.tolerance) {
+                (AgreementMetric::WithinTolerance, None) => {
+                    return Err(field("evaluation", "`within_tolerance` needs `tolerance`"));
+                }
+                (AgreementMetric::WithinTolerance, Some(t)) if !(t.is_finite() && t >= 0.0) => {
+                    return Err(field(
+                        "evaluation",
+                        "`tolerance` must be a finite number ≥ 0",
+                    ));
+                }
+                (AgreementMetric::Top1Agreement, Some(_)) => {
+                    return Err(field(
+                        "evaluation",
+                        "`tolerance` applies to `within_tolerance` only",
+                    ));
+                }
+                _ => {}
+            }
         }
         Ok(meta)
     }
@@ -384,6 +457,42 @@ pub fn check_model(
     })
 }
 
+/// Checks an evaluation set against the checked model and runs the model on it once, so a
+/// set that does not fit is refused here rather than on every robot. The agreement the
+/// server measures (on tract) is logged for the record; the robots' own figure on their own
+/// engine is what gates.
+pub fn check_evaluation(
+    bytes: &[u8],
+    gate: &AccuracyGate,
+    model_bytes: &[u8],
+    checked: &Checked,
+) -> Result<Evaluation, IntakeError> {
+    let set = EvaluationSet::parse(bytes, gate.metric).map_err(IntakeError::Evaluation)?;
+    set.fits(&checked.inputs, &checked.outputs)
+        .map_err(IntakeError::Evaluation)?;
+    let evaluation = Evaluation {
+        size: bytes.len() as u64,
+        sha256: Sha256Digest::of(bytes),
+        samples: u32::try_from(set.samples.len()).unwrap_or(u32::MAX),
+        input: set.input.clone(),
+        output: set.output.clone(),
+        metric: gate.metric,
+        min_agreement: gate.min_agreement,
+        tolerance: gate.tolerance,
+        parent_sha256: set.parent_sha256,
+    };
+    let model = Model::load(model_bytes, &checked.inputs).map_err(IntakeError::NotLoadable)?;
+    let agreement =
+        botfleet_engine::evaluate(&model, &evaluation, &set).map_err(IntakeError::EvaluationRun)?;
+    tracing::info!(
+        samples = agreement.samples,
+        agreement = agreement.share(),
+        min_agreement = gate.min_agreement,
+        "evaluation set checked on tract"
+    );
+    Ok(evaluation)
+}
+
 /// Builds the manifest of a checked upload; `default_engines` applies when the metadata
 /// names no engine policy.
 pub fn build_manifest(
@@ -391,6 +500,7 @@ pub fn build_manifest(
     release: u64,
     artifact: Artifact,
     checked: Checked,
+    evaluation: Option<Evaluation>,
     now: Timestamp,
     default_engines: &EnginePolicy,
 ) -> Result<Manifest, IntakeError> {
@@ -398,6 +508,7 @@ pub fn build_manifest(
     if gate.reference.is_none() {
         gate.reference = checked.reference;
     }
+    gate.evaluation = evaluation;
     let engines = meta
         .engines
         .clone()
@@ -569,8 +680,16 @@ mod tests {
     fn the_server_default_applies_only_when_the_metadata_names_no_policy() {
         let now = Timestamp::UNIX_EPOCH;
         let open = ModelMetadata::parse(format!("{{{BASE}}}").as_bytes()).unwrap();
-        let manifest =
-            build_manifest(&open, 1, artifact(), checked(), now, &EnginePolicy::auto()).unwrap();
+        let manifest = build_manifest(
+            &open,
+            1,
+            artifact(),
+            checked(),
+            None,
+            now,
+            &EnginePolicy::auto(),
+        )
+        .unwrap();
         assert_eq!(manifest.engines, EnginePolicy::auto());
         let tract_only = with_engines(r#"{"candidates":["tract"]}"#).unwrap();
         let manifest = build_manifest(
@@ -578,6 +697,7 @@ mod tests {
             1,
             artifact(),
             checked(),
+            None,
             now,
             &EnginePolicy::auto(),
         )

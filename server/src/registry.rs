@@ -92,6 +92,9 @@ pub struct ModelRecord {
     #[serde(flatten)]
     pub stored: StoredModel,
     pub artifact_url: String,
+    /// Where robots download the accuracy gate's evaluation set, when the model has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub evaluation_url: Option<String>,
 }
 
 /// What an upload became.
@@ -180,6 +183,12 @@ impl Registry {
     fn show(&self, stored: &StoredModel) -> ModelRecord {
         ModelRecord {
             artifact_url: self.artifact_url(&stored.sha256),
+            evaluation_url: stored
+                .manifest
+                .gate
+                .evaluation
+                .as_ref()
+                .map(|e| self.artifact_url(&e.sha256)),
             stored: stored.clone(),
         }
     }
@@ -208,9 +217,16 @@ impl Registry {
             .map(|s| self.show(s))
     }
 
-    /// The file of a known artifact.
+    /// The file of a known artifact (a model or a model's evaluation set).
     pub fn artifact_path(&self, digest: &Sha256Digest) -> Option<PathBuf> {
-        let known = self.read().values().any(|r| &r.sha256 == digest);
+        let known = self.read().values().any(|r| {
+            &r.sha256 == digest
+                || r.manifest
+                    .gate
+                    .evaluation
+                    .as_ref()
+                    .is_some_and(|e| &e.sha256 == digest)
+        });
         known.then(|| self.artifacts.join(digest.to_hex()))
     }
 
@@ -233,8 +249,35 @@ impl Registry {
         }
     }
 
-    /// Checks, signs and stores an upload.
-    pub async fn add(&self, meta: ModelMetadata, bytes: Bytes) -> Result<Intake, RegistryError> {
+    /// Checks, signs and stores an upload, with the evaluation set of its accuracy gate.
+    pub async fn add(
+        &self,
+        meta: ModelMetadata,
+        bytes: Bytes,
+        evaluation: Option<Bytes>,
+    ) -> Result<Intake, RegistryError> {
+        match (&meta.evaluation, &evaluation) {
+            (Some(_), None) => {
+                return Err(IntakeError::Field {
+                    field: "evaluation",
+                    reason: "the metadata asks for an accuracy gate but no `evaluation` part \
+                             (the evaluation set) was sent"
+                        .into(),
+                }
+                .into());
+            }
+            (None, Some(_)) => {
+                return Err(IntakeError::Field {
+                    field: "evaluation",
+                    reason: "an `evaluation` part was sent; say what the robots must measure \
+                             on it in the metadata: \"evaluation\": {\"metric\": \
+                             \"top1_agreement\", \"min_agreement\": 0.95}"
+                        .into(),
+                }
+                .into());
+            }
+            _ => {}
+        }
         let sha256 = Sha256Digest::of(&bytes);
         let size = bytes.len() as u64;
         if let Some(record) = self.earlier(&meta, &sha256)? {
@@ -246,12 +289,24 @@ impl Registry {
             let inputs = meta.inputs.clone();
             let (seed, tolerance) = (intake::seed_of(&sha256), meta.tolerance);
             let want_reference = meta.gate.reference.is_none();
+            let accuracy = meta.evaluation.clone().zip(evaluation.clone());
             tokio::task::spawn_blocking(move || {
-                intake::check_model(&bytes, inputs.as_deref(), seed, tolerance, want_reference)
+                let checked = intake::check_model(
+                    &bytes,
+                    inputs.as_deref(),
+                    seed,
+                    tolerance,
+                    want_reference,
+                )?;
+                let evaluation = accuracy
+                    .map(|(gate, set)| intake::check_evaluation(&set, &gate, &bytes, &checked))
+                    .transpose()?;
+                Ok::<_, IntakeError>((checked, evaluation))
             })
             .await
             .map_err(|e| RegistryError::Task(e.to_string()))??
         };
+        let (checked, checked_evaluation) = checked;
 
         let _commit = self.commit.lock().await;
         // Another upload of the same version may have committed while this one was checked.
@@ -278,6 +333,7 @@ impl Registry {
             release,
             artifact,
             checked,
+            checked_evaluation,
             now,
             &self.default_engines,
         )?;
@@ -295,7 +351,7 @@ impl Registry {
             signed_manifest,
             created_at: now,
         };
-        self.write(&stored, bytes).await?;
+        self.write(&stored, bytes, evaluation).await?;
         self.records
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -307,14 +363,25 @@ impl Registry {
         Ok(Intake::Created(self.show(&stored)))
     }
 
-    /// Writes the artifact (unless the same bytes are there already), then the record.
-    async fn write(&self, stored: &StoredModel, bytes: Bytes) -> Result<(), RegistryError> {
-        let artifact = self.artifacts.join(stored.sha256.to_hex());
+    /// Writes the artifact and its evaluation set (unless the same bytes are there
+    /// already), then the record.
+    async fn write(
+        &self,
+        stored: &StoredModel,
+        bytes: Bytes,
+        evaluation: Option<Bytes>,
+    ) -> Result<(), RegistryError> {
+        let mut writes = vec![(self.artifacts.join(stored.sha256.to_hex()), bytes)];
+        if let (Some(gate), Some(set)) = (&stored.manifest.gate.evaluation, evaluation) {
+            writes.push((self.artifacts.join(gate.sha256.to_hex()), set));
+        }
         let (db, record) = (self.db.clone(), stored.clone());
         let result = tokio::task::spawn_blocking(move || {
-            if !artifact.is_file() {
-                files::write_atomic(&artifact, &bytes, 0o644, Replace::Allow)
-                    .map_err(io_err("write", &artifact))?;
+            for (path, bytes) in &writes {
+                if !path.is_file() {
+                    files::write_atomic(path, bytes, 0o644, Replace::Allow)
+                        .map_err(io_err("write", path))?;
+                }
             }
             db.save_model(&record).map_err(RegistryError::from)
         })

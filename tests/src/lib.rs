@@ -226,25 +226,55 @@ impl Fleet {
 
     /// Uploads a model through the HTTP API; returns the server's JSON answer.
     pub async fn push_model(&self, file: &Path, metadata: Value) -> Result<Value> {
+        let (status, body) = self.upload(file, metadata, None).await?;
+        if !status.is_success() {
+            bail!("model upload: HTTP {status}: {body}");
+        }
+        Ok(body)
+    }
+
+    /// Uploads a model with the accuracy gate's evaluation set (the `evaluation` part).
+    pub async fn push_model_with_evaluation(
+        &self,
+        file: &Path,
+        metadata: Value,
+        evaluation: &Path,
+    ) -> Result<Value> {
+        let (status, body) = self.upload(file, metadata, Some(evaluation)).await?;
+        if !status.is_success() {
+            bail!("model upload: HTTP {status}: {body}");
+        }
+        Ok(body)
+    }
+
+    /// POST /api/v1/models as it is: the status and JSON answer, whatever they are.
+    pub async fn upload(
+        &self,
+        file: &Path,
+        metadata: Value,
+        evaluation: Option<&Path>,
+    ) -> Result<(reqwest::StatusCode, Value)> {
         let bytes = std::fs::read(file).with_context(|| file.display().to_string())?;
-        let form = reqwest::multipart::Form::new()
+        let mut form = reqwest::multipart::Form::new()
             .text("metadata", metadata.to_string())
             .part(
                 "model",
                 reqwest::multipart::Part::bytes(bytes).file_name("model.onnx"),
             );
+        if let Some(path) = evaluation {
+            let set = std::fs::read(path).with_context(|| path.display().to_string())?;
+            form = form.part(
+                "evaluation",
+                reqwest::multipart::Part::bytes(set).file_name("evaluation.json"),
+            );
+        }
         let response = self
             .http
             .post(format!("{}/api/v1/models", self.server.base_url()))
             .multipart(form)
             .send()
             .await?;
-        let status = response.status();
-        let body: Value = response.json().await?;
-        if !status.is_success() {
-            bail!("model upload: HTTP {status}: {body}");
-        }
-        Ok(body)
+        Ok((response.status(), response.json().await?))
     }
 
     /// Starts a rollout of `slot`@`version` to `devices`; returns the rollout id.

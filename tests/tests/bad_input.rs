@@ -99,6 +99,7 @@ impl Setup {
                     rollout_id: Some(RolloutId::new(rollout.clone()).unwrap()),
                     manifest: signer.sign(manifest).unwrap(),
                     artifact_url: url,
+                    evaluation_url: None,
                 },
             )]
             .into(),

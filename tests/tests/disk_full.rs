@@ -220,6 +220,7 @@ async fn a_full_disk_fails_the_download_cleanly_and_the_old_model_keeps_serving(
                     .sign(&manifest)
                     .unwrap(),
                 artifact_url: url,
+                evaluation_url: None,
             },
         )]
         .into(),

@@ -357,9 +357,12 @@ impl Reconciler {
         );
 
         let bytes = self.fetch(slot, model, &manifest, claims).await?;
+        let evaluation = self.fetch_evaluation(model, &manifest).await?;
 
         // Load, check and benchmark in a child process first: a hostile file dies there.
-        let report = self.gate(&manifest, incumbent.as_deref()).await?;
+        let report = self
+            .gate(&manifest, incumbent.as_deref(), evaluation)
+            .await?;
         let (load_ms, report, verdict) = report;
         let engine = verdict.as_ref().ok().copied();
         self.emit(

@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, HashSet};
 
 use botfleet_engine::BenchStats;
 use botfleet_protocol::engine::{EngineBench, EngineKind, EnginePolicy};
+use botfleet_protocol::evaluation::Agreement;
 use botfleet_protocol::manifest::{Gate, Sha256Digest};
 use botfleet_protocol::messages::{Desired, DesiredModel, RejectReason};
 use botfleet_protocol::{Manifest, SlotName};
@@ -122,14 +123,26 @@ fn version_at_least(have: &str, want: &str) -> bool {
     }
 }
 
+/// What the gate child measured of one engine, beyond its latency.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Measured {
+    pub reference_error: Option<f32>,
+    pub peak_rss_bytes: Option<u64>,
+    pub agreement: Option<Agreement>,
+}
+
 /// Whether the candidate's benchmark passes the gate.
 pub fn judge(
     gate: &Gate,
     candidate: &BenchStats,
     incumbent: Option<&BenchStats>,
-    reference_error: Option<f32>,
-    peak_rss_bytes: Option<u64>,
+    measured: Measured,
 ) -> Result<(), Refusal> {
+    let Measured {
+        reference_error,
+        peak_rss_bytes,
+        agreement,
+    } = measured;
     if let (Some(reference), Some(err)) = (&gate.reference, reference_error)
         && (err.is_nan() || err > reference.tolerance)
     {
@@ -140,6 +153,15 @@ pub fn judge(
                 reference.tolerance
             ),
         ));
+    }
+    if let Some(evaluation) = &gate.evaluation {
+        let agreement = agreement.ok_or((
+            RejectReason::Inaccurate,
+            "accuracy gate: the evaluation set was not measured".to_owned(),
+        ))?;
+        evaluation
+            .judge(&agreement)
+            .map_err(|why| (RejectReason::Inaccurate, why))?;
     }
     if let Some(budget) = gate.max_p50_ms
         && candidate.p50_ms > budget
@@ -239,6 +261,7 @@ pub fn judge_engines(
             reference_max_abs_err: None,
             peak_rss_bytes: None,
             cached: false,
+            agreement: None,
             passed: false,
             reason: None,
         };
@@ -254,12 +277,14 @@ pub fn judge_engines(
                 reference_max_abs_err,
                 peak_rss_bytes,
                 cached,
+                agreement,
             } => {
                 bench.p50_ms = Some(stats.p50_ms);
                 bench.p99_ms = Some(stats.p99_ms);
                 bench.reference_max_abs_err = *reference_max_abs_err;
                 bench.peak_rss_bytes = *peak_rss_bytes;
                 bench.cached = *cached;
+                bench.agreement = agreement.map(|a| a.share());
                 // Each precision is checked against its own tolerance.
                 let mut engine_gate = gate.clone();
                 if let Some(reference) = engine_gate.reference.as_mut() {
@@ -273,8 +298,11 @@ pub fn judge_engines(
                     &engine_gate,
                     &stats,
                     incumbent,
-                    *reference_max_abs_err,
-                    *peak_rss_bytes,
+                    Measured {
+                        reference_error: *reference_max_abs_err,
+                        peak_rss_bytes: *peak_rss_bytes,
+                        agreement: *agreement,
+                    },
                 )
             }
         };
@@ -361,6 +389,14 @@ pub fn unhealthy(gate: &Gate, health: &Health, min_requests: u64) -> Option<Stri
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn measured(reference_error: Option<f32>, peak_rss_bytes: Option<u64>) -> Measured {
+        Measured {
+            reference_error,
+            peak_rss_bytes,
+            agreement: None,
+        }
+    }
     use botfleet_protocol::manifest::Reference;
 
     #[test]
@@ -408,8 +444,7 @@ mod tests {
                 &Gate::default(),
                 &stats(1000.0),
                 Some(&stats(1.0)),
-                None,
-                None
+                Measured::default()
             )
             .is_ok()
         );
@@ -421,8 +456,8 @@ mod tests {
             max_p99_ms: Some(10.0),
             ..Gate::default()
         };
-        assert!(judge(&gate, &stats(9.9), None, None, None).is_ok());
-        let (reason, msg) = judge(&gate, &stats(10.1), None, None, None).unwrap_err();
+        assert!(judge(&gate, &stats(9.9), None, measured(None, None)).is_ok());
+        let (reason, msg) = judge(&gate, &stats(10.1), None, measured(None, None)).unwrap_err();
         assert_eq!(reason, RejectReason::GateMissed);
         assert!(msg.contains("budget"), "{msg}");
     }
@@ -433,9 +468,25 @@ mod tests {
             max_regression: Some(0.2),
             ..Gate::default()
         };
-        assert!(judge(&gate, &stats(11.9), Some(&stats(10.0)), None, None).is_ok());
-        assert!(judge(&gate, &stats(12.1), Some(&stats(10.0)), None, None).is_err());
-        assert!(judge(&gate, &stats(500.0), None, None, None).is_ok());
+        assert!(
+            judge(
+                &gate,
+                &stats(11.9),
+                Some(&stats(10.0)),
+                measured(None, None)
+            )
+            .is_ok()
+        );
+        assert!(
+            judge(
+                &gate,
+                &stats(12.1),
+                Some(&stats(10.0)),
+                measured(None, None)
+            )
+            .is_err()
+        );
+        assert!(judge(&gate, &stats(500.0), None, measured(None, None)).is_ok());
     }
 
     #[test]
@@ -480,9 +531,10 @@ mod tests {
             max_memory_mb: Some(100),
             ..Gate::default()
         };
-        assert!(judge(&gate, &stats(8.0), None, None, Some(99 << 20)).is_ok());
-        assert!(judge(&gate, &stats(8.2), None, None, None).is_err());
-        let (_, msg) = judge(&gate, &stats(8.0), None, None, Some(101 << 20)).unwrap_err();
+        assert!(judge(&gate, &stats(8.0), None, measured(None, Some(99 << 20))).is_ok());
+        assert!(judge(&gate, &stats(8.2), None, measured(None, None)).is_err());
+        let (_, msg) =
+            judge(&gate, &stats(8.0), None, measured(None, Some(101 << 20))).unwrap_err();
         assert!(msg.contains("memory"), "{msg}");
     }
 
@@ -496,13 +548,13 @@ mod tests {
             }),
             ..Gate::default()
         };
-        assert!(judge(&gate, &stats(1.0), None, Some(5e-4), None).is_ok());
+        assert!(judge(&gate, &stats(1.0), None, measured(Some(5e-4), None)).is_ok());
         assert_eq!(
-            judge(&gate, &stats(1.0), None, Some(0.5), None)
+            judge(&gate, &stats(1.0), None, measured(Some(0.5), None))
                 .unwrap_err()
                 .0,
             RejectReason::WrongOutput
         );
-        assert!(judge(&gate, &stats(1.0), None, Some(f32::NAN), None).is_err());
+        assert!(judge(&gate, &stats(1.0), None, measured(Some(f32::NAN), None)).is_err());
     }
 }

@@ -2,6 +2,7 @@
 
 use botfleet_engine::BenchStats;
 use botfleet_protocol::engine::{EngineBench, EngineKind};
+use botfleet_protocol::evaluation::EvaluationSet;
 use botfleet_protocol::manifest::Sha256Digest;
 use botfleet_protocol::messages::{BenchReport, DesiredModel, RejectReason, Stage};
 use botfleet_protocol::{Manifest, SlotName, Verified};
@@ -87,6 +88,72 @@ impl Reconciler {
         Ok(bytes)
     }
 
+    /// The accuracy gate's evaluation set, when the manifest names one: from the store if
+    /// there with the right digest, else downloaded (its digest checked) and kept beside the
+    /// artifact. It is parsed here so a set that does not fit is a refusal, not a crash.
+    pub(super) async fn fetch_evaluation(
+        &self,
+        model: &DesiredModel,
+        manifest: &Verified<Manifest>,
+    ) -> Result<Option<std::path::PathBuf>, Outcome> {
+        let Some(evaluation) = &manifest.gate.evaluation else {
+            return Ok(None);
+        };
+        let sha = manifest.artifact.sha256;
+        let path = self.store.evaluation_path(&sha);
+        let bytes = match self.store.read_evaluation(&sha, &evaluation.sha256) {
+            Some(bytes) => bytes,
+            None => {
+                let Some(url) = &model.evaluation_url else {
+                    return Err(Outcome::Rejected((
+                        RejectReason::BadManifest,
+                        "the manifest's gate names an evaluation set, the desired state gives                          no URL to download it from"
+                            .into(),
+                    )));
+                };
+                let url = self.artifact_url(url);
+                let dest = self.store.partial_path(&evaluation.sha256);
+                fetch::download(&self.http, &url, evaluation, &dest, self.limits)
+                    .await
+                    .map_err(|e| match e {
+                        FetchError::TooLarge { .. } | FetchError::SizeMismatch { .. } => {
+                            Outcome::Rejected((
+                                RejectReason::SizeMismatch,
+                                format!("evaluation set: {e}"),
+                            ))
+                        }
+                        FetchError::DigestMismatch { .. } => Outcome::Rejected((
+                            RejectReason::DigestMismatch,
+                            format!("evaluation set: {e}"),
+                        )),
+                        other => Outcome::Failed(format!("evaluation set: {other}")),
+                    })?;
+                self.store
+                    .commit_evaluation(&evaluation.sha256, &sha)
+                    .map_err(|e| Outcome::Failed(e.to_string()))?;
+                self.store
+                    .read_evaluation(&sha, &evaluation.sha256)
+                    .ok_or_else(|| {
+                        Outcome::Failed("evaluation set changed on disk after download".into())
+                    })?
+            }
+        };
+        let set = EvaluationSet::parse(&bytes, evaluation.metric)
+            .map_err(|e| Outcome::Rejected((RejectReason::BadManifest, e.to_string())))?;
+        set.fits(&manifest.inputs, &manifest.outputs)
+            .map_err(|e| Outcome::Rejected((RejectReason::BadManifest, e.to_string())))?;
+        if (set.input.as_str(), set.output.as_str())
+            != (evaluation.input.as_str(), evaluation.output.as_str())
+            || set.samples.len() != evaluation.samples as usize
+        {
+            return Err(Outcome::Rejected((
+                RejectReason::BadManifest,
+                "the evaluation set differs from what the manifest says of it".into(),
+            )));
+        }
+        Ok(Some(path))
+    }
+
     fn artifact_url(&self, url: &str) -> String {
         if url.starts_with("http://") || url.starts_with("https://") || self.server_url.is_empty() {
             url.to_owned()
@@ -106,6 +173,7 @@ impl Reconciler {
         &self,
         manifest: &Verified<Manifest>,
         incumbent: Option<&ServingModel>,
+        evaluation: Option<std::path::PathBuf>,
     ) -> Result<(u64, BenchReport, Result<EngineKind, Outcome>), Outcome> {
         let has_reference = manifest.gate.reference.is_some();
         let engines = manifest
@@ -143,6 +211,7 @@ impl Reconciler {
                 }),
             memory_limit_bytes: self.gate.memory_limit_bytes,
             onnxruntime: self.engines.settings().clone(),
+            evaluation,
         };
         let incumbent_engine = request.incumbent.as_ref().map(|m| m.engine);
         let child = ChildRequest::Gate(Box::new(request));
@@ -203,6 +272,7 @@ impl Reconciler {
             passed: judged.choice.is_some(),
             engine: shown.map(|b| b.engine),
             incumbent_engine: incumbent_engine.filter(|_| incumbent_stats.is_some()),
+            agreement: shown.and_then(|b| b.agreement),
             engines: judged.benches.clone(),
         };
         info!(
@@ -211,6 +281,7 @@ impl Reconciler {
             p99_ms = report.p99_ms,
             peak_rss_bytes = ?report.peak_rss_bytes,
             passed = report.passed,
+            agreement = ?report.agreement,
             measured = report.engines.len(),
             "benchmarked"
         );

@@ -18,6 +18,8 @@ use crate::registry::{Intake, ModelRecord, RegistryError};
 
 /// Largest metadata part accepted.
 const METADATA_MAX_BYTES: u64 = 1024 * 1024;
+/// Largest evaluation set accepted (what robots accept too).
+const EVALUATION_MAX_BYTES: u64 = botfleet_protocol::evaluation::MAX_EVALUATION_BYTES;
 
 impl From<RegistryError> for ApiError {
     fn from(err: RegistryError) -> Self {
@@ -57,7 +59,8 @@ async fn read_capped(mut field: Field<'_>, max: u64, what: &str) -> Result<Bytes
     Ok(Bytes::from(data))
 }
 
-/// `POST /api/v1/models`: multipart with `metadata` (JSON) and `model` (the ONNX file).
+/// `POST /api/v1/models`: multipart with `metadata` (JSON), `model` (the ONNX file) and,
+/// for an accuracy gate, `evaluation` (the evaluation set, JSON).
 /// 201 for a new model, 200 when the same slot, version and bytes were uploaded before.
 pub async fn upload(
     State(app): AppState,
@@ -72,7 +75,7 @@ pub async fn upload(
             ),
         )
     })?;
-    let (mut metadata, mut model) = (None, None);
+    let (mut metadata, mut model, mut evaluation) = (None, None, None);
     while let Some(field) = multipart
         .next_field()
         .await
@@ -82,9 +85,11 @@ pub async fn upload(
         let slot = match name.as_str() {
             "metadata" => &mut metadata,
             "model" => &mut model,
+            "evaluation" => &mut evaluation,
             other => {
                 return Err(ApiError::bad_request(format!(
-                    "unexpected part {other:?}; send `metadata` (JSON) and `model` (the ONNX file)"
+                    "unexpected part {other:?}; send `metadata` (JSON), `model` (the ONNX file) \
+                     and optionally `evaluation` (the accuracy gate's evaluation set)"
                 )));
             }
         };
@@ -93,10 +98,10 @@ pub async fn upload(
                 "part {name:?} appears twice"
             )));
         }
-        let (cap, what) = if name == "model" {
-            (app.max_model_bytes, "model (max_model_bytes)")
-        } else {
-            (METADATA_MAX_BYTES, "metadata")
+        let (cap, what) = match name.as_str() {
+            "model" => (app.max_model_bytes, "model (max_model_bytes)"),
+            "evaluation" => (EVALUATION_MAX_BYTES, "evaluation set"),
+            _ => (METADATA_MAX_BYTES, "metadata"),
         };
         *slot = Some(read_capped(field, cap, what).await?);
     }
@@ -106,7 +111,7 @@ pub async fn upload(
         .filter(|m| !m.is_empty())
         .ok_or_else(|| ApiError::bad_request("missing or empty `model` part (the ONNX file)"))?;
     let meta = ModelMetadata::parse(&metadata).map_err(RegistryError::from)?;
-    match app.registry.add(meta, model).await? {
+    match app.registry.add(meta, model, evaluation).await? {
         Intake::Created(record) => Ok((StatusCode::CREATED, Json(record))),
         Intake::Existing(record) => Ok((StatusCode::OK, Json(record))),
     }

@@ -149,6 +149,7 @@ impl RolloutService {
             rollout_id: None,
             manifest: model.stored.signed_manifest.clone(),
             artifact_url: model.artifact_url.clone(),
+            evaluation_url: model.evaluation_url.clone(),
         };
         // Size-checked before anything is recorded.
         for device in &devices {
@@ -330,6 +331,7 @@ impl RolloutService {
             rollout_id: Some(rollout.id.clone()),
             manifest: model.stored.signed_manifest.clone(),
             artifact_url: model.artifact_url.clone(),
+            evaluation_url: model.evaluation_url.clone(),
         })
     }
 

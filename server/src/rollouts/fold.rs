@@ -227,6 +227,7 @@ mod tests {
             engine: None,
             incumbent_engine: None,
             engines: vec![],
+            agreement: None,
         })
     }
 

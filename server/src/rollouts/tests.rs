@@ -270,6 +270,7 @@ fn the_gate_pauses_when_the_fleet_median_p99_regresses_too_much() {
             engine: None,
             incumbent_engine: None,
             engines: vec![],
+            agreement: None,
         })
     };
     let mut r = Rollout::new(rid("r-1"), model(), t(0), strategy, &names(6));
@@ -481,6 +482,7 @@ fn report_on(
         engine,
         incumbent_engine,
         engines: vec![],
+        agreement: None,
     }
 }
 
@@ -600,6 +602,7 @@ fn the_rollout_view_shows_the_engine_chosen_serving_and_every_engine_measured() 
                 reference_max_abs_err: Some(1e-4),
                 peak_rss_bytes: None,
                 cached: false,
+                agreement: None,
                 passed: true,
                 reason: None,
             },
@@ -611,6 +614,7 @@ fn the_rollout_view_shows_the_engine_chosen_serving_and_every_engine_measured() 
                 reference_max_abs_err: Some(1e-5),
                 peak_rss_bytes: None,
                 cached: false,
+                agreement: None,
                 passed: true,
                 reason: None,
             },

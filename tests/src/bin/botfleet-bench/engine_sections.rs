@@ -267,11 +267,10 @@ pub fn engine(md: &mut String, v: &Value, ort: &Value, crit: &Crit, heads: &mut 
             format!(
                 "Goal missed on {}. The library and its kernels are the same; what differs is \
                  the binding around them (input checks and one copy into ONNX Runtime's tensors, \
-                 the outputs copied out, the session pool, which alternates between its sessions \
-                 so each has its own weights in cache) and the session options (`ort`'s \
-                 `GraphOptimizationLevel::Level3` is ONNX Runtime's `ORT_ENABLE_LAYOUT`, python's \
-                 default is `ORT_ENABLE_ALL`). On a shared 2-core machine a few per cent is also \
-                 within the noise of one run.",
+                 the outputs copied out, and the session pool, which alternates between its \
+                 sessions so each has its own weights in cache); the session options are \
+                 python's defaults (`ORT_ENABLE_ALL`, one intra-op thread, sequential). On a \
+                 shared 2-core machine a few per cent is also within the noise of one run.",
                 misses.join(", ")
             )
         }
@@ -295,15 +294,15 @@ pub fn engine(md: &mut String, v: &Value, ort: &Value, crit: &Crit, heads: &mut 
     if !slower.is_empty() {
         let _ = writeln!(
             md,
-            "tract's 2-thread matmul executor was {} than one thread here ({}): on 2 shared \
+            "tract's 2-thread matmul executor took {} one thread's time here ({}): on 2 shared \
              cores the second thread competes with everything else, and splitting these \
              models' small matmuls likely costs more than it saves. It stays \
              an opt-in feature (`botfleet-engine/multithread`), to be measured on the robot's \
              own cores before use.\n",
             if slower.iter().all(|r| *r > 1.0) {
-                "slower on every model"
+                "longer than, on every model,"
             } else {
-                "mixed"
+                "mixed figures against"
             },
             slower
                 .iter()

@@ -189,6 +189,7 @@ fn keep_unmeasured(parts: &mut [Part], existing: &str) {
         let mut text = text.trim_end().to_owned();
         text.push_str("\n\n");
         if !text.contains(KEPT)
+            && !text.contains("_Not measured in this run")
             && let Some((heading, rest)) = text.split_once("\n\n")
         {
             text = format!(
