@@ -267,8 +267,8 @@ pub fn engine(md: &mut String, v: &Value, ort: &Value, crit: &Crit, heads: &mut 
             format!(
                 "Goal missed on {}. The library and its kernels are the same; what differs is \
                  the binding around them (input checks and one copy into ONNX Runtime's tensors, \
-                 the outputs copied out, and the session pool, which alternates between its \
-                 sessions so each has its own weights in cache); the session options are \
+                 the outputs copied out, the session pool's lock: sequential runs all use its \
+                 first session, as python's one session); the session options are \
                  python's defaults (`ORT_ENABLE_ALL`, one intra-op thread, sequential). On a \
                  shared 2-core machine a few per cent is also within the noise of one run.",
                 misses.join(", ")
