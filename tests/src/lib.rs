@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use botfleet_protocol::messages::Event;
+use botfleet_protocol::messages::{BenchReport, Event, Stage};
 use serde_json::{Value, json};
 
 pub use mosquitto::Mosquitto;
@@ -345,6 +345,17 @@ impl Fleet {
         self.server.shutdown().await?;
         Ok(())
     }
+}
+
+/// The `benchmarked` event's report among `events`.
+pub fn benchmark_of(events: &[Event]) -> BenchReport {
+    events
+        .iter()
+        .find_map(|e| match &e.stage {
+            Stage::Benchmarked(r) => Some(r.clone()),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("no benchmark event: {}", describe(events)))
 }
 
 /// The terminal event of a stage list, for messages.

@@ -7,9 +7,11 @@
 
 mod common;
 
-use botfleet_e2e::{BrokerKind, Fleet, describe, fixture, onnxruntime_library, reference};
+use botfleet_e2e::{
+    BrokerKind, Fleet, benchmark_of, describe, fixture, onnxruntime_library, reference,
+};
 use botfleet_protocol::engine::EngineKind;
-use botfleet_protocol::messages::{BenchReport, Event, RejectReason, Stage};
+use botfleet_protocol::messages::{RejectReason, Stage};
 use common::ROLLOUT_LIMIT;
 use serde_json::{Value, json};
 
@@ -28,16 +30,6 @@ fn metadata(version: &str, quantization: &str) -> Value {
 
 fn evaluation_set() -> std::path::PathBuf {
     reference("digits_cnn.evaluation.json")
-}
-
-fn benchmark_of(events: &[Event]) -> BenchReport {
-    events
-        .iter()
-        .find_map(|e| match &e.stage {
-            Stage::Benchmarked(r) => Some(r.clone()),
-            _ => None,
-        })
-        .unwrap_or_else(|| panic!("no benchmark event: {}", describe(events)))
 }
 
 /// The samples of the evaluation set, as OIP v2 requests with the float model's answers.

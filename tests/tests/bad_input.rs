@@ -6,7 +6,7 @@ mod common;
 
 use botfleet_e2e::hostile::ArtifactHost;
 use botfleet_e2e::watch::publish_once;
-use botfleet_e2e::{Agent, BrokerKind, EventWatch, Fleet, describe, fixture};
+use botfleet_e2e::{Agent, BrokerKind, EventWatch, Fleet, benchmark_of, describe, fixture};
 use botfleet_protocol::engine::{EngineKind, EnginePolicy};
 use botfleet_protocol::manifest::{Sha256Digest, reference_input};
 use botfleet_protocol::messages::{BenchReport, Desired, DesiredModel, RejectReason, Stage};
@@ -460,17 +460,6 @@ async fn bad_inference_requests_get_a_4xx_with_a_clear_message() {
     assert!(answer["error"].as_str().unwrap().contains("no-such-model"));
     s.assert_still_serving_the_good_model().await;
     s.fleet.shutdown(vec![s.agent]).await.unwrap();
-}
-
-/// The `benchmarked` event's report among `events`.
-fn benchmark_of(events: &[botfleet_protocol::messages::Event]) -> BenchReport {
-    events
-        .iter()
-        .find_map(|e| match &e.stage {
-            Stage::Benchmarked(r) => Some(r.clone()),
-            _ => None,
-        })
-        .unwrap_or_else(|| panic!("no benchmark event: {}", describe(events)))
 }
 
 fn with_onnxruntime(config: &mut botfleet_agent::Config) {
