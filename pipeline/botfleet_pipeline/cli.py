@@ -36,6 +36,12 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--threads", type=int, default=1, help="torch threads; part of what makes a run reproducible"
     )
+    t.add_argument(
+        "--device",
+        choices=("cpu", "cuda", "auto"),
+        default="cpu",
+        help="where to train; auto: CUDA when torch sees a GPU (default cpu)",
+    )
 
     q = sub.add_parser("quantize", help="write and measure an INT8 QDQ variant of a run's model")
     q.add_argument("--run", type=Path, required=True, help="run directory written by train")
@@ -184,7 +190,11 @@ def main(argv: list[str] | None = None) -> int:
         from .train import train
 
         result = train(
-            args.out, seed=args.seed, threads=args.threads, **_kwargs(epochs=args.epochs, lr=args.lr)
+            args.out,
+            seed=args.seed,
+            threads=args.threads,
+            device=args.device,
+            **_kwargs(epochs=args.epochs, lr=args.lr),
         )
     elif args.command == "quantize":
         from . import quantize

@@ -104,3 +104,22 @@ def test_cli_train_writes_a_run(tmp_path, capsys):
     printed = json.loads(capsys.readouterr().out)
     assert printed["onnx_sha256"] == spec.sha256_file(tmp_path / "run" / "model.onnx")
     assert printed["epochs"] == 1
+
+
+def test_auto_device_follows_what_torch_sees_and_is_recorded(run_dir):
+    assert train.pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert train.pick_device("cpu") == torch.device("cpu")
+    # The run_dir fixture trains with the default device.
+    assert Run(run_dir).metrics()["device"] == "cpu"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
+def test_cuda_without_a_gpu_is_a_clear_error(tmp_path):
+    with pytest.raises(RuntimeError, match="torch sees no CUDA device"):
+        train.train(tmp_path / "run", epochs=1, device="cuda")
+    assert not (tmp_path / "run").exists()
+
+
+def test_unknown_device_is_refused():
+    with pytest.raises(ValueError, match="is not cpu, cuda or auto"):
+        train.pick_device("tpu")

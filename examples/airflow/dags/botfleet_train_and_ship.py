@@ -72,7 +72,18 @@ RUN = f"{MODELS_DIR}/{{{{ run_id }}}}"
 MODEL_FILE = "model.int8.onnx"
 EVALUATION_FILE = "evaluation.json"
 
-TRAIN = ["train", "--out", RUN, "--seed", "{{ params.seed }}", "--epochs", "{{ params.epochs }}"]
+# --device auto: CUDA on the cluster's training node, the CPU on a machine without a GPU.
+TRAIN = [
+    "train",
+    "--out",
+    RUN,
+    "--seed",
+    "{{ params.seed }}",
+    "--epochs",
+    "{{ params.epochs }}",
+    "--device",
+    "auto",
+]
 QUANTIZE = [
     "quantize",
     "--run",
