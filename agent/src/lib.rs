@@ -19,6 +19,7 @@ pub mod fetch;
 pub mod gate;
 pub mod k3s;
 pub mod link;
+pub mod loader;
 pub mod logging;
 pub mod notify;
 pub mod outbox;

@@ -155,7 +155,7 @@ fn load_options(store: &Store, sha: &Sha256Digest, key: &str, engine: EngineKind
 
 /// One inference before a model takes traffic, so the first request pays no first-run cost.
 /// Blocking.
-fn warm_up(model: &Model, seed: u64) -> Result<(), botfleet_engine::EngineError> {
+pub fn warm_up(model: &Model, seed: u64) -> Result<(), botfleet_engine::EngineError> {
     model.run(reference_inputs(model, seed)?).map(drop)
 }
 
@@ -391,7 +391,8 @@ impl Reconciler {
             engine,
         );
         let engines = Arc::clone(&self.engines);
-        let loaded = tokio::task::spawn_blocking(move || {
+        // At the lowest priority: the serving model keeps the CPU it needs meanwhile.
+        let loaded = crate::loader::in_background(move || {
             let model = engines.load(engine, &bytes, &inputs, &options)?;
             warm_up(&model, seed)?;
             Ok::<_, botfleet_engine::EngineError>(model)
