@@ -165,6 +165,15 @@ pub async fn run(size: usize, rounds: usize) -> Result<Value> {
         }
     }
 
+    // SHA-256 alone on the same bytes, in memory: the floor of what a verifying download
+    // costs where the network and the disk are free.
+    let mut hash_s = Vec::new();
+    for _ in 0..5 {
+        let t = Instant::now();
+        std::hint::black_box(Sha256Digest::of(&body));
+        hash_s.push(mib / t.elapsed().as_secs_f64());
+    }
+
     let _ = tokio::fs::remove_file(&dest).await;
     let (body0, wire0) = (
         server.body_bytes.load(Ordering::SeqCst),
@@ -183,6 +192,7 @@ pub async fn run(size: usize, rounds: usize) -> Result<Value> {
         "rounds": rounds,
         "verify_while_streaming_mib_s": Summary::of(&verified),
         "plain_mib_s": Summary::of(&plain_s),
+        "sha256_alone_mib_s": Summary::of(&hash_s),
         "resume": {
             "file_bytes": size,
             "attempts": fetched.attempts,

@@ -226,7 +226,21 @@ async fn main() -> Result<()> {
                         .fold(Duration::ZERO, Duration::max);
                     let capacity = 0.6 / slowest.as_secs_f64().max(1e-6);
                     let used = rate.min(capacity);
-                    let mut v = swap::run(float, int8, swaps, used, scale(2, 10)).await?;
+                    // Before (an ordinary blocking thread) and after (the agent's loader), in
+                    // the same run.
+                    let before = swap::run(
+                        float,
+                        int8,
+                        swaps,
+                        used,
+                        scale(2, 10),
+                        swap::Loader::NormalPriority,
+                    )
+                    .await?;
+                    let mut v =
+                        swap::run(float, int8, swaps, used, scale(2, 10), swap::Loader::Agent)
+                            .await?;
+                    v["normal_priority"] = before;
                     v["rate_requested_per_s"] = serde_json::json!(rate);
                     v["slowest_run_ms"] = serde_json::json!(slowest.as_secs_f64() * 1e3);
                     v

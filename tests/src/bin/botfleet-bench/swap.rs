@@ -1,7 +1,10 @@
 //! Hot swap under load: a client at a fixed rate on one slot (open loop: each request is
 //! timed from when it was due, so a stall shows as latency) while the slot's model is
 //! reloaded and swapped between the float and INT8 fixture, as the agent does after a
-//! rollout (load on a blocking thread, then one pointer swap).
+//! rollout (load on the agent's loader thread, then one pointer swap). The steady window
+//! before it flips the slot between the two models already loaded, so both windows serve
+//! the same mix and differ only by the loads. The same run once
+//! with the load on an ordinary blocking thread shows what the loader's low priority buys.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -38,12 +41,25 @@ pub fn one_run(f: &Fixture) -> Result<Duration> {
     Ok(times[3])
 }
 
+/// How often the steady window flips between the two loaded models (about one load).
+const FLIP_EVERY: Duration = Duration::from_millis(100);
+
+/// Where the next model is loaded.
+#[derive(Debug, Clone, Copy)]
+pub enum Loader {
+    /// `botfleet_agent::loader`: its own thread at nice 19, as the agent does.
+    Agent,
+    /// A tokio blocking thread at the process's priority (the agent before the loader).
+    NormalPriority,
+}
+
 pub async fn run(
     float: &Fixture,
     int8: &Fixture,
     swaps: usize,
     rate: f64,
     steady: Duration,
+    loader: Loader,
 ) -> Result<Value> {
     let slot = SlotName::new("bench")?;
     let slots = Arc::new(Slots::default());
@@ -96,7 +112,32 @@ pub async fn run(
         })
     };
 
-    tokio::time::sleep(steady).await;
+    // The steady window serves the same mix of models as the swapping one: the slot flips
+    // between the two already loaded fixtures (pointer swaps, no load), so what the
+    // comparison shows is the cost of loading, not that the INT8 model is slower.
+    let preloaded = [
+        Arc::new(local_serving(
+            slot.clone(),
+            float.model.clone(),
+            &float.bytes,
+            "float-0",
+        )?),
+        Arc::new(local_serving(
+            slot.clone(),
+            int8.model.clone(),
+            &int8.bytes,
+            "int8-0",
+        )?),
+    ];
+    let steady_ends = Instant::now() + steady;
+    let mut flips = 0usize;
+    while Instant::now() < steady_ends {
+        flips += 1;
+        slots.swap(&slot, Arc::clone(&preloaded[flips % 2]));
+        tokio::time::sleep(FLIP_EVERY).await;
+    }
+    slots.swap(&slot, Arc::clone(&preloaded[0]));
+    drop(preloaded);
     let swaps_started = Instant::now();
     let mut swap_at = Vec::with_capacity(swaps);
     let mut load_ms = Vec::with_capacity(swaps);
@@ -109,7 +150,16 @@ pub async fn run(
         };
         let (bytes, specs) = (f.bytes.clone(), f.specs.clone());
         let t = Instant::now();
-        let model = tokio::task::spawn_blocking(move || Model::load(&bytes, &specs)).await??;
+        // Load and warm up (one inference), as the agent does before a model takes traffic.
+        let load = move || {
+            let model = Model::load(&bytes, &specs)?;
+            botfleet_agent::rollout::warm_up(&model, 0)?;
+            Ok::<_, botfleet_engine::EngineError>(model)
+        };
+        let model = match loader {
+            Loader::Agent => botfleet_agent::loader::in_background(load).await??,
+            Loader::NormalPriority => tokio::task::spawn_blocking(load).await??,
+        };
         load_ms.push(t.elapsed().as_secs_f64() * 1e3);
         let version = format!("{kind}-{i}");
         let serving = local_serving(slot.clone(), model, &f.bytes, &version)?;
@@ -156,6 +206,7 @@ pub async fn run(
         .collect();
     println!("swap: {} requests, {failed} failed", answers.len());
     Ok(json!({
+        "loader": format!("{loader:?}"),
         "float": float.name,
         "int8": int8.name,
         "rate_per_s": rate,
