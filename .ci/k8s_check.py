@@ -176,28 +176,51 @@ def file_of(deployment: dict, objects: list[dict], secrets: dict, path: str) -> 
         check(key in secrets[name], f"{path}: README.md creates Secret {name} without the key {key!r}")
 
 
+def stages(parser: DockerfileParser) -> dict[str, list[dict]]:
+    """The Dockerfile's instructions per stage (``FROM … AS name``), each stage with the
+    instructions of the stage it is built on first."""
+    out: dict[str, list[dict]] = {}
+    current: list[dict] = []
+    for instruction in parser.structure:
+        if instruction["instruction"] == "FROM":
+            image, _, name = instruction["value"].partition(" AS ")
+            current = [*out.get(image.strip(), []), instruction]
+            out[name.strip() or image.strip()] = current
+        elif instruction["instruction"] != "COMMENT":
+            current.append(instruction)
+    return out
+
+
 def check_images(dag: set[str]) -> None:
+    path = REPO / "pipeline" / "images" / "Dockerfile"
+    parser = DockerfileParser(path=str(path))
+    targets = stages(parser)
     for role in ("train", "edge"):
         image = f"pipeline-{role}"
         check(image in dag, f"the DAG no longer names the image {image}")
-        path = REPO / "pipeline" / "images" / role / "Dockerfile"
-        parser = DockerfileParser(path=str(path))
+        check(role in targets, f"{path}: no target {role!r} (the DAG's {image})")
         check(
-            f"ghcr.io/botfleet/{image}:" in parser.content,
-            f"{path}: its header must name ghcr.io/botfleet/{image}",
+            f"--target {role}" in parser.content and f"ghcr.io/botfleet/{image}:" in parser.content,
+            f"{path}: its header must say how to build ghcr.io/botfleet/{image} (--target {role})",
         )
-        check(parser.baseimage.startswith("python:3.11"), f"{path}: pyproject.toml needs Python 3.11")
-        runs = [i["value"] for i in parser.structure if i["instruction"] == "RUN"]
+        check(
+            targets[role][0]["value"].startswith("python:3.11"),
+            f"{path} target {role}: pyproject.toml needs Python 3.11",
+        )
+        runs = [i["value"] for i in targets[role] if i["instruction"] == "RUN"]
         check(
             any("requirements.lock" in r and "--require-hashes" in r for r in runs),
-            f"{path}: the lock, with hashes",
+            f"{path} target {role}: the lock, with hashes",
         )
         check(
-            any("pip install" in r and " ." in r for r in runs), f"{path}: must install the pipeline package"
+            any("pip install" in r and " ." in r for r in runs),
+            f"{path} target {role}: must install the pipeline package",
         )
-        check(any("/models" in r for r in runs), f"{path}: must create /models (the DAG's mount path)")
-        users = [i["value"] for i in parser.structure if i["instruction"] == "USER"]
-        check(bool(users) and not users[-1].startswith(("0", "root")), f"{path}: must not run as root")
+        check(
+            any("/models" in r for r in runs), f"{path} target {role}: must create /models (the DAG's mount)"
+        )
+        users = [i["value"] for i in targets[role] if i["instruction"] == "USER"]
+        check(bool(users) and not users[-1].startswith(("0", "root")), f"{path} target {role}: runs as root")
     lock = (REPO / "pipeline" / "images" / "requirements.lock").read_text()
     pinned = dict(re.findall(r"^([a-z0-9-]+)==(\S+) \\$", lock, flags=re.M))
     project = tomllib.loads((REPO / "pipeline" / "pyproject.toml").read_text())["project"]
@@ -215,8 +238,7 @@ def check_images(dag: set[str]) -> None:
     )
 
 
-def check_consistency(objects: list[dict]) -> dict:
-    dag = dag_strings()
+def check_consistency(objects: list[dict], dag: set[str]) -> dict:
     secrets = readme_secrets(readme_commands())
     namespaces = [o["metadata"]["name"] for o in objects if o["kind"] == "Namespace"]
     check(
@@ -540,8 +562,9 @@ def main() -> int:
     objects = [o for o in yaml.safe_load_all(rendered.read_text()) if o]
     try:
         validate_schemas(objects)
-        check_images(dag_strings())
-        found = check_consistency(objects)
+        dag = dag_strings()
+        check_images(dag)
+        found = check_consistency(objects, dag)
         run_pods(objects, found, server_bin, work)
     except CheckFailed as e:
         print(f"k8s-check: {e}", file=sys.stderr)
