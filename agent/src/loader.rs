@@ -55,11 +55,7 @@ mod tests {
     async fn the_load_runs_at_the_lowest_priority_and_its_result_comes_back() {
         let own = || rustix::process::getpriority_process(Some(rustix::thread::gettid()));
         let before = own().unwrap();
-        let nice =
-            in_background(|| rustix::process::getpriority_process(Some(rustix::thread::gettid())))
-                .await
-                .unwrap()
-                .unwrap();
+        let nice = in_background(own).await.unwrap().unwrap();
         assert_eq!(nice, LOADER_NICE);
         // The caller's own thread is untouched.
         assert_eq!(own().unwrap(), before);

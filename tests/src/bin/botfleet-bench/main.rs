@@ -228,18 +228,9 @@ async fn main() -> Result<()> {
                     let used = rate.min(capacity);
                     // Before (an ordinary blocking thread) and after (the agent's loader), in
                     // the same run.
-                    let before = swap::run(
-                        float,
-                        int8,
-                        swaps,
-                        used,
-                        scale(2, 10),
-                        swap::Loader::NormalPriority,
-                    )
-                    .await?;
-                    let mut v =
-                        swap::run(float, int8, swaps, used, scale(2, 10), swap::Loader::Agent)
-                            .await?;
+                    let run = |loader| swap::run(float, int8, swaps, used, scale(2, 10), loader);
+                    let before = run(swap::Loader::NormalPriority).await?;
+                    let mut v = run(swap::Loader::Agent).await?;
                     v["normal_priority"] = before;
                     v["rate_requested_per_s"] = serde_json::json!(rate);
                     v["slowest_run_ms"] = serde_json::json!(slowest.as_secs_f64() * 1e3);

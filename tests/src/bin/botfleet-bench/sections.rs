@@ -31,6 +31,31 @@ pub fn missing(md: &mut String, v: &Value) {
     }
 }
 
+/// One row of the swap table for one run of `botfleet-bench swap`; `bold` marks the goal
+/// columns (failed requests, the p99 ratio).
+fn swap_row(label: &str, v: &Value, bold: bool) -> Option<String> {
+    let steady = summary(&v["steady_ms"])?;
+    let during = summary(&v["during_swaps_ms"])?;
+    let gap = summary(&v["swap_gap_us"])?;
+    let load = summary(&v["load_ms"])?;
+    let mark = |s: String| if bold { format!("**{s}**") } else { s };
+    Some(format!(
+        "| {label} | {} | {} | {:.1} / {:.1} | {:.1} / {:.1} | {} | {:.1} / {:.1} | {:.0} / {:.0} | {:.1} s |\n",
+        v["requests"],
+        mark(v["failed"].as_u64().unwrap_or(0).to_string()),
+        steady.p50,
+        steady.p99,
+        during.p50,
+        during.p99,
+        mark(format!("{:.2}×", during.p99 / steady.p99.max(1e-9))),
+        gap.p50,
+        gap.max,
+        load.p50,
+        load.max,
+        v["swapping_s"].as_f64().unwrap_or(0.0),
+    ))
+}
+
 pub fn swap(md: &mut String, v: &Value, heads: &mut Vec<String>) {
     let _ = writeln!(
         md,
@@ -55,11 +80,11 @@ pub fn swap(md: &mut String, v: &Value, heads: &mut Vec<String>) {
     if v.is_null() {
         return not_run(md, "swap");
     }
-    let (Some(steady), Some(during), Some(gap), Some(load)) = (
+    let (Some(steady), Some(during), Some(gap), Some(agent_row)) = (
         summary(&v["steady_ms"]),
         summary(&v["during_swaps_ms"]),
         summary(&v["swap_gap_us"]),
-        summary(&v["load_ms"]),
+        swap_row("the agent's loader, nice 19", v, true),
     ) else {
         return not_run(md, "swap results incomplete");
     };
@@ -67,45 +92,16 @@ pub fn swap(md: &mut String, v: &Value, heads: &mut Vec<String>) {
     let requested = v["rate_requested_per_s"].as_f64().unwrap_or(rate);
     let r = during.p99 / steady.p99.max(1e-9);
     let failed = v["failed"].as_u64().unwrap_or(0);
-    let before = &v["normal_priority"];
-    let before_row = match (
-        summary(&before["steady_ms"]),
-        summary(&before["during_swaps_ms"]),
-        summary(&before["swap_gap_us"]),
-        summary(&before["load_ms"]),
-    ) {
-        (Some(s), Some(d), Some(g), Some(l)) => format!(
-            "| blocking thread, normal priority (before) | {} | {} | {:.1} / {:.1} | {:.1} / {:.1} | {:.2}× | {:.1} / {:.1} | {:.0} / {:.0} | {:.1} s |\n",
-            before["requests"],
-            before["failed"].as_u64().unwrap_or(0),
-            s.p50,
-            s.p99,
-            d.p50,
-            d.p99,
-            d.p99 / s.p99.max(1e-9),
-            g.p50,
-            g.max,
-            l.p50,
-            l.max,
-            before["swapping_s"].as_f64().unwrap_or(0.0),
-        ),
-        _ => String::new(),
-    };
+    let before_row = swap_row(
+        "blocking thread, normal priority (before)",
+        &v["normal_priority"],
+        false,
+    )
+    .unwrap_or_default();
     let _ = writeln!(
         md,
         "| loader | requests | failed (goal 0) | steady p50 / p99 ms | during swaps p50 / p99 ms | p99 during ÷ steady (goal ≤ 1.5×) | swap (pointer) µs, p50 / max | model load ms, p50 / max | swapping took |\n|---|---|---|---|---|---|---|---|---|\n\
-         {before_row}\
-         | the agent's loader, nice 19 | {} | **{failed}** | {:.1} / {:.1} | {:.1} / {:.1} | **{r:.2}×** | {:.1} / {:.1} | {:.0} / {:.0} | {:.1} s |\n",
-        v["requests"],
-        steady.p50,
-        steady.p99,
-        during.p50,
-        during.p99,
-        gap.p50,
-        gap.max,
-        load.p50,
-        load.max,
-        v["swapping_s"].as_f64().unwrap_or(0.0),
+         {before_row}{agent_row}"
     );
     let _ = writeln!(
         md,
