@@ -72,7 +72,10 @@ pub struct Loaded {
 /// The database handle (cheap to share behind an `Arc`; redb serialises writers).
 #[derive(Debug)]
 pub struct Db {
+    // Declared first so the file is closed before `open` is dropped.
     db: Database,
+    /// Dropped with the handle: [`Db::released`] resolves once the file is closed.
+    open: tokio::sync::watch::Sender<()>,
 }
 
 impl Db {
@@ -88,7 +91,17 @@ impl Db {
                 .map_err(|e| storage("create table")(e.into()))?;
         }
         txn.commit().map_err(|e| storage("commit")(e.into()))?;
-        Ok(Self { db })
+        Ok(Self {
+            db,
+            open: tokio::sync::watch::Sender::new(()),
+        })
+    }
+
+    /// Resolves once the last handle is dropped and the file is closed, so another
+    /// `Db::open` of the same path can succeed. Holding the future keeps nothing open.
+    pub fn released(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut open = self.open.subscribe();
+        async move { while open.changed().await.is_ok() {} }
     }
 
     /// Everything stored.

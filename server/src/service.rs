@@ -83,12 +83,23 @@ pub enum Error {
 }
 
 /// A started server.
-#[derive(Debug)]
 pub struct Running {
     http_addr: SocketAddr,
     mqtt_url: String,
     public_key: String,
     tasks: Tasks,
+    /// Resolves once the database file is closed (the last task or request holding it gone).
+    db_released: std::pin::Pin<Box<dyn Future<Output = ()> + Send>>,
+}
+
+impl std::fmt::Debug for Running {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Running")
+            .field("http_addr", &self.http_addr)
+            .field("mqtt_url", &self.mqtt_url)
+            .field("tasks", &self.tasks)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Running {
@@ -117,11 +128,19 @@ impl Running {
         self.tasks.failure().await
     }
 
-    /// Stops every task, waiting at most 5 s for in-flight work.
+    /// Stops every task, waiting at most 5 s for in-flight work, then for the database
+    /// file to be closed: once this returns, a new server can open the same data directory.
     pub async fn shutdown(self) -> Result<(), Error> {
         let result = self.tasks.shutdown(DRAIN_GRACE).await;
+        // A connection task or a blocking write can still hold the database for a moment
+        // after its task has been joined.
+        let released = tokio::time::timeout(DRAIN_GRACE, self.db_released).await;
         tracing::info!("botfleet-server stopped");
-        result
+        result?;
+        released.map_err(|_| Error::DrainTimeout {
+            grace: DRAIN_GRACE,
+            left: vec!["database"],
+        })
     }
 }
 
@@ -190,6 +209,7 @@ pub async fn start(config: Config) -> Result<Running, Error> {
 
     let access = Arc::new(crate::auth::Access::new(&settings.config.auth)?);
     let db = Arc::new(Db::open(&data_dir.join("botfleet.redb"))?);
+    let db_released = Box::pin(db.released());
     let registry = Arc::new(Registry::open(
         &data_dir,
         db.clone(),
@@ -284,6 +304,7 @@ pub async fn start(config: Config) -> Result<Running, Error> {
         mqtt_url,
         public_key,
         tasks,
+        db_released,
     };
     if let Err(err) = wait_for_link(&mut running, &mut link_state, settings.connect_timeout).await {
         if let Err(stop) = running.shutdown().await {

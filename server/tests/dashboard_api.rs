@@ -110,6 +110,28 @@ async fn the_stream_delivers_a_change_notice_after_a_rollout_is_paused() {
     server.stop().await;
 }
 
+/// The dashboard test restarts its server on the same data directory while the page holds
+/// an event stream open: once `shutdown` returns, the database must be closed, however
+/// the connection tasks and the runtime's threads happen to be scheduled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_shut_down_with_streams_open_starts_again_at_once_on_its_data() {
+    let mut dir = tempfile::tempdir().unwrap();
+    for round in 0..8 {
+        let server = TestServer::start_in(dir).await;
+        if round == 0 {
+            server.upload_pnet("faces", "1.0.0").await;
+        }
+        let stream = server.http.get(server.url("/api/v1/events/stream"));
+        let mut events = Events::open(stream.send().await.unwrap()).await;
+        assert_eq!(events.next().await.0, "resync");
+        let (status, models) = server.get("/api/v1/models").await;
+        assert_eq!(status, 200, "{models}");
+        // The stream and the pooled connection stay open across the shutdown.
+        dir = server.stop().await;
+        drop(events);
+    }
+}
+
 fn telemetry(cpu: f64) -> Vec<u8> {
     json!({
         "at": "2026-01-01T00:00:00Z", "uptime_s": 1, "cpu_percent": cpu,
