@@ -144,6 +144,9 @@ pub struct MqttConfig {
     pub url: String,
     /// Listen address of the embedded broker; port 0 picks a free port.
     pub embedded_listen: SocketAddr,
+    /// Most devices one rollout may command through the embedded broker (measured to
+    /// carry 1,000 and not 10,000); larger ones are refused, pointing at an external broker.
+    pub embedded_max_rollout_devices: usize,
     /// The server's stable MQTT client id.
     pub client_id: String,
     pub keep_alive_s: u64,
@@ -190,6 +193,7 @@ impl Default for MqttConfig {
         Self {
             url: String::new(),
             embedded_listen: SocketAddr::from(([127, 0, 0, 1], 1883)),
+            embedded_max_rollout_devices: 1000,
             client_id: "botfleet-server".to_owned(),
             keep_alive_s: 30,
             connect_timeout_s: 30,

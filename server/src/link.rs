@@ -72,6 +72,8 @@ pub enum PublishError {
     },
     #[error("the MQTT link is gone")]
     LinkGone(#[source] rumqttc::ClientError),
+    #[error("the MQTT fan-out has stopped (the server is shutting down)")]
+    FanOutStopped,
 }
 
 /// Full-jitter exponential backoff after `failures` consecutive failures (≥ 1).

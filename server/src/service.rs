@@ -71,6 +71,8 @@ pub enum Error {
     Link(#[from] LinkError),
     #[error("republishing desired documents failed")]
     Republish(#[source] PublishError),
+    #[error("publishing what rollouts decided failed")]
+    Publish(#[source] PublishError),
     #[error("task {task} stopped without being asked to")]
     TaskExited { task: &'static str },
     #[error("task {task} {message}")]
@@ -243,13 +245,18 @@ pub async fn start(config: Config) -> Result<Running, Error> {
     ));
     let (link, publisher, mut link_state) =
         Link::new(&link_options, settings.topics.clone(), fleet.clone());
-    let rollouts = Arc::new(RolloutService::new(
+    let (rollouts, fanout) = RolloutService::new(
         desired,
         fleet.clone(),
         registry.clone(),
         publisher,
         db,
-    ));
+        match settings.broker {
+            BrokerTarget::Embedded(_) => Some(settings.config.mqtt.embedded_max_rollout_devices),
+            BrokerTarget::External(_) => None,
+        },
+    );
+    let rollouts = Arc::new(rollouts);
     let app = Arc::new(App {
         registry,
         rollouts: rollouts.clone(),
@@ -281,6 +288,16 @@ pub async fn start(config: Config) -> Result<Running, Error> {
         async move {
             rollouts.recover().await.map_err(Error::Rollouts)?;
             rollouts.run_driver(cancel).await.map_err(Error::Rollouts)
+        }
+    });
+    tasks.spawn("fan-out", {
+        let rollouts = rollouts.clone();
+        let cancel = cancel.clone();
+        async move {
+            rollouts
+                .run_fanout(fanout, cancel)
+                .await
+                .map_err(Error::Publish)
         }
     });
     tasks.spawn(

@@ -2,6 +2,8 @@
 
 mod common;
 
+use std::collections::BTreeMap;
+
 use botfleet_protocol::messages::Desired;
 use botfleet_protocol::{ExpiryCheck, TopicKind, TrustedKeys};
 use common::{MqttClient, TestServer, topic};
@@ -125,6 +127,32 @@ async fn bad_rollout_requests_get_clear_errors() {
     }
     let (status, _) = server.get("/api/v1/rollouts/r-000000000000").await;
     assert_eq!(status, 404);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn the_embedded_broker_refuses_a_rollout_larger_than_it_carries_and_names_mosquitto() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start_with(dir, |config| {
+        config.mqtt.embedded_max_rollout_devices = 2;
+    })
+    .await;
+    server.upload_pnet("faces", "1.0.0").await;
+    let three = json!({"slot": "faces", "version": "1.0.0", "devices": ["r1", "r2", "r3"]});
+    let (status, answer) = server.rollout(&three, Some("too-big")).await;
+    assert_eq!(status, 422, "{answer}");
+    let error = answer["error"].as_str().unwrap();
+    assert!(
+        error.contains("3 devices") && error.contains("at most 2") && error.contains("Mosquitto"),
+        "{error}"
+    );
+    // Nothing was recorded: no rollout, no desired document, the key still free.
+    let (_, list) = server.get("/api/v1/rollouts").await;
+    assert_eq!(list, json!([]));
+    assert!(!server.dir.path().join("desired/r1.json").exists());
+    let two = json!({"slot": "faces", "version": "1.0.0", "devices": ["r1", "r2"]});
+    let (status, created) = server.rollout(&two, Some("too-big")).await;
+    assert_eq!(status, 202, "{created}");
     server.stop().await;
 }
 
@@ -254,6 +282,56 @@ async fn device_events_fold_into_the_rollout_status() {
         .wait_for("/api/v1/devices/robot-1", |d| d["online"] == true)
         .await;
     assert_eq!(device["status"]["agent_version"], "0.1.0");
+    server.stop().await;
+}
+
+/// Waves are published after the request is answered, by one task in order: a device's
+/// newer document is never overtaken by an older one, live or retained.
+#[tokio::test]
+async fn a_superseding_rollout_right_after_another_leaves_every_device_its_newest_document() {
+    let server = TestServer::start().await;
+    server.upload_pnet("faces", "1.0.0").await;
+    server.upload_pnet("faces", "2.0.0").await;
+    // Both waves stay inside the embedded broker's window of unacknowledged messages to one
+    // subscriber (100): past it, rumqttd holds back the tail for a wildcard subscriber.
+    let devices: Vec<String> = (0..40).map(|i| format!("robot-{i:02}")).collect();
+    let wildcard = botfleet_protocol::Topics::default().all_devices(TopicKind::Desired);
+    let mut live = MqttClient::connect(server.mqtt_addr(), "live").await;
+    live.subscribe(&wildcard).await;
+
+    let all = json!({"waves": [{"percent": 100}]});
+    let first = json!({"slot": "faces", "version": "1.0.0", "devices": devices,
+        "strategy": all});
+    assert_eq!(server.rollout(&first, None).await.0, 202);
+    let second = json!({"slot": "faces", "version": "2.0.0", "devices": devices,
+        "strategy": all, "supersede": true});
+    let (status, created) = server.rollout(&second, None).await;
+    assert_eq!(status, 202, "{created}");
+
+    let generation = |payload: &[u8]| {
+        serde_json::from_slice::<Desired>(payload)
+            .unwrap()
+            .generation
+    };
+    let mut newest: BTreeMap<String, u64> = BTreeMap::new();
+    while newest.len() < devices.len() || newest.values().any(|&g| g < 2) {
+        let publish = live.next_publish_matching(&wildcard).await;
+        let device = publish.topic.split('/').rev().nth(1).unwrap().to_owned();
+        let seen = generation(&publish.payload);
+        let before = newest.insert(device.clone(), seen).unwrap_or(0);
+        assert!(
+            seen >= before,
+            "{device}: generation {seen} published after {before}"
+        );
+    }
+    // What a robot connecting now is handed: its newest document.
+    let mut late = MqttClient::connect(server.mqtt_addr(), "late").await;
+    late.subscribe(&wildcard).await;
+    for _ in &devices {
+        let publish = late.next_publish_matching(&wildcard).await;
+        assert!(publish.retain, "{}", publish.topic);
+        assert_eq!(generation(&publish.payload), 2, "{}", publish.topic);
+    }
     server.stop().await;
 }
 

@@ -22,11 +22,14 @@ impl From<CreateError> for ApiError {
             CreateError::NoDevices
             | CreateError::NoMatch { .. }
             | CreateError::KeyReused
+            | CreateError::TooManyForEmbeddedBroker { .. }
             | CreateError::Publish(PublishError::TooLarge { .. }) => {
                 StatusCode::UNPROCESSABLE_ENTITY
             }
             CreateError::Conflict { .. } => StatusCode::CONFLICT,
-            CreateError::Publish(PublishError::LinkGone(_)) => StatusCode::SERVICE_UNAVAILABLE,
+            CreateError::Publish(PublishError::LinkGone(_) | PublishError::FanOutStopped) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             CreateError::Publish(PublishError::Encode { .. })
             | CreateError::Desired(_)
             | CreateError::Db(_)

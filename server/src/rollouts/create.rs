@@ -2,9 +2,11 @@
 //! carry out what the state machine asks (command, restore, roll back). Everything that
 //! changes desired documents runs under one lock, so generations and idempotency checks
 //! never race. Order of each step: the rollout is written to the database first (so a
-//! restart never commands a device twice), then the desired documents, then MQTT.
+//! restart never commands a device twice), then the desired documents, and the request is
+//! answered; MQTT carries them after, in order (`fanout`).
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use botfleet_protocol::messages::{Command, CommandKind, Desired, DesiredModel};
 use botfleet_protocol::{CommandId, DeviceId, IdError, RolloutId, SlotName};
@@ -17,10 +19,14 @@ use crate::intake::{IntakeError, ModelVersion};
 use crate::keys;
 use crate::link::{self, PublishError, Publisher};
 use crate::registry::Registry;
+use crate::rollouts::fanout::{self, FanOut, Outbound, Queue};
 use crate::rollouts::{
     Action, CreatedRollout, IdempotencyKey, Presence, Replay, Rollout, RolloutModel,
     RolloutRequest, TargetError, Targets,
 };
+
+/// Waves of at least this many documents are logged with what recording them took.
+const LOG_WAVES_FROM: usize = 256;
 
 /// Why a rollout was not made.
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +58,10 @@ pub enum CreateError {
     Db(#[from] DbError),
     #[error("the database task failed: {0}")]
     DbTask(String),
+    #[error(
+        "the rollout names {devices} devices; the embedded MQTT broker carries rollouts of at most {limit} (mqtt.embedded_max_rollout_devices): point the server and the robots at an external broker such as Mosquitto (mqtt.url) for fleets this size"
+    )]
+    TooManyForEmbeddedBroker { devices: usize, limit: usize },
 }
 
 /// The result of a rollout request.
@@ -68,8 +78,12 @@ pub struct RolloutService {
     pub(super) desired: tokio::sync::Mutex<DesiredStore>,
     pub(super) fleet: Arc<Fleet>,
     registry: Arc<Registry>,
-    publisher: Publisher,
+    pub(super) publisher: Publisher,
+    /// What steps decided, published by [`RolloutService::run_fanout`].
+    outbound: Queue,
     db: Arc<Db>,
+    /// With the embedded broker: the most devices one rollout may command.
+    max_devices: Option<usize>,
 }
 
 fn new_rollout_id() -> Result<RolloutId, IdError> {
@@ -83,14 +97,29 @@ impl RolloutService {
         registry: Arc<Registry>,
         publisher: Publisher,
         db: Arc<Db>,
-    ) -> Self {
-        Self {
+        max_devices: Option<usize>,
+    ) -> (Self, FanOut) {
+        let (outbound, fanout) = fanout::channel();
+        let service = Self {
             desired: tokio::sync::Mutex::new(desired),
             fleet,
             registry,
             publisher,
+            outbound,
             db,
+            max_devices,
+        };
+        (service, fanout)
+    }
+
+    /// Queues `messages` for the fan-out task, in order.
+    fn send(&self, messages: Vec<Outbound>) -> Result<(), PublishError> {
+        if messages.is_empty() {
+            return Ok(());
         }
+        self.outbound
+            .send(messages)
+            .map_err(|_| PublishError::FanOutStopped)
     }
 
     /// The devices a rollout goes to.
@@ -145,6 +174,14 @@ impl RolloutService {
             }
         })?;
         let devices = self.resolve(targets)?;
+        if let Some(limit) = self.max_devices
+            && devices.len() > limit
+        {
+            return Err(CreateError::TooManyForEmbeddedBroker {
+                devices: devices.len(),
+                limit,
+            });
+        }
         let entry = DesiredModel {
             rollout_id: None,
             manifest: model.stored.signed_manifest.clone(),
@@ -301,19 +338,30 @@ impl RolloutService {
                 }
             }
         }
+        let started = Instant::now();
         self.save().await?;
+        let saved = started.elapsed();
+        // Durable first, all at once (a wave may be thousands), then queued for MQTT.
+        desired.commit_all(&docs).await?;
+        if docs.len() >= LOG_WAVES_FROM {
+            tracing::info!(
+                documents = docs.len(),
+                saved_ms = saved.as_millis(),
+                written_ms = (started.elapsed() - saved).as_millis(),
+                "wave recorded; publishing it"
+            );
+        }
         // Commands first: a robot swaps back to the model it kept, and then finds the
         // restored desired document naming what it already serves.
-        for (device, command) in commands {
-            self.publisher.publish_command(&device, &command).await?;
-            tracing::info!(%device, command = %command.command_id, "rollback command published");
-        }
-        // Durable first, all at once (a wave may be thousands), then published.
-        desired.commit_all(&docs).await?;
-        for (device, doc) in docs {
-            self.publisher.publish_desired(&device, &doc).await?;
-            tracing::debug!(%device, generation = doc.generation, "desired state published");
-        }
+        let messages = commands
+            .into_iter()
+            .map(|(device, command)| Outbound::Command(device, command))
+            .chain(
+                docs.into_iter()
+                    .map(|(device, _)| Outbound::Desired(device)),
+            )
+            .collect();
+        self.send(messages)?;
         Ok(())
     }
 
@@ -349,10 +397,10 @@ impl RolloutService {
         Ok(())
     }
 
-    /// Publishes `device`'s desired document again when the device came back having
+    /// Queues `device`'s desired document again when the device came back having
     /// processed an older generation (or none): its retained copy may be gone (a broker
     /// that lost it while this server stayed connected, a cleared retained message).
-    /// `true` when it was published.
+    /// `true` when it was queued.
     pub async fn republish_if_behind(
         &self,
         device: &DeviceId,
@@ -365,19 +413,20 @@ impl RolloutService {
         if processed.is_some_and(|generation| generation >= doc.generation) {
             return Ok(false);
         }
-        self.publisher.publish_desired(device, doc).await?;
+        self.send(vec![Outbound::Desired(device.clone())])?;
         Ok(true)
     }
 
-    /// Publishes every device's desired document again (after a reconnect: a broker without
+    /// Queues every device's desired document again (after a reconnect: a broker without
     /// persistence lost them). Devices ignore a generation they have already processed.
     pub async fn republish_all(&self) -> Result<usize, PublishError> {
         let desired = self.desired.lock().await;
-        let mut count = 0;
-        for (device, doc) in desired.iter() {
-            self.publisher.publish_desired(device, doc).await?;
-            count += 1;
-        }
+        let devices: Vec<Outbound> = desired
+            .iter()
+            .map(|(device, _)| Outbound::Desired(device.clone()))
+            .collect();
+        let count = devices.len();
+        self.send(devices)?;
         Ok(count)
     }
 }

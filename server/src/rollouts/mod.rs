@@ -9,10 +9,12 @@
 //! - `create` ([`create::RolloutService`]), `operate` and `driver`: the I/O — desired
 //!   documents on disk and over MQTT, rollback commands, the database, and the clock that
 //!   drives waves and deadlines.
+//! - `fanout`: publishes what a step decided, after it is durable, on its own task.
 
 mod book;
 pub mod create;
 mod driver;
+pub mod fanout;
 mod fold;
 mod gate;
 mod machine;

@@ -245,6 +245,21 @@ impl MqttClient {
         .unwrap_or_else(|_| panic!("nothing published on {topic}"))
     }
 
+    /// Waits for the next publish on a topic that `filter` (with `+` wildcards) matches.
+    pub async fn next_publish_matching(&mut self, filter: &str) -> Publish {
+        tokio::time::timeout(WAIT, async {
+            loop {
+                if let Event::Incoming(Packet::Publish(p)) = self.eventloop.poll().await.unwrap()
+                    && rumqttc::matches(&p.topic, filter)
+                {
+                    return p;
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("nothing published on {filter}"))
+    }
+
     /// Publishes and drives the event loop until the broker acknowledged it.
     pub async fn publish(&mut self, topic: &str, retain: bool, payload: Vec<u8>) {
         self.client
