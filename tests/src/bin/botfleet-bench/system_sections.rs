@@ -225,33 +225,55 @@ pub fn fleet(md: &mut String, runs: &[Value], heads: &mut Vec<String>) {
          times the last device's `received` (it holds its desired document) and `active`; \
          \"completed\" is when `GET /api/v1/rollouts/ID` says every completion was folded. Server \
          CPU is user + system from the POST to completed; peak RSS is `VmHWM`. Open-file limit \
-         raised by the script; Mosquitto 2.0 (`max_connections` unlimited, its default). Goal: \
-         10,000 devices completed ≤ 10 s; reference: AWS IoT Jobs rolls out at most 1,000 \
-         devices a minute.\n"
+         raised by the script; Mosquitto 2.0 (`max_connections` unlimited, its default). The \
+         server answers the POST once the rollout and the wave's desired documents are durable \
+         (database, then files) and publishes the wave after answering, on its fan-out task. \
+         Rows marked *before* ran the server binary of the commit before that change \
+         (`BOTFLEET_BENCH_BEFORE`), in the same run. Goals: 10,000 devices through Mosquitto \
+         completed ≤ 5 s with the server ≤ 1 core and ≤ 200 MB; the embedded broker completes \
+         10,000 or the server refuses a rollout beyond what it carries. Reference: AWS IoT Jobs \
+         rolls out at most 1,000 devices a minute.\n"
     );
     if runs.is_empty() {
         return not_run(md, "fleet");
     }
     let _ = writeln!(
         md,
-        "| broker | devices | connect all | POST answered | all hold desired | all active events | completed (folded) | server CPU | server peak RSS |\n|---|---|---|---|---|---|---|---|---|"
+        "| broker | server | devices | connect all | POST answered | all hold desired | all active events | completed (folded) | server CPU | server peak RSS |\n|---|---|---|---|---|---|---|---|---|---|"
     );
     let mut notes = Vec::new();
     for r in runs {
+        let broker = r["broker"].as_str().unwrap_or("?");
+        let server = r["server"].as_str().unwrap_or("this commit");
+        if let Some(why) = r["refused"].as_str() {
+            let _ = writeln!(
+                md,
+                "| {broker} | {server} | {} | refused by the server (HTTP {}), as it should | | | | | | |",
+                r["devices"], r["status"]
+            );
+            notes.push(format!(
+                "{broker}, {}: the rollout was refused before any device was commanded: \
+                 \"{why}\" (goal met by the refusal; rumqttd lost connections at this size in \
+                 the run of 2026-11-29).",
+                r["devices"]
+            ));
+            if r["devices"].as_u64() == Some(10_000) {
+                heads.push(
+                    "10,000 devices through the embedded broker: refused with a pointer to \
+                     Mosquitto (goal: complete or refuse: met)"
+                        .to_owned(),
+                );
+            }
+            continue;
+        }
         if let Some(why) = r["failed"].as_str() {
             notes.push(format!(
-                "{}, {}: the run did not complete ({why}). The simulated devices' \
-                 connections timed out against the embedded broker (rumqttd, the zero-setup \
-                 default), which already took 10× longer than Mosquitto to accept 1,000: for \
-                 fleets this size point the server and robots at Mosquitto (or a clustered \
-                 broker).",
-                r["broker"].as_str().unwrap_or("?"),
+                "{broker} ({server}), {}: the run did not complete ({why}).",
                 r["devices"]
             ));
             let _ = writeln!(
                 md,
-                "| {} | {} | did not complete: {why} | | | | | | |",
-                r["broker"].as_str().unwrap_or("?"),
+                "| {broker} | {server} | {} | did not complete: {why} | | | | | | |",
                 r["devices"]
             );
             continue;
@@ -259,8 +281,7 @@ pub fn fleet(md: &mut String, runs: &[Value], heads: &mut Vec<String>) {
         let s = |k: &str| r[k].as_f64().map_or("–".into(), |x| format!("{x:.2} s"));
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} | {} | {} | **{}** | {:.2} s ({:.0} % of a core) | {:.0} MiB |",
-            r["broker"].as_str().unwrap_or("?"),
+            "| {broker} | {server} | {} | {} | {} | {} | {} | **{}** | {:.2} s ({:.0} % of a core) | {:.0} MiB |",
             r["devices"],
             s("connect_s"),
             s("accepted_s"),
@@ -271,21 +292,27 @@ pub fn fleet(md: &mut String, runs: &[Value], heads: &mut Vec<String>) {
             f(r, "server_cpu_percent_of_one_core"),
             f(r, "server_peak_rss_mib"),
         );
-        if r["devices"].as_u64() == Some(10_000) {
+        if r["devices"].as_u64() == Some(10_000) && r["server"].is_null() {
             let t = f(r, "completed_s");
-            let broker = r["broker"].as_str().unwrap_or("?");
+            let cpu = f(r, "server_cpu_percent_of_one_core");
+            let rss = f(r, "server_peak_rss_mib") * 1.048_576;
+            let met = |ok: bool| if ok { "met" } else { "missed" };
             heads.push(format!(
-                "10,000 devices through {broker}: completed in {t:.1} s (goal ≤ 10 s: {}), {:.0}× AWS IoT Jobs' 1,000/min",
-                if t <= 10.0 { "met" } else { "missed" },
+                "10,000 devices through {broker}: completed in {t:.1} s (goal ≤ 5 s: {}), POST answered in {:.2} s, server {cpu:.0} % of a core and {rss:.0} MB (goals ≤ 100 %, ≤ 200 MB: {}, {}), {:.0}× AWS IoT Jobs' 1,000/min",
+                met(t <= 5.0),
+                f(r, "accepted_s"),
+                met(cpu <= 100.0),
+                met(rss <= 200.0),
                 (10_000.0 / t) / (1_000.0 / 60.0)
             ));
-            if t > 10.0 {
-                let post = f(r, "accepted_s");
+            if t > 5.0 {
+                let received = f(r, "all_received_desired_s");
                 notes.push(format!(
-                    "{broker}, 10,000: missed by {:.1} s; the POST alone took {post:.1} s \
-                     ({:.0} % of the total).",
-                    t - 10.0,
-                    100.0 * post / t
+                    "{broker}, 10,000: missed by {:.1} s. The POST was answered at {:.2} s; the \
+                     last device held its desired document at {received:.2} s and the rollout \
+                     was folded complete at {t:.2} s.",
+                    t - 5.0,
+                    f(r, "accepted_s"),
                 ));
             }
         }
@@ -293,21 +320,10 @@ pub fn fleet(md: &mut String, runs: &[Value], heads: &mut Vec<String>) {
     for note in notes {
         let _ = writeln!(md, "\n{note}");
     }
-    let missed = runs
-        .iter()
-        .any(|r| r["devices"].as_u64() == Some(10_000) && f(r, "completed_s") > 10.0);
     let _ = writeln!(
         md,
-        "\nServer, broker and the simulated fleet share the same cores, so times are upper bounds.{}\n",
-        if missed {
-            " The cost is per device on the server, before the POST answers: a desired \
-             document written and published (retained) for each device of the wave; the \
-             devices answer within a fraction of a second once it is out. Closing it: write \
-             the wave's desired documents in one database transaction and publish them after \
-             answering the POST, and fold events in batches per tick."
-        } else {
-            ""
-        }
+        "\nServer, broker and the simulated fleet share the same 2 cores, so times are upper \
+         bounds.\n"
     );
 }
 
