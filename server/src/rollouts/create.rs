@@ -25,8 +25,9 @@ use crate::rollouts::{
     RolloutRequest, TargetError, Targets,
 };
 
-/// Waves of at least this many documents are logged with what recording them took.
-const LOG_WAVES_FROM: usize = 256;
+/// Waves of at least this many documents are logged with what recording and publishing
+/// them took.
+pub(super) const LOG_WAVES_FROM: usize = 256;
 
 /// Why a rollout was not made.
 #[derive(Debug, thiserror::Error)]

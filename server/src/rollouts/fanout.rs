@@ -18,7 +18,7 @@ use botfleet_protocol::messages::Command;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::create::RolloutService;
+use super::create::{LOG_WAVES_FROM, RolloutService};
 use crate::link::PublishError;
 
 /// Desired documents read from the store per lock.
@@ -70,7 +70,7 @@ impl RolloutService {
                 () = cancel.cancelled() => return Ok(()),
                 published = self.publish(batch) => published?,
             }
-            if count >= READ_BATCH {
+            if count >= LOG_WAVES_FROM {
                 tracing::info!(
                     count,
                     took_ms = started.elapsed().as_millis(),
@@ -102,24 +102,24 @@ impl RolloutService {
                 }
             }
             for message in ready {
-                let (device, sent) = match &message {
+                let (device, sent) = match message {
                     Ready::Desired(device, doc) => {
-                        (device, self.publisher.publish_desired(device, doc).await)
-                    }
-                    Ready::Command(device, command) => (
-                        device,
-                        self.publisher.publish_command(device, command).await,
-                    ),
-                };
-                match sent {
-                    Ok(()) => match &message {
-                        Ready::Desired(_, doc) => {
+                        let sent = self.publisher.publish_desired(&device, &doc).await;
+                        if sent.is_ok() {
                             tracing::debug!(%device, generation = doc.generation, "desired state published");
                         }
-                        Ready::Command(_, command) => {
+                        (device, sent)
+                    }
+                    Ready::Command(device, command) => {
+                        let sent = self.publisher.publish_command(&device, &command).await;
+                        if sent.is_ok() {
                             tracing::info!(%device, command = %command.command_id, "command published");
                         }
-                    },
+                        (device, sent)
+                    }
+                };
+                match sent {
+                    Ok(()) => {}
                     Err(err @ PublishError::LinkGone(_)) => return Err(err),
                     // Sizes were checked when the rollout was made; one bad message must
                     // not hold up the rest of the wave.
