@@ -7,9 +7,10 @@
 - :func:`register` uploads model, metadata and evaluation set (``POST /api/v1/models``);
   the server checks, signs and stores them. The same slot, version and bytes again
   answer the same record, so a retry is safe.
-- :func:`start_rollout` asks for a rollout of that slot and version with an
-  ``Idempotency-Key`` (a retry answers the rollout the first try made) and checks that
-  the rollout carries exactly the uploaded bytes (its SHA-256).
+- :func:`start_rollout` asks for a rollout of that slot and version on the condition
+  that the version is the uploaded bytes (``sha256``: the server refuses another with
+  HTTP 409 before it records anything), with an ``Idempotency-Key`` (a retry answers the
+  rollout the first try made).
 - :func:`wait_for_rollout` polls ``GET /api/v1/rollouts/{id}`` until the fleet's verdict,
   within a deadline, and raises :class:`RolloutFailed` with each device's reason when the
   robots rejected the model or it was rolled back.
@@ -196,15 +197,16 @@ def start_rollout(
     strategy: dict | None = None,
     supersede: bool = False,
 ) -> dict:
-    """Starts the rollout of ``slot``/``version`` and checks it ships ``sha256``.
+    """Starts the rollout of ``slot``/``version`` if that version is ``sha256``.
 
-    The API names a model by slot and version (a version's bytes never change once
-    registered); the check makes sure the rollout carries the bytes this run uploaded.
+    The API names a model by slot and version; the request's ``sha256`` makes the
+    uploaded bytes a precondition, so a version registered with other bytes is refused
+    (HTTP 409, an :class:`ApiError`) before any robot is commanded.
     Returns ``{"rollout_id", "devices", "sha256"}``.
     """
     if (selector is None) == (devices is None):
         raise ShipError("pass exactly one of selector and devices")
-    body: dict[str, Any] = {"slot": slot, "version": version}
+    body: dict[str, Any] = {"slot": slot, "version": version, "sha256": sha256}
     if selector is not None:
         body["selector"] = selector
     else:
@@ -217,12 +219,6 @@ def start_rollout(
         "POST", "/api/v1/rollouts", json_body=body, headers={"Idempotency-Key": idempotency_key}
     )
     rollout_id = created["rollout_id"]
-    rollout = server.get(f"/api/v1/rollouts/{rollout_id}")
-    if rollout.get("sha256") != sha256:
-        raise ShipError(
-            f"rollout {rollout_id} ships {slot} {version} with SHA-256 {rollout.get('sha256')}, "
-            f"not the registered {sha256}"
-        )
     log.info("rollout %s of %s %s to %s", rollout_id, slot, version, ", ".join(created["devices"]))
     return {"rollout_id": rollout_id, "devices": created["devices"], "sha256": sha256}
 

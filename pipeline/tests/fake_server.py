@@ -50,6 +50,11 @@ class FakeServer:
             meta = json.loads(seen.parts()["metadata"])
             return 201, {"slot": meta["slot"], "version": meta["version"], "release": 1, "sha256": sha256}
         if seen.method == "POST" and seen.path == "/api/v1/rollouts":
+            # As the server: a `sha256` other than the version's is refused, nothing made.
+            wanted = seen.json().get("sha256")
+            if wanted is not None and self.rollout_sha256 is not None and wanted != self.rollout_sha256:
+                message = f"registered with SHA-256 {self.rollout_sha256}, not the requested {wanted}"
+                return 409, {"error": message}
             return 202, {"rollout_id": "r-1", "devices": ["robot-1"]}
         if seen.method == "GET" and seen.path == "/api/v1/rollouts/r-1":
             gets = sum(1 for s in self.seen if s.method == "GET")

@@ -139,7 +139,7 @@ def test_server_errors_carry_the_servers_message(fake):
     assert not err.value.transient
 
 
-def test_rollout_sends_the_idempotency_key_and_checks_the_bytes(fake):
+def test_rollout_sends_the_idempotency_key_and_the_bytes_as_a_precondition(fake):
     fake.rollout_sha256 = SHA
     created = ship.start_rollout(
         Server.at(fake.url),
@@ -156,11 +156,16 @@ def test_rollout_sends_the_idempotency_key_and_checks_the_bytes(fake):
     assert post.json() == {
         "slot": "digits",
         "version": "1.0.0",
+        "sha256": SHA,
         "selector": "site=lab",
         "strategy": {"waves": [{"percent": 100}]},
     }
+    assert not openapi.errors("RolloutRequest", post.json())
+    # The version has other bytes: the server refuses before making a rollout, and the
+    # step fails with its answer, having asked nothing else.
     fake.rollout_sha256 = "cd" * 32
-    with pytest.raises(ShipError, match="not the registered"):
+    fake.seen.clear()
+    with pytest.raises(ApiError, match="HTTP 409: registered with SHA-256 cdcd") as err:
         ship.start_rollout(
             Server.at(fake.url),
             slot="digits",
@@ -169,6 +174,8 @@ def test_rollout_sends_the_idempotency_key_and_checks_the_bytes(fake):
             idempotency_key="k",
             devices=["r"],
         )
+    assert not err.value.transient
+    assert [(s.method, s.path) for s in fake.seen] == [("POST", "/api/v1/rollouts")]
 
 
 class Clock:

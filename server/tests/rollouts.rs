@@ -90,6 +90,54 @@ async fn an_idempotency_key_replays_the_same_rollout_and_refuses_another_body() 
 }
 
 #[tokio::test]
+async fn a_rollout_naming_other_bytes_than_the_versions_is_refused_before_anything_is_recorded() {
+    let server = TestServer::start().await;
+    let record = server.upload_pnet("faces", "1.0.0").await;
+    let registered = record["sha256"].as_str().unwrap();
+    let other = "ab".repeat(32);
+    let body = json!({
+        "slot": "faces", "version": "1.0.0", "devices": ["robot-1"], "sha256": other
+    });
+    let (status, answer) = server.rollout(&body, Some("airflow-run-8")).await;
+    assert_eq!(status, 409, "{answer}");
+    let message = answer["error"].as_str().unwrap();
+    assert!(
+        message.contains(registered) && message.contains(&other),
+        "{message}"
+    );
+    let (_, list) = server.get("/api/v1/rollouts").await;
+    assert_eq!(list, json!([]), "no rollout recorded");
+    assert!(
+        !server.dir.path().join("desired/robot-1.json").exists(),
+        "no desired document written"
+    );
+
+    // The refused request did not use up its idempotency key; the right digest goes through,
+    // and its replay answers the same rollout.
+    let body = json!({
+        "slot": "faces", "version": "1.0.0", "devices": ["robot-1"], "sha256": registered
+    });
+    let (status, created) = server.rollout(&body, Some("airflow-run-8")).await;
+    assert_eq!(status, 202, "{created}");
+    let (status, again) = server.rollout(&body, Some("airflow-run-8")).await;
+    assert_eq!((status, &again), (202, &created));
+    let id = created["rollout_id"].as_str().unwrap();
+    let (_, view) = server.get(&format!("/api/v1/rollouts/{id}")).await;
+    assert_eq!(view["sha256"], registered);
+
+    let malformed = json!({
+        "slot": "faces", "version": "1.0.0", "devices": ["robot-1"], "sha256": "AB"
+    });
+    let (status, answer) = server.rollout(&malformed, None).await;
+    assert_eq!(status, 400, "{answer}");
+    assert!(
+        answer["error"].as_str().unwrap().contains("sha256"),
+        "{answer}"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn bad_rollout_requests_get_clear_errors() {
     let server = TestServer::start().await;
     server.upload_pnet("faces", "1.0.0").await;

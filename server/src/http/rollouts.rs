@@ -7,10 +7,11 @@ use axum::http::{HeaderMap, StatusCode};
 use botfleet_protocol::RolloutId;
 
 use super::{ApiError, ApiPath, AppState};
+use crate::intake::ModelVersion;
 use crate::link::PublishError;
 use crate::rollouts::create::CreateError;
 use crate::rollouts::operate::{OperateError, Operation};
-use crate::rollouts::{CreatedRollout, IdempotencyKey, RolloutRequest, RolloutView};
+use crate::rollouts::{CreatedRollout, IdempotencyKey, RolloutBody, RolloutView};
 
 const IDEMPOTENCY_KEY: &str = "idempotency-key";
 
@@ -52,14 +53,15 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<IdempotencyKey>, ApiErr
         .map_err(ApiError::bad_request)
 }
 
-/// `POST /api/v1/rollouts`: 202 with the rollout id and its devices.
+/// `POST /api/v1/rollouts`: 202 with the rollout id and its devices; 409 before anything
+/// is recorded when `sha256` is given and the version's artifact has another digest.
 pub async fn create(
     State(app): AppState,
     headers: HeaderMap,
-    body: Result<Json<RolloutRequest>, JsonRejection>,
+    body: Result<Json<RolloutBody>, JsonRejection>,
 ) -> Result<(StatusCode, Json<CreatedRollout>), ApiError> {
     let key = idempotency_key(&headers)?;
-    let Json(request) = body.map_err(|r| {
+    let Json(body) = body.map_err(|r| {
         // 415 for a missing JSON content type; any other malformed body is a 400.
         let status = match r.status() {
             StatusCode::UNSUPPORTED_MEDIA_TYPE => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -67,7 +69,16 @@ pub async fn create(
         };
         ApiError::new(status, r.body_text())
     })?;
-    let created = app.rollouts.create(request, key).await?;
+    // A version's bytes never change once registered, so this holds for the create below.
+    // An unknown slot or version is left to it (400, 404).
+    let registered = ModelVersion::new(&body.request.version)
+        .ok()
+        .and_then(|version| app.registry.get(&body.request.slot, &version));
+    if let Some(model) = registered {
+        body.check_sha256(&model.stored.sha256)
+            .map_err(|err| ApiError::from_error(StatusCode::CONFLICT, &err))?;
+    }
+    let created = app.rollouts.create(body.request, key).await?;
     Ok((StatusCode::ACCEPTED, Json(created.response)))
 }
 

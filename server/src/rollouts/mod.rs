@@ -27,7 +27,7 @@ use std::collections::BTreeSet;
 
 use botfleet_protocol::manifest::Sha256Digest;
 use botfleet_protocol::{DeviceId, RolloutId, SlotName};
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 
 pub use book::{Applied, Remembered, Rollouts};
 pub use machine::{Action, Presence, Rollout, RolloutState};
@@ -35,7 +35,8 @@ pub use selector::{Selector, SelectorError};
 pub use strategy::{Strategy, StrategyError};
 pub use view::RolloutView;
 
-/// The body of `POST /api/v1/rollouts`.
+/// The rollout `POST /api/v1/rollouts` asks for (its body less the `sha256` precondition:
+/// [`RolloutBody`]); remembered with its idempotency key.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RolloutRequest {
@@ -51,6 +52,58 @@ pub struct RolloutRequest {
     /// Take over devices that a live rollout of the same slot still owns.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub supersede: bool,
+}
+
+/// The whole body of `POST /api/v1/rollouts`: a [`RolloutRequest`] and, optionally, the
+/// SHA-256 the caller expects the version's artifact to have (`"sha256"`). The digest is a
+/// precondition checked on every request, a replayed one too; it is not part of the rollout,
+/// so it is not remembered with its idempotency key.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RolloutBody {
+    pub request: RolloutRequest,
+    pub sha256: Option<Sha256Digest>,
+}
+
+impl<'de> Deserialize<'de> for RolloutBody {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let mut members = serde_json::Map::deserialize(deserializer)?;
+        let sha256 = members
+            .remove("sha256")
+            .map(serde_json::from_value)
+            .transpose()
+            .map_err(|err| D::Error::custom(format_args!("sha256: {err}")))?;
+        let request = RolloutRequest::deserialize(serde_json::Value::Object(members))
+            .map_err(D::Error::custom)?;
+        Ok(Self { request, sha256 })
+    }
+}
+
+/// The version a rollout names is registered with other bytes than the caller expects.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "{slot}/{version} is registered with SHA-256 {registered}, not the requested {requested}; no rollout was made"
+)]
+pub struct DigestMismatch {
+    pub slot: SlotName,
+    pub version: String,
+    pub registered: Sha256Digest,
+    pub requested: Sha256Digest,
+}
+
+impl RolloutBody {
+    /// Holds when no digest was asked for, or when `registered` (the version's) is it.
+    pub fn check_sha256(&self, registered: &Sha256Digest) -> Result<(), DigestMismatch> {
+        match self.sha256 {
+            Some(requested) if requested != *registered => Err(DigestMismatch {
+                slot: self.request.slot.clone(),
+                version: self.request.version.clone(),
+                registered: *registered,
+                requested,
+            }),
+            _ => Ok(()),
+        }
+    }
 }
 
 /// Whom a rollout is for.
