@@ -154,3 +154,252 @@ mod tests {
         }
     }
 }
+
+/// The request schemas against the server's own parsers: every documented member of a
+/// full instance parses, an unknown one is refused where the document says so, and a
+/// member is required by the parser exactly when the document says it is.
+#[cfg(test)]
+mod requests {
+    use serde::de::DeserializeOwned;
+    use serde_json::{Value, json};
+
+    use super::DOCUMENT;
+    use crate::intake::{AccuracyGate, ModelMetadata};
+    use crate::rollouts::{RolloutBody, Strategy};
+
+    type Parse = fn(&Value) -> Result<(), String>;
+
+    fn parse<T: DeserializeOwned>(value: &Value) -> Result<(), String> {
+        serde_json::from_value::<T>(value.clone())
+            .map(drop)
+            .map_err(|e| e.to_string())
+    }
+
+    fn strategy() -> Value {
+        json!({
+            "waves": [{"count": 1}, {"percent": 10.0}], "bake_s": 600,
+            "success_threshold": 0.95, "error_threshold": 0.05, "on_error": "rollback",
+            "deadline_s": 3600, "gate": {"max_p99_regression_percent": 10.0}
+        })
+    }
+
+    fn accuracy_gate() -> Value {
+        json!({"metric": "within_tolerance", "min_agreement": 0.9, "tolerance": 0.01})
+    }
+
+    /// Each request schema, the type the server parses it with, and an instance that gives
+    /// every documented member.
+    fn requests() -> Vec<(&'static str, Parse, Value)> {
+        let sha = "ab".repeat(32);
+        vec![
+            (
+                "ModelMetadata",
+                parse::<ModelMetadata>,
+                json!({
+                    "slot": "digits", "name": "digits-cnn", "version": "1.0.0", "release": 2,
+                    "quantization": "int8_qdq",
+                    "inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 1, 8, 8]}],
+                    "compatibility": {
+                        "arch": ["aarch64"], "boards": ["NVIDIA Jetson Orin Nano"],
+                        "min_agent_version": "0.1.0"
+                    },
+                    "gate": {
+                        "warmup_runs": 3, "runs": 20, "max_p50_ms": 10.0, "max_p99_ms": 25.0,
+                        "max_memory_mb": 512, "max_regression": 0.2,
+                        "reference": {"seed": 7, "outputs": {"y": [0.5, 0.5]}, "tolerance": 0.001},
+                        "max_error_rate": 0.05, "max_serving_p99_ms": 40.0
+                    },
+                    "provenance": {
+                        "pipeline_run": "manual__1", "dataset": "digest", "commit": "0123abc",
+                        "source": "airflow:botfleet_train_and_ship", "parent_sha256": sha,
+                        "metrics": {"accuracy": 0.97}
+                    },
+                    "expires_in_days": 30, "tolerance": 0.001,
+                    "engines": {
+                        "candidates": ["tract", "onnxruntime-cpu"],
+                        "tolerance": {"fp16": 0.01, "int8": 0.1}
+                    },
+                    "evaluation": accuracy_gate()
+                }),
+            ),
+            (
+                "RolloutRequest",
+                parse::<RolloutBody>,
+                json!({
+                    "slot": "digits", "version": "1.0.0", "devices": ["robot-1"],
+                    "selector": "site=lab", "strategy": strategy(), "supersede": true,
+                    "sha256": sha
+                }),
+            ),
+            ("Strategy", parse::<Strategy>, strategy()),
+            ("AccuracyGate", parse::<AccuracyGate>, accuracy_gate()),
+            (
+                "EvaluationSet",
+                parse::<botfleet_protocol::evaluation::EvaluationSet>,
+                json!({
+                    "schema": 1, "input": "x", "output": "y", "shape": [1, 2],
+                    "parent_sha256": sha, "dataset_digest": "digest",
+                    "samples": [{"data": [0.0, 1.0], "top1": 1, "output": [0.1, 0.9]}]
+                }),
+            ),
+        ]
+    }
+
+    fn resolve<'a>(doc: &'a Value, schema: &'a Value) -> &'a Value {
+        match schema["$ref"].as_str() {
+            Some(r) => doc
+                .pointer(r.trim_start_matches('#'))
+                .unwrap_or_else(|| panic!("no {r}")),
+            None => schema,
+        }
+    }
+
+    /// Whether `instance` is the one of `branch` (a `oneOf` member).
+    fn fits(branch: &Value, instance: &Value) -> bool {
+        if let Some(properties) = branch["properties"].as_object() {
+            let Some(members) = instance.as_object() else {
+                return false;
+            };
+            let required = branch["required"].as_array().into_iter().flatten();
+            members.keys().all(|k| properties.contains_key(k))
+                && required
+                    .filter_map(Value::as_str)
+                    .all(|k| members.contains_key(k))
+        } else if branch["type"] == "array" {
+            instance.is_array()
+        } else {
+            branch.get("const") == Some(instance)
+        }
+    }
+
+    /// The objects with documented members in `instance` (JSON pointer, schema), and for each
+    /// `oneOf` met, the branches the instance used.
+    struct Walk<'a> {
+        doc: &'a Value,
+        objects: Vec<(String, &'a Value)>,
+        branches: Vec<(&'a Vec<Value>, usize)>,
+    }
+
+    impl<'a> Walk<'a> {
+        fn walk(&mut self, schema: &'a Value, instance: &Value, at: &str) {
+            let schema = resolve(self.doc, schema);
+            if let Some(branches) = schema["oneOf"].as_array() {
+                let doc = self.doc;
+                let (index, branch) = branches
+                    .iter()
+                    .map(|b| resolve(doc, b))
+                    .enumerate()
+                    .find(|(_, b)| fits(b, instance))
+                    .unwrap_or_else(|| panic!("{at}: {instance} fits no branch"));
+                self.branches.push((branches, index));
+                return self.walk(branch, instance, at);
+            }
+            match instance {
+                Value::Object(members) => {
+                    let Some(properties) = schema["properties"].as_object() else {
+                        return;
+                    };
+                    self.objects.push((at.to_owned(), schema));
+                    for (key, value) in members {
+                        let property = properties
+                            .get(key)
+                            .unwrap_or_else(|| panic!("{at}/{key} is not documented"));
+                        self.walk(property, value, &format!("{at}/{key}"));
+                    }
+                }
+                Value::Array(items) => {
+                    for (i, item) in items.iter().enumerate() {
+                        self.walk(&schema["items"], item, &format!("{at}/{i}"));
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn edited(
+        full: &Value,
+        at: &str,
+        edit: impl FnOnce(&mut serde_json::Map<String, Value>),
+    ) -> Value {
+        let mut value = full.clone();
+        let object = value.pointer_mut(at).and_then(Value::as_object_mut);
+        edit(object.unwrap_or_else(|| panic!("no object at {at}")));
+        value
+    }
+
+    #[test]
+    fn each_request_schema_and_the_servers_parser_agree_member_by_member() {
+        let doc: Value = serde_json::from_str(DOCUMENT).unwrap();
+        for (name, parse, full) in requests() {
+            let schema = &doc["components"]["schemas"][name];
+            assert!(schema.is_object(), "no schema {name}");
+            if let Err(err) = parse(&full) {
+                panic!("{name}: the parser refuses every documented member: {err}");
+            }
+            let mut walk = Walk {
+                doc: &doc,
+                objects: Vec::new(),
+                branches: Vec::new(),
+            };
+            walk.walk(schema, &full, "");
+            for (branches, _) in &walk.branches {
+                for index in 0..branches.len() {
+                    let used = walk
+                        .branches
+                        .iter()
+                        .any(|(b, i)| std::ptr::eq(*b, *branches) && *i == index);
+                    let object = resolve(&doc, &branches[index])["properties"].is_object();
+                    assert!(
+                        !object || used,
+                        "{name}: no instance of oneOf branch {index}"
+                    );
+                }
+            }
+            for (at, object) in walk.objects {
+                let properties = object["properties"].as_object().unwrap();
+                let members = full.pointer(&at).and_then(Value::as_object).unwrap();
+                for key in properties.keys() {
+                    assert!(
+                        members.contains_key(key),
+                        "{name}{at}: the test instance lacks the documented member {key}"
+                    );
+                }
+                let unknown = edited(&full, &at, |o| {
+                    o.insert("no_such_member".into(), json!(0));
+                });
+                assert!(
+                    parse(&unknown).is_err(),
+                    "{name}{at}: the parser takes an unknown member"
+                );
+                assert_eq!(
+                    object["additionalProperties"],
+                    json!(false),
+                    "{name}{at}: the parser refuses unknown members; the document must say so"
+                );
+                let required: Vec<&str> = object["required"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(Value::as_str)
+                    .collect();
+                for key in members.keys() {
+                    let without = edited(&full, &at, |o| {
+                        o.remove(key);
+                    });
+                    let refused = parse(&without).err();
+                    assert_eq!(
+                        refused.is_some(),
+                        required.contains(&key.as_str()),
+                        "{name}{at}/{key}: documented as {}, parser says {refused:?}",
+                        if required.contains(&key.as_str()) {
+                            "required"
+                        } else {
+                            "optional"
+                        },
+                    );
+                }
+            }
+        }
+    }
+}
