@@ -89,6 +89,15 @@ def dag_strings() -> set[str]:
     return {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
 
 
+def dag_uid() -> int:
+    """The uid the DAG's pods run as (its ``PIPELINE_UID``)."""
+    for node in ast.parse(DAG.read_text()).body:
+        names = [getattr(t, "id", None) for t in getattr(node, "targets", [])]
+        if isinstance(node, ast.Assign) and names == ["PIPELINE_UID"]:
+            return ast.literal_eval(node.value)
+    raise CheckFailed(f"{DAG}: no PIPELINE_UID (the uid of the pipeline's pods)")
+
+
 def readme_lines() -> list[str]:
     """The shell commands of deploy/k3s/README.md's ```sh blocks, continuation lines joined."""
     text = (K3S / "README.md").read_text()
@@ -195,6 +204,7 @@ def check_images(dag: set[str]) -> None:
     path = REPO / "pipeline" / "images" / "Dockerfile"
     parser = DockerfileParser(path=str(path))
     targets = stages(parser)
+    uid = dag_uid()
     for role in ("train", "edge"):
         image = f"pipeline-{role}"
         check(image in dag, f"the DAG no longer names the image {image}")
@@ -221,6 +231,10 @@ def check_images(dag: set[str]) -> None:
         )
         users = [i["value"] for i in targets[role] if i["instruction"] == "USER"]
         check(bool(users) and not users[-1].startswith(("0", "root")), f"{path} target {role}: runs as root")
+        check(
+            users[-1:] == [f"{uid}:{uid}"],
+            f"{path} target {role}: runs as {users[-1:]}, the DAG's pods as {uid}:{uid} (PIPELINE_UID)",
+        )
     lock = (REPO / "pipeline" / "images" / "requirements.lock").read_text()
     pinned = dict(re.findall(r"^([a-z0-9-]+)==(\S+) \\$", lock, flags=re.M))
     project = tomllib.loads((REPO / "pipeline" / "pyproject.toml").read_text())["project"]
@@ -234,7 +248,7 @@ def check_images(dag: set[str]) -> None:
         )
     print(
         f"images: pipeline-train, pipeline-edge install the lock ({len(pinned)} wheels) "
-        "and the package, as uid 10001"
+        f"and the package, as uid {uid} (the DAG's pods too)"
     )
 
 

@@ -14,6 +14,8 @@ in both modes, chosen by ``BOTFLEET_PIPELINE_MODE`` (else the Airflow Variable
   and measured on the hardware it is meant for. Every pod requests one
   ``nvidia.com/gpu`` and uses the ``nvidia`` RuntimeClass; all share the ReadWriteMany
   volume ``botfleet-models`` at ``/models``, which the Airflow workers mount there too.
+  The pods run as the images' uid and gid 10001, with ``fsGroup`` 10001 so the volume is
+  theirs (changed only on a root mismatch; NFS-backed volumes ignore it: deploy/k3s).
   ``<tag>`` is ``BOTFLEET_PIPELINE_IMAGE_TAG``.
 - ``local``: the same commands as BashOperator subprocesses in the pipeline's own venv
   (``BOTFLEET_PIPELINE_PYTHON``, default ``pipeline/.venv/bin/python``), artifacts under
@@ -69,6 +71,8 @@ else:
         sys.path.insert(0, str(PIPELINE_SRC))
 
 RUN = f"{MODELS_DIR}/{{{{ run_id }}}}"
+# The uid and gid the pipeline images run as (pipeline/images/Dockerfile).
+PIPELINE_UID = 10001
 MODEL_FILE = "model.int8.onnx"
 EVALUATION_FILE = "evaluation.json"
 
@@ -176,6 +180,15 @@ def _kubernetes_step(task_id: str, argv: list[str], role: str):
             )
         ],
         volume_mounts=[k8s.V1VolumeMount(name="models", mount_path=MODELS_DIR)],
+        # The images' user (pipeline/images/Dockerfile); fsGroup gives it the shared volume,
+        # whose ownership is changed only when its root is not the group's already.
+        security_context=k8s.V1PodSecurityContext(
+            run_as_user=PIPELINE_UID,
+            run_as_group=PIPELINE_UID,
+            run_as_non_root=True,
+            fs_group=PIPELINE_UID,
+            fs_group_change_policy="OnRootMismatch",
+        ),
         get_logs=True,
         on_finish_action="delete_succeeded_pod",
     )
