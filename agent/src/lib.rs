@@ -135,8 +135,14 @@ pub async fn start(config: Config) -> Result<Running, AgentError> {
             .saturating_mul(1024 * 1024),
         timeout: Duration::from_secs(settings.config.gate.timeout_s),
     };
-    let engines =
-        Arc::new(engines::probe(&settings.config.engine.onnxruntime, &gate.program).await);
+    let engines = Arc::new(
+        engines::probe(
+            &settings.config.engine.onnxruntime,
+            &gate.program,
+            &settings.config.data_dir,
+        )
+        .await,
+    );
     let mut sampler = telemetry::Sampler::new(
         settings.device_id.clone(),
         &settings.config.data_dir,
