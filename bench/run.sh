@@ -156,16 +156,29 @@ if wants criterion; then
 fi
 
 if [ "$profiles" = 1 ]; then
-    for variant in "opt3-fat:3:fat:1" "opts-thin:s:thin:4" "opts-fat:s:fat:1"; do
-        IFS=: read -r name opt lto units <<< "$variant"
+    # name:opt-level:lto:codegen-units:tract opt-level ("-": as the rest). Each variant's
+    # tract speed is measured against the workspace release agent, interleaved.
+    for variant in "opt3-fat:3:fat:1:-" "opts-fat-tract3:s:fat:1:3"; do
+        IFS=: read -r name opt lto units tract <<< "$variant"
         log "profile $name"
+        overrides=()
+        if [ "$tract" != - ]; then
+            for crate in tract-linalg tract-core tract-data tract-onnx-opl; do
+                overrides+=(--config "profile.release.package.$crate.opt-level=$tract")
+            done
+        fi
         t=$(date +%s)
         CARGO_PROFILE_RELEASE_OPT_LEVEL=$opt CARGO_PROFILE_RELEASE_LTO=$lto \
             CARGO_PROFILE_RELEASE_CODEGEN_UNITS=$units \
-            cargo build --release --locked -p botfleet-agent --target-dir "target/profile-$name"
-        printf '{"variant": "opt-level %s, lto %s, codegen-units %s", "bytes": %s, "build_s": %s}\n' \
-            "$opt" "$lto" "$units" "$(size "target/profile-$name/release/botfleet-agent")" \
-            "$(( $(date +%s) - t ))" >> "$out/profiles.jsonl"
+            cargo build --release --locked -p botfleet-agent --target-dir "target/profile-$name" \
+            "${overrides[@]}"
+        built=$(( $(date +%s) - t ))
+        speed=$(bench/profile-speed.sh "target/profile-$name/release/botfleet-agent" \
+            "$target/release/botfleet-agent" | paste -sd, -)
+        printf '{"variant": "opt-level %s, lto %s, codegen-units %s%s", "bytes": %s, "build_s": %s, "tract": [%s]}\n' \
+            "$opt" "$lto" "$units" "${overrides:+, tract crates at opt-level $tract}" \
+            "$(size "target/profile-$name/release/botfleet-agent")" "$built" "$speed" \
+            >> "$out/profiles.jsonl"
     done
 fi
 

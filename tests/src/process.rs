@@ -1,6 +1,6 @@
 //! The real `botfleet-agent` binary as a child process, for crash tests (SIGKILL).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -37,15 +37,29 @@ impl AgentProcess {
         failpoint: Option<&str>,
         wrapper: &[&str],
     ) -> Result<Self> {
+        Self::spawn_with(&agent_binary()?, config, failpoint, wrapper)
+    }
+
+    /// As [`Self::spawn`], another build of the agent (e.g. an earlier one, to compare).
+    pub async fn spawn_binary(binary: &Path, config: &botfleet_agent::Config) -> Result<Self> {
+        Self::spawn_with(binary, config, None, &[])
+    }
+
+    fn spawn_with(
+        binary: &Path,
+        config: &botfleet_agent::Config,
+        failpoint: Option<&str>,
+        wrapper: &[&str],
+    ) -> Result<Self> {
         let mut file = tempfile::NamedTempFile::new()?;
         std::io::Write::write_all(&mut file, toml::to_string(config)?.as_bytes())?;
         let mut command = match wrapper.split_first() {
             Some((program, args)) => {
                 let mut c = Command::new(program);
-                c.args(args).arg(agent_binary()?);
+                c.args(args).arg(binary);
                 c
             }
-            None => Command::new(agent_binary()?),
+            None => Command::new(binary),
         };
         command
             .arg("--config")

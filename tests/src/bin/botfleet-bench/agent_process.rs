@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use botfleet_e2e::process::{AgentProcess, agent_binary};
 use botfleet_e2e::{BrokerKind, Fleet};
+use botfleet_engine::{Engines, LoadOptions, OnnxRuntimeSettings};
+use botfleet_protocol::engine::{EngineKind, EnginesInfo};
 use botfleet_protocol::messages::Stage;
 use serde_json::{Value, json};
 
@@ -38,6 +40,108 @@ pub fn usage(pid: u32) -> Result<(f64, u64, u64)> {
     Ok((ticks / 100.0, kib("VmRSS:"), kib("VmHWM:")))
 }
 
+/// Resident memory of a process (`self` or a pid) in KiB, from `smaps_rollup`: anonymous
+/// (heap, stacks: weights, plans, buffers) and the rest (mapped files: code of the binary
+/// and of the libraries it opened, which the kernel can drop and read again).
+pub fn resident(pid: &str) -> Result<(u64, u64)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))?;
+    let kib = |key: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse::<u64>().ok())
+            .with_context(|| format!("{key} in smaps_rollup"))
+    };
+    let (rss, anon) = (kib("Rss:")?, kib("Anonymous:")?);
+    Ok((anon, rss.saturating_sub(anon)))
+}
+
+/// The model's own memory and load time on `engine`, in this (fresh) process: resident
+/// memory before the load, after it and after one inference; `bench/fixtures.json` is read,
+/// no other model is loaded. Printed as one JSON line (run by `footprint` as a child).
+pub fn model_memory(
+    library: Option<std::path::PathBuf>,
+    fixture: &str,
+    engine: EngineKind,
+) -> Result<()> {
+    let entry = crate::fixtures::entry(fixture)?;
+    let bytes = std::fs::read(&entry.path).with_context(|| entry.path.display().to_string())?;
+    // As the daemon has them: ONNX Runtime known from a probe, its library opened by the
+    // first load (so the load pays for it, as at the agent's start).
+    let engines = if engine == EngineKind::Tract {
+        Engines::tract_only()
+    } else {
+        let settings = OnnxRuntimeSettings {
+            library,
+            ..OnnxRuntimeSettings::default()
+        };
+        let info = EnginesInfo {
+            available: vec![engine],
+            ..EnginesInfo::default()
+        };
+        Engines::from_info(&settings, info)
+    };
+    let before = resident("self")?;
+    let started = Instant::now();
+    let model = engines.load(engine, &bytes, &entry.inputs, &LoadOptions::default())?;
+    let load_ms = started.elapsed().as_secs_f64() * 1e3;
+    let loaded = resident("self")?;
+    let input = botfleet_engine::reference_inputs(&model, 42)?;
+    let started = Instant::now();
+    model.run(input)?;
+    let first_run_ms = started.elapsed().as_secs_f64() * 1e3;
+    let ran = resident("self")?;
+    println!(
+        "{}",
+        json!({
+            "fixture": fixture, "engine": engine, "load_ms": load_ms, "first_run_ms": first_run_ms,
+            "anon_kib": [before.0, loaded.0, ran.0], "file_kib": [before.1, loaded.1, ran.1],
+        })
+    );
+    Ok(())
+}
+
+/// `model_memory` in a child of this binary, and the child's wall time from spawn to exit:
+/// the least a process can do from `exec` to a first inference of this model on `engine`.
+fn measure_model(fixture: &str, engine: EngineKind) -> Result<Value> {
+    let started = Instant::now();
+    let out = std::process::Command::new(std::env::current_exe()?)
+        .args([
+            "model-memory",
+            "--fixture",
+            fixture,
+            "--engine",
+            engine.as_str(),
+        ])
+        .output()?;
+    let wall_ms = started.elapsed().as_secs_f64() * 1e3;
+    if !out.status.success() {
+        bail!(
+            "model-memory {fixture} on {engine}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let mut v: Value = serde_json::from_slice(&out.stdout).context("model-memory output")?;
+    v["process_ms"] = json!(wall_ms);
+    Ok(v)
+}
+
+/// When the agent's log lines with these texts were written, in ms after `exec`.
+fn phases(lines: &[String], exec: jiff::Timestamp) -> Value {
+    let at = |needle: &str| {
+        lines.iter().find(|l| l.contains(needle)).and_then(|l| {
+            let stamp: jiff::Timestamp = l.split_whitespace().next()?.parse().ok()?;
+            Some(stamp.duration_since(exec).as_secs_f64() * 1e3)
+        })
+    };
+    json!({
+        "starting": at("botfleet-agent starting"),
+        "engines": at("engines available="),
+        "restored": at("restored model"),
+        "started": at("botfleet-agent started"),
+    })
+}
+
 fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
@@ -51,15 +155,67 @@ async fn idle(agent: &AgentProcess, window: Duration) -> Result<Value> {
     let (cpu0, _, _) = usage(pid)?;
     tokio::time::sleep(window).await;
     let (cpu1, rss, hwm) = usage(pid)?;
+    let (anon, file) = resident(&pid.to_string())?;
     Ok(json!({
         "cpu_percent": 100.0 * (cpu1 - cpu0) / window.as_secs_f64(),
         "rss_mib": rss as f64 / 1024.0,
+        "anon_mib": anon as f64 / 1024.0,
+        "file_mib": file as f64 / 1024.0,
         "peak_rss_mib": hwm as f64 / 1024.0,
         "window_s": window.as_secs_f64(),
     }))
 }
 
-pub async fn run(fixtures: &[Fixture], window: Duration, restarts: usize) -> Result<Value> {
+/// The engine serving the model at `url` (OIP v2 model metadata).
+async fn serving_engine(http: &reqwest::Client, url: &str) -> Result<EngineKind> {
+    let v: Value = http
+        .get(url)
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    serde_json::from_value(v["parameters"]["engine"].clone())
+        .with_context(|| format!("no engine in {v}"))
+}
+
+/// Kills nothing: starts `binary` on `config` and polls `url` until an inference succeeds.
+/// The agent, ms from `exec` to that answer, and when its start-up lines were logged.
+async fn cold_start(
+    binary: &std::path::Path,
+    config: &botfleet_agent::Config,
+    http: &reqwest::Client,
+    url: &str,
+    b: &crate::serving::Bodies,
+) -> Result<(AgentProcess, (f64, Value))> {
+    let exec = jiff::Timestamp::now();
+    let started = Instant::now();
+    let mut agent = AgentProcess::spawn_binary(binary, config).await?;
+    let deadline = started + Duration::from_secs(120);
+    loop {
+        if post(http, url, &b.binary, Some(b.header_len)).await.is_ok() {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "{}: no successful inference within 120 s of exec",
+                binary.display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let ms = started.elapsed().as_secs_f64() * 1e3;
+    let phases = phases(&agent.drain_lines(), exec);
+    Ok((agent, (ms, phases)))
+}
+
+/// `earlier`: another agent build whose cold start is measured too, interleaved.
+pub async fn run(
+    fixtures: &[Fixture],
+    window: Duration,
+    restarts: usize,
+    earlier: Option<&std::path::Path>,
+) -> Result<Value> {
     let fleet = Fleet::start(BrokerKind::Embedded).await?;
     let device = fleet.device_id("bench");
     let port = free_port()?;
@@ -105,33 +261,41 @@ pub async fn run(fixtures: &[Fixture], window: Duration, restarts: usize) -> Res
                 botfleet_e2e::describe(&events)
             );
         }
+        let engine =
+            serving_engine(&http, &format!("http://127.0.0.1:{port}/v2/models/bench")).await?;
         let b = bodies(&f.input)?;
-        let mut cold_ms = Vec::new();
+        let mut cold = Vec::new();
+        let mut before = Vec::new();
         for _ in 0..restarts {
-            agent.kill().await?;
-            let started = Instant::now();
-            agent = AgentProcess::spawn(&config, None).await?;
-            let deadline = started + Duration::from_secs(120);
-            loop {
-                if post(&http, &url, &b.binary, Some(b.header_len))
-                    .await
-                    .is_ok()
-                {
-                    break;
-                }
-                if Instant::now() > deadline {
-                    bail!("{}: no successful inference within 120 s of exec", f.name);
-                }
-                tokio::time::sleep(Duration::from_millis(2)).await;
+            // The earlier build first (when asked for), then this one: interleaved, and the
+            // agent left running is this build's.
+            if let Some(binary) = earlier {
+                agent.kill().await?;
+                let (a, ms) = cold_start(binary, &config, &http, &url, &b).await?;
+                agent = a;
+                before.push(ms);
             }
-            cold_ms.push(started.elapsed().as_secs_f64() * 1e3);
-            agent.drain_lines();
+            agent.kill().await?;
+            let (a, ms) = cold_start(&agent_binary()?, &config, &http, &url, &b).await?;
+            agent = a;
+            cold.push(ms);
         }
+        let cold_ms: Vec<f64> = cold.iter().map(|(ms, _)| *ms).collect();
+        let cold_phases: Vec<Value> = cold.into_iter().map(|(_, p)| p).collect();
+        let before_ms: Vec<f64> = before.iter().map(|(ms, _)| *ms).collect();
         let loaded = idle(&agent, window).await?;
-        println!("footprint with {}: {loaded}", f.name);
-        per_fixture.push(
-            json!({"fixture": f.name, "idle": loaded, "cold_start_ms": Summary::of(&cold_ms)}),
-        );
+        println!("footprint with {} on {engine}: {loaded}", f.name);
+        // The same model alone in a fresh process, on the engine the gate chose: what it
+        // weighs, and its load (the cold start's reference), three times.
+        let alone = (0..3)
+            .map(|_| measure_model(&f.name, engine))
+            .collect::<Result<Vec<_>>>()?;
+        per_fixture.push(json!({
+            "fixture": f.name, "engine": engine, "idle": loaded,
+            "cold_start_ms": Summary::of(&cold_ms), "cold_start_phases_ms": cold_phases,
+            "cold_start_before_ms": (!before_ms.is_empty()).then(|| Summary::of(&before_ms)),
+            "alone": alone,
+        }));
     }
     agent.kill().await?;
     fleet.shutdown(vec![]).await?;

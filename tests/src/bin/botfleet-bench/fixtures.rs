@@ -85,12 +85,33 @@ pub fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
+fn entries() -> Result<Vec<Entry>> {
+    let list = root().join("bench/fixtures.json");
+    Ok(serde_json::from_str(
+        &std::fs::read_to_string(&list).with_context(|| list.display().to_string())?,
+    )?)
+}
+
+/// Where one fixture is and its input signature, without loading it.
+pub struct Listed {
+    pub path: PathBuf,
+    pub inputs: Vec<TensorSpec>,
+}
+
+pub fn entry(name: &str) -> Result<Listed> {
+    let e = entries()?
+        .into_iter()
+        .find(|e| e.name == name)
+        .with_context(|| format!("no fixture {name} in bench/fixtures.json"))?;
+    Ok(Listed {
+        path: root().join(&e.file),
+        inputs: e.inputs,
+    })
+}
+
 /// Every fixture whose file is present; names the optional ones that are missing.
 pub fn load() -> Result<(Vec<Fixture>, Vec<String>)> {
-    let list = root().join("bench/fixtures.json");
-    let entries: Vec<Entry> = serde_json::from_str(
-        &std::fs::read_to_string(&list).with_context(|| list.display().to_string())?,
-    )?;
+    let entries = entries()?;
     let mut out = Vec::new();
     let mut missing = Vec::new();
     for e in entries {

@@ -86,6 +86,15 @@ enum Section {
         #[arg(long)]
         tensorrt_cache: PathBuf,
     },
+    /// One fixture loaded and run once on one engine in a fresh process: its memory and load
+    /// time (run by `footprint`).
+    #[command(hide = true)]
+    ModelMemory {
+        #[arg(long)]
+        fixture: String,
+        #[arg(long)]
+        engine: EngineKind,
+    },
     /// A fixed-rate client while the slot swaps between the float and INT8 fixture.
     Swap {
         #[arg(long, default_value_t = 100)]
@@ -95,7 +104,12 @@ enum Section {
         rate: f64,
     },
     /// The real agent binary: idle CPU and RSS without and with each model; cold start.
-    Footprint,
+    Footprint {
+        /// An earlier agent build whose cold start is measured too, interleaved restart by
+        /// restart with this one's.
+        #[arg(long, env = "BOTFLEET_BENCH_AGENT_BEFORE")]
+        agent_before: Option<PathBuf>,
+    },
     /// Verify-while-streaming vs plain download; interrupted then resumed download.
     Download,
     /// Writes the report from the results in OUT.
@@ -130,6 +144,9 @@ async fn main() -> Result<()> {
                 (64 << 20, 15)
             };
             save(&cli.out, "download", &download::run(size, rounds).await?)
+        }
+        Section::ModelMemory { fixture, engine } => {
+            agent_process::model_memory(cli.onnxruntime_library.clone(), &fixture, engine)
         }
         Section::GpuLoad {
             engine,
@@ -236,13 +253,15 @@ async fn main() -> Result<()> {
                     v["slowest_run_ms"] = serde_json::json!(slowest.as_secs_f64() * 1e3);
                     v
                 }
-                Section::Footprint => {
+                Section::Footprint { ref agent_before } => {
                     let restarts = if cli.quick { 1 } else { 5 };
-                    agent_process::run(&fixtures, scale(3, 30), restarts).await?
+                    agent_process::run(&fixtures, scale(3, 30), restarts, agent_before.as_deref())
+                        .await?
                 }
                 Section::Download
                 | Section::Report { .. }
                 | Section::Gpu { .. }
+                | Section::ModelMemory { .. }
                 | Section::GpuLoad { .. } => Value::Null,
             };
             let name = match section {

@@ -276,7 +276,7 @@ pub fn write(out: &Path, criterion_dir: &Path, file: &Path) -> Result<()> {
             sections::fleet(md, &fleet, h)
         }),
         Part::new("## 7.", &["Cold start"], !footprint.is_null(), |md, h| {
-            sections::cold_start(md, &footprint, &engine, h)
+            sections::cold_start(md, &footprint, h)
         }),
         Part::new(
             "## 8.",

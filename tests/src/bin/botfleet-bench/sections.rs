@@ -174,8 +174,8 @@ pub fn fleet(md: &mut String, runs: &[Value], heads: &mut Vec<String>) {
     crate::system_sections::fleet(md, runs, heads);
 }
 
-pub fn cold_start(md: &mut String, v: &Value, engine: &Value, heads: &mut Vec<String>) {
-    crate::system_sections::cold_start(md, v, engine, heads);
+pub fn cold_start(md: &mut String, v: &Value, heads: &mut Vec<String>) {
+    crate::system_sections::cold_start(md, v, heads);
 }
 
 pub fn micro(md: &mut String, crit: &Crit) {
