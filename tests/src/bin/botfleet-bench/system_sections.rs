@@ -438,8 +438,9 @@ pub fn cold_start(md: &mut String, v: &Value, heads: &mut Vec<String>) {
             .map_or(&[][..], Vec::as_slice);
         let load = median(alone, "load_ms");
         let process = median(alone, "process_ms");
-        let before = summary(&x["cold_start_before_ms"])
-            .map_or_else(String::new, |b| format!("{:.0} ({:.0}–{:.0})", b.p50, b.min, b.max));
+        let before = summary(&x["cold_start_before_ms"]).map_or_else(String::new, |b| {
+            format!("{:.0} ({:.0}–{:.0})", b.p50, b.min, b.max)
+        });
         let name = x["fixture"].as_str().unwrap_or("?");
         let _ = writeln!(
             md,
