@@ -7,9 +7,9 @@ mod common;
 use botfleet_e2e::hostile::ArtifactHost;
 use botfleet_e2e::watch::publish_once;
 use botfleet_e2e::{Agent, BrokerKind, EventWatch, Fleet, benchmark_of, describe, fixture};
-use botfleet_protocol::engine::{EngineKind, EnginePolicy};
+use botfleet_protocol::engine::{Candidates, EngineKind, EnginePolicy};
 use botfleet_protocol::manifest::{Sha256Digest, reference_input};
-use botfleet_protocol::messages::{BenchReport, Desired, DesiredModel, RejectReason, Stage};
+use botfleet_protocol::messages::{BenchReport, Desired, DesiredModel, Event, RejectReason, Stage};
 use botfleet_protocol::{
     DeviceId, Manifest, ManifestSigner, RolloutId, SlotName, TopicKind, Topics,
 };
@@ -88,7 +88,7 @@ impl Setup {
         manifest: &Manifest,
         signer: &ManifestSigner,
         url: String,
-    ) -> Vec<botfleet_protocol::messages::Event> {
+    ) -> Vec<Event> {
         self.generation += 1;
         let rollout = format!("r-crafted{}", self.generation);
         let desired = Desired {
@@ -133,21 +133,35 @@ impl Setup {
         answer["parameters"]["engine"].as_str().unwrap().to_owned()
     }
 
-    /// Orders `bytes` as the good model's next release, served by a host of its own: a
-    /// correctly signed manifest for an intact but hostile file.
+    /// Orders `bytes` as the good model's next release on both engines, served by a host of
+    /// its own: a correctly signed manifest for an intact but hostile file. Every event of
+    /// the attempt.
     async fn order_artifact(
         &mut self,
         version: &str,
         bytes: Vec<u8>,
         signer: &ManifestSigner,
-    ) -> Stage {
+    ) -> Vec<Event> {
+        self.order_artifact_on(version, bytes, signer, both_engines())
+            .await
+    }
+
+    /// [`Setup::order_artifact`] on the engines of `engines`.
+    async fn order_artifact_on(
+        &mut self,
+        version: &str,
+        bytes: Vec<u8>,
+        signer: &ManifestSigner,
+        engines: EnginePolicy,
+    ) -> Vec<Event> {
         let host = ArtifactHost::start(bytes.clone()).await.unwrap();
         let mut m = self.good_manifest();
         m.release += 1;
         m.version = version.into();
         m.artifact.sha256 = Sha256Digest::of(&bytes);
         m.artifact.size = bytes.len() as u64;
-        self.order(&m, signer, host.url()).await
+        m.engines = engines;
+        self.order_events(&m, signer, host.url()).await
     }
 
     async fn send(&self, payload: Vec<u8>) {
@@ -181,9 +195,35 @@ fn rejected(stage: &Stage) -> (RejectReason, String) {
     }
 }
 
+/// Both engines, ONNX Runtime first: a hostile file meets each of them in the gate child.
+fn both_engines() -> EnginePolicy {
+    EnginePolicy {
+        candidates: Candidates::List(vec![EngineKind::OnnxruntimeCpu, EngineKind::Tract]),
+        tolerance: Default::default(),
+    }
+}
+
+/// The rejection that ends `events`, after checking that the gate child tried ONNX Runtime
+/// on the file: the rejection names it, and the benchmark report refuses it with a reason
+/// of its own that mentions `needle`.
+fn rejected_on_onnxruntime_too(events: &[Event], needle: &str) -> (RejectReason, String) {
+    let (reason, message) = rejected(&events.last().unwrap().stage);
+    assert!(message.contains("onnxruntime-cpu: "), "{message}");
+    let bench = benchmark_of(events);
+    let ort = measured(&bench, EngineKind::OnnxruntimeCpu);
+    assert!(!ort.passed, "{ort:?}");
+    let own = ort
+        .reason
+        .as_deref()
+        .unwrap_or_else(|| panic!("no reason of its own: {ort:?}"));
+    assert!(own.contains(needle), "{own:?} should mention {needle:?}");
+    assert!(!measured(&bench, EngineKind::Tract).passed, "{bench:?}");
+    (reason, message)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_orders_are_rejected_and_the_last_good_model_keeps_serving() {
-    let mut s = setup().await;
+    let mut s = setup_with(with_onnxruntime).await;
     let good_sha = s.good["sha256"].as_str().unwrap().to_owned();
     let server_key = s.server_key();
 
@@ -236,7 +276,9 @@ async fn hostile_orders_are_rejected_and_the_last_good_model_keeps_serving() {
     m.version = "1.1-garbage".into();
     m.artifact.sha256 = garbage_sha;
     m.artifact.size = garbage.len() as u64;
-    let (reason, message) = rejected(&s.order(&m, &server_key, host.url()).await);
+    m.engines = both_engines();
+    let events = s.order_events(&m, &server_key, host.url()).await;
+    let (reason, message) = rejected_on_onnxruntime_too(&events, "cannot load the model");
     assert_eq!(reason, RejectReason::NotLoadable, "{message}");
     assert!(message.contains("not a loadable ONNX model"), "{message}");
     s.assert_still_serving_the_good_model().await;
@@ -252,14 +294,17 @@ async fn hostile_orders_are_rejected_and_the_last_good_model_keeps_serving() {
     m.version = "1.1-truncated".into();
     m.artifact.sha256 = truncated_sha;
     m.artifact.size = truncated.len() as u64;
-    let (reason, message) = rejected(&s.order(&m, &server_key, host.url()).await);
+    m.engines = both_engines();
+    let events = s.order_events(&m, &server_key, host.url()).await;
+    let (reason, message) = rejected_on_onnxruntime_too(&events, "cannot load the model");
     assert_eq!(reason, RejectReason::NotLoadable, "{message}");
     assert!(message.contains("not a loadable ONNX model"), "{message}");
     s.assert_still_serving_the_good_model().await;
 
     // Random bytes (not even text): the parser refuses them.
     let noise: Vec<u8> = (0..4096).map(|_| rand::random::<u8>()).collect();
-    let (reason, message) = rejected(&s.order_artifact("1.1-noise", noise, &server_key).await);
+    let events = s.order_artifact("1.1-noise", noise, &server_key).await;
+    let (reason, message) = rejected_on_onnxruntime_too(&events, "cannot load the model");
     assert_eq!(reason, RejectReason::NotLoadable, "{message}");
     assert!(message.contains("not a loadable ONNX model"), "{message}");
     s.assert_still_serving_the_good_model().await;
@@ -267,17 +312,37 @@ async fn hostile_orders_are_rejected_and_the_last_good_model_keeps_serving() {
     // A graph that materialises a 4 TiB constant: the gate child's allocation fails (the
     // address-space limit), the daemon never tries.
     let absurd = std::fs::read(fixture("absurd_dims.onnx")).unwrap();
-    let (reason, message) = rejected(&s.order_artifact("1.1-absurd", absurd, &server_key).await);
+    let events = s
+        .order_artifact("1.1-absurd", absurd.clone(), &server_key)
+        .await;
+    let (reason, message) = rejected(&events.last().unwrap().stage);
     assert_eq!(reason, RejectReason::NotLoadable, "{message}");
     assert!(message.contains("out of memory"), "{message}");
+    s.assert_still_serving_the_good_model().await;
+    // tract's failed allocation ends the child's whole run, so ONNX Runtime gets the same
+    // file on its own: refused with its own reason, the daemon untouched.
+    let only_ort = EnginePolicy {
+        candidates: Candidates::List(vec![EngineKind::OnnxruntimeCpu]),
+        tolerance: Default::default(),
+    };
+    let events = s
+        .order_artifact_on("1.1-absurd-ort", absurd, &server_key, only_ort)
+        .await;
+    let (reason, message) = rejected(&events.last().unwrap().stage);
+    assert_eq!(reason, RejectReason::NotLoadable, "{message}");
+    let bench = benchmark_of(&events);
+    let ort = measured(&bench, EngineKind::OnnxruntimeCpu);
+    assert!(!ort.passed && ort.p99_ms.is_none(), "{ort:?}");
+    assert_eq!(ort.reason.as_deref(), Some(message.as_str()), "{bench:?}");
+    assert!(message.contains("ONNX Runtime (onnxruntime-cpu)"), "{message}");
     s.assert_still_serving_the_good_model().await;
 
     // An operator no runtime implements: named in the event.
     let unknown = std::fs::read(fixture("unsupported_op.onnx")).unwrap();
-    let (reason, message) = rejected(
-        &s.order_artifact("1.1-no-such-op", unknown, &server_key)
-            .await,
-    );
+    let events = s
+        .order_artifact("1.1-no-such-op", unknown, &server_key)
+        .await;
+    let (reason, message) = rejected_on_onnxruntime_too(&events, "NoSuchOp");
     assert_eq!(reason, RejectReason::NotLoadable, "{message}");
     assert!(
         message.contains("unsupported operator") && message.contains("NoSuchOp"),
@@ -298,7 +363,11 @@ async fn hostile_orders_are_rejected_and_the_last_good_model_keeps_serving() {
     for values in reference.outputs.values_mut() {
         values.iter_mut().for_each(|v| *v = 1.0 - *v + 0.25);
     }
-    let (reason, message) = rejected(&s.order(&m, &server_key, s.artifact_url(&good_sha)).await);
+    m.engines = both_engines();
+    let events = s
+        .order_events(&m, &server_key, s.artifact_url(&good_sha))
+        .await;
+    let (reason, message) = rejected_on_onnxruntime_too(&events, "reference output differs");
     assert_eq!(reason, RejectReason::WrongOutput, "{message}");
     s.assert_still_serving_the_good_model().await;
 

