@@ -397,6 +397,7 @@ mod tests {
             agreement: None,
         }
     }
+    use botfleet_protocol::engine::{Candidates, Precision};
     use botfleet_protocol::manifest::Reference;
 
     #[test]
@@ -556,5 +557,170 @@ mod tests {
             RejectReason::WrongOutput
         );
         assert!(judge(&gate, &stats(1.0), None, measured(Some(f32::NAN), None)).is_err());
+    }
+
+    fn gate_with_reference(tolerance: f32) -> Gate {
+        Gate {
+            reference: Some(Reference {
+                seed: 1,
+                outputs: Default::default(),
+                tolerance,
+            }),
+            ..Gate::default()
+        }
+    }
+
+    fn policy(engines: &[EngineKind], tolerance: &[(Precision, f32)]) -> EnginePolicy {
+        EnginePolicy {
+            candidates: Candidates::List(engines.to_vec()),
+            tolerance: tolerance.iter().copied().collect(),
+        }
+    }
+
+    fn ran(engine: EngineKind, p99: f64, reference_max_abs_err: f32) -> EngineRun {
+        EngineRun {
+            engine,
+            load_ms: 5,
+            result: EngineResult::Measured {
+                stats: stats(p99).into(),
+                reference_max_abs_err: Some(reference_max_abs_err),
+                peak_rss_bytes: None,
+                cached: false,
+                agreement: None,
+            },
+        }
+    }
+
+    fn bench_of(judged: &Judged, engine: EngineKind) -> &EngineBench {
+        judged
+            .benches
+            .iter()
+            .find(|b| b.engine == engine)
+            .unwrap_or_else(|| panic!("{engine} not judged: {judged:?}"))
+    }
+
+    #[test]
+    fn each_precision_is_held_to_its_own_tolerance() {
+        use EngineKind::*;
+        let gate = gate_with_reference(1e-3);
+        let policy = policy(
+            &[OnnxruntimeTensorrtFp16, OnnxruntimeCpu, Tract],
+            &[(Precision::Fp16, 0.05)],
+        );
+        // The same error: within FP16's tolerance, far outside the native one.
+        let runs = [
+            ran(OnnxruntimeTensorrtFp16, 2.0, 0.01),
+            ran(OnnxruntimeCpu, 1.0, 0.01),
+            ran(Tract, 3.0, 0.01),
+        ];
+        let judged = judge_engines(&gate, &policy, &runs, None);
+        assert!(
+            bench_of(&judged, OnnxruntimeTensorrtFp16).passed,
+            "{judged:?}"
+        );
+        for native in [OnnxruntimeCpu, Tract] {
+            let bench = bench_of(&judged, native);
+            assert!(!bench.passed, "{bench:?}");
+            let reason = bench.reason.as_deref().unwrap_or_default();
+            assert!(reason.contains("tolerance is 1.000e-3"), "{reason}");
+        }
+        assert_eq!(
+            judged.choice,
+            Some(OnnxruntimeTensorrtFp16),
+            "the fastest engine failed its tolerance; the one that passed serves"
+        );
+        assert_eq!(judged.best_measured, Some(OnnxruntimeCpu));
+    }
+
+    #[test]
+    fn a_reduced_precision_without_a_tolerance_of_its_own_is_held_to_zero() {
+        use EngineKind::*;
+        let gate = gate_with_reference(1e-3);
+        let policy = policy(&[OnnxruntimeTensorrtInt8, Tract], &[]);
+        let runs = [
+            ran(OnnxruntimeTensorrtInt8, 1.0, 1e-4),
+            ran(Tract, 3.0, 1e-4),
+        ];
+        let judged = judge_engines(&gate, &policy, &runs, None);
+        assert!(!bench_of(&judged, OnnxruntimeTensorrtInt8).passed);
+        assert_eq!(judged.choice, Some(Tract));
+    }
+
+    #[test]
+    fn an_engine_with_wrong_outputs_is_refused_and_another_that_passes_serves() {
+        use EngineKind::*;
+        let gate = gate_with_reference(1e-3);
+        let policy = policy(&[OnnxruntimeCpu, Tract], &[]);
+        for wrong in [
+            ran(OnnxruntimeCpu, 1.0, 0.5),
+            EngineRun {
+                engine: OnnxruntimeCpu,
+                load_ms: 5,
+                result: EngineResult::WrongOutput {
+                    message: "output \"y\" has 3 values, the reference 4".into(),
+                },
+            },
+        ] {
+            let runs = [wrong, ran(Tract, 4.0, 1e-5)];
+            let judged = judge_engines(&gate, &policy, &runs, None);
+            let ort = bench_of(&judged, OnnxruntimeCpu);
+            assert!(!ort.passed && ort.reason.is_some(), "{ort:?}");
+            let tract = bench_of(&judged, Tract);
+            assert!(tract.passed && tract.reason.is_none(), "{tract:?}");
+            assert_eq!(judged.choice, Some(Tract), "{judged:?}");
+        }
+    }
+
+    #[test]
+    fn when_every_engine_fails_the_refusal_names_each_engine_and_its_reason() {
+        use EngineKind::*;
+        let gate = Gate {
+            max_p99_ms: Some(2.0),
+            ..gate_with_reference(1e-3)
+        };
+        let policy = policy(&[OnnxruntimeCpu, Tract], &[]);
+
+        // Both wrong: the kind they agree on, each engine's reason.
+        let runs = [ran(OnnxruntimeCpu, 1.0, 0.5), ran(Tract, 1.5, 0.25)];
+        let judged = judge_engines(&gate, &policy, &runs, None);
+        assert_eq!(judged.choice, None);
+        let (reason, message) = &judged.refusal;
+        assert_eq!(*reason, RejectReason::WrongOutput);
+        assert!(
+            message.starts_with("onnxruntime-cpu: reference output differs by 5.000e-1")
+                && message.contains("; tract: reference output differs by 2.500e-1"),
+            "{message}"
+        );
+
+        // Different kinds: the reason of the fastest engine measured, both named.
+        let runs = [
+            ran(OnnxruntimeCpu, 3.0, 1e-5),
+            EngineRun {
+                engine: Tract,
+                load_ms: 1,
+                result: EngineResult::NotLoadable {
+                    message: "unsupported operator: NoSuchOp".into(),
+                },
+            },
+        ];
+        let judged = judge_engines(&gate, &policy, &runs, None);
+        assert_eq!(judged.choice, None);
+        assert_eq!(judged.best_measured, Some(OnnxruntimeCpu));
+        let (reason, message) = &judged.refusal;
+        assert_eq!(*reason, RejectReason::GateMissed);
+        assert_eq!(
+            message,
+            "onnxruntime-cpu: p99 3.00 ms is over the budget of 2.00 ms; \
+             tract: unsupported operator: NoSuchOp"
+        );
+
+        // One engine: its own refusal, as it is.
+        let judged = judge_engines(&gate, &policy, &[ran(Tract, 1.0, 0.5)], None);
+        assert_eq!(judged.refusal.0, RejectReason::WrongOutput);
+        assert!(
+            judged.refusal.1.starts_with("reference output differs"),
+            "{:?}",
+            judged.refusal
+        );
     }
 }
