@@ -334,7 +334,10 @@ async fn hostile_orders_are_rejected_and_the_last_good_model_keeps_serving() {
     let ort = measured(&bench, EngineKind::OnnxruntimeCpu);
     assert!(!ort.passed && ort.p99_ms.is_none(), "{ort:?}");
     assert_eq!(ort.reason.as_deref(), Some(message.as_str()), "{bench:?}");
-    assert!(message.contains("ONNX Runtime (onnxruntime-cpu)"), "{message}");
+    assert!(
+        message.contains("ONNX Runtime (onnxruntime-cpu)"),
+        "{message}"
+    );
     s.assert_still_serving_the_good_model().await;
 
     // An operator no runtime implements: named in the event.
