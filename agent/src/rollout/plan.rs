@@ -214,17 +214,13 @@ pub fn judge(
     Ok(())
 }
 
-/// An engine within this share of the fastest p99 still wins when the manifest (or `auto`)
-/// prefers it: a GPU engine a little slower than the CPU one leaves the CPU to the robot.
-pub const PREFERENCE_MARGIN: f64 = 0.10;
-
 /// The engine to serve on, from those that passed, in order of preference with their p99:
-/// the first within [`PREFERENCE_MARGIN`] of the fastest.
+/// the one with the lowest p99; on a tie, the more preferred.
 pub fn choose(passed: &[(EngineKind, f64)]) -> Option<EngineKind> {
-    let fastest = passed.iter().map(|(_, p99)| *p99).reduce(f64::min)?;
+    // `min_by` keeps the first of equal elements: preference order breaks ties.
     passed
         .iter()
-        .find(|(_, p99)| *p99 <= fastest * (1.0 + PREFERENCE_MARGIN))
+        .min_by(|a, b| a.1.total_cmp(&b.1))
         .map(|(engine, _)| *engine)
 }
 
@@ -401,7 +397,7 @@ mod tests {
     use botfleet_protocol::manifest::Reference;
 
     #[test]
-    fn the_fastest_engine_wins_unless_a_preferred_one_is_within_the_margin() {
+    fn the_fastest_engine_wins_and_preference_only_breaks_ties() {
         use EngineKind::*;
         assert_eq!(choose(&[]), None);
         assert_eq!(
@@ -415,8 +411,18 @@ mod tests {
         );
         assert_eq!(
             choose(&[(OnnxruntimeCuda, 5.4), (OnnxruntimeCpu, 5.0)]),
+            Some(OnnxruntimeCpu),
+            "8 % slower is slower"
+        );
+        assert_eq!(
+            choose(&[(OnnxruntimeCuda, 5.0), (OnnxruntimeCpu, 5.0), (Tract, 9.0)]),
             Some(OnnxruntimeCuda),
-            "within 10 %: the preferred one"
+            "a tie: the preferred one"
+        );
+        assert_eq!(
+            choose(&[(Tract, 5.0), (OnnxruntimeCpu, 5.0)]),
+            Some(Tract),
+            "a tie follows the order given, not the engine"
         );
     }
 
