@@ -1,12 +1,17 @@
 //! The binary tensor data extension of the OIP v2 API (Triton's `binary_data`,
-//! `Inference-Header-Content-Length`), over real HTTP on loopback with real models.
+//! `Inference-Header-Content-Length`), over real HTTP on loopback with real models, on
+//! tract and on ONNX Runtime's CPU provider. Needs the ONNX Runtime library:
+//! `ORT_DYLIB_PATH`, or the onnxruntime wheel in the repository's `.venv` (`.ci/run`
+//! installs it).
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a test may panic
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use botfleet_agent::serve::router;
 use botfleet_agent::slots::{ServingModel, Slots};
-use botfleet_engine::Model;
+use botfleet_engine::{Engines, LoadOptions, OnnxRuntimeSettings};
+use botfleet_protocol::engine::EngineKind;
 use botfleet_protocol::manifest::{Artifact, Gate, ModelFormat, Quantization, Sha256Digest};
 use botfleet_protocol::tensor::{DataType, TensorSpec};
 use botfleet_protocol::{ExpiryCheck, Manifest, ManifestSigner, SlotName, TrustedKeys};
@@ -23,10 +28,62 @@ fn spec(name: &str, shape: &[i64]) -> TensorSpec {
     }
 }
 
-/// Serves `bytes` (loaded with `inputs`) as slot `m` on a loopback port; returns its infer URL.
-async fn serve(bytes: &[u8], inputs: &[TensorSpec]) -> String {
+/// Every engine the binary extension is served on here.
+const ENGINES: [EngineKind; 2] = [EngineKind::Tract, EngineKind::OnnxruntimeCpu];
+
+/// The ONNX Runtime library from `ORT_DYLIB_PATH`, else from the repository's `.venv`;
+/// without one the tests fail rather than skip ONNX Runtime.
+fn onnxruntime_library() -> PathBuf {
+    if let Some(p) = std::env::var_os("ORT_DYLIB_PATH").filter(|p| !p.is_empty()) {
+        return PathBuf::from(p);
+    }
+    let lib = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv/lib");
+    let found = std::fs::read_dir(&lib).ok().and_then(|entries| {
+        entries.flatten().find_map(|py| {
+            let capi = py.path().join("site-packages/onnxruntime/capi");
+            std::fs::read_dir(capi).ok()?.flatten().find_map(|f| {
+                let name = f.file_name().into_string().ok()?;
+                name.starts_with("libonnxruntime.so.").then(|| f.path())
+            })
+        })
+    });
+    found.unwrap_or_else(|| {
+        panic!(
+            "no ONNX Runtime library: set ORT_DYLIB_PATH or run \
+             `python3 -m venv .venv && .venv/bin/pip install onnxruntime==1.32.0` (as .ci/run does)"
+        )
+    })
+}
+
+/// tract and ONNX Runtime, which must have loaded.
+fn engines() -> Engines {
+    let engines = Engines::probe(&OnnxRuntimeSettings {
+        library: Some(onnxruntime_library()),
+        ..OnnxRuntimeSettings::default()
+    });
+    for engine in ENGINES {
+        assert!(
+            engines.available().contains(&engine),
+            "{engine} is not available: {:?}",
+            engines.info()
+        );
+    }
+    engines
+}
+
+/// Serves `bytes` (loaded with `inputs` on `engine`) as slot `m` on a loopback port;
+/// returns its infer URL.
+async fn serve(
+    engines: &Engines,
+    engine: EngineKind,
+    bytes: &[u8],
+    inputs: &[TensorSpec],
+) -> String {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let model = Model::load(bytes, inputs).unwrap();
+    let model = engines
+        .load(engine, bytes, inputs, &LoadOptions::default())
+        .unwrap();
+    assert_eq!(model.engine(), engine);
     let signer = ManifestSigner::from_secret([9; 32]);
     let manifest = Manifest {
         schema: 1,
@@ -149,8 +206,15 @@ fn image() -> Vec<f32> {
 
 #[tokio::test]
 async fn a_binary_request_gives_the_same_numbers_as_the_json_request_on_a_real_fixture() {
+    let engines = engines();
+    for engine in ENGINES {
+        binary_matches_json_on(&engines, engine).await;
+    }
+}
+
+async fn binary_matches_json_on(engines: &Engines, engine: EngineKind) {
     let (bytes, inputs) = pnet();
-    let url = serve(&bytes, &inputs).await;
+    let url = serve(engines, engine, &bytes, &inputs).await;
     let values = image();
     let as_json = json!({"inputs": [{"name": "input_1", "shape": [1, 24, 24, 3],
         "datatype": "FP32", "data": values}]});
@@ -170,6 +234,7 @@ async fn a_binary_request_gives_the_same_numbers_as_the_json_request_on_a_real_f
         .map(|o| (o["name"].as_str().unwrap().to_owned(), json_values(o)))
         .collect();
     assert_eq!(expected.len(), 2, "{answer}");
+    assert_eq!(answer["parameters"]["engine"], engine.as_str(), "{answer}");
 
     let header = json!({
         "inputs": [{"name": "input_1", "shape": [1, 24, 24, 3], "datatype": "FP32",
@@ -178,13 +243,24 @@ async fn a_binary_request_gives_the_same_numbers_as_the_json_request_on_a_real_f
     });
     let (header, outputs) = read_binary(post_binary(&url, &header, &le_bytes(&values)).await).await;
     assert_eq!(header["model_name"], "m");
-    assert_eq!(outputs, expected, "binary answer differs from the JSON one");
+    assert_eq!(header["parameters"]["engine"], engine.as_str(), "{header}");
+    assert_eq!(
+        outputs, expected,
+        "{engine}: binary answer differs from the JSON one"
+    );
 }
 
 #[tokio::test]
 async fn malformed_binary_sizes_are_rejected_with_a_clear_400() {
+    let engines = engines();
+    for engine in ENGINES {
+        malformed_sizes_are_rejected_on(&engines, engine).await;
+    }
+}
+
+async fn malformed_sizes_are_rejected_on(engines: &Engines, engine: EngineKind) {
     let (bytes, inputs) = pnet();
-    let url = serve(&bytes, &inputs).await;
+    let url = serve(engines, engine, &bytes, &inputs).await;
     let data = le_bytes(&image());
     let header = |size: usize| {
         json!({"inputs": [{"name": "input_1", "shape": [1, 24, 24, 3], "datatype": "FP32",
@@ -248,9 +324,9 @@ async fn malformed_binary_sizes_are_rejected_with_a_clear_400() {
     for (what, response, needle) in cases {
         let status = response.status();
         let body: Value = response.json().await.unwrap();
-        assert_eq!(status, 400, "{what}: {body}");
+        assert_eq!(status, 400, "{engine}, {what}: {body}");
         let message = body["error"].as_str().unwrap();
-        assert!(message.contains(needle), "{what}: {message}");
+        assert!(message.contains(needle), "{engine}, {what}: {message}");
     }
 
     // The total body is capped before anything is parsed.
@@ -259,7 +335,7 @@ async fn malformed_binary_sizes_are_rejected_with_a_clear_400() {
     assert_eq!(response.status(), 413);
 
     // A good request still works afterwards.
-    let (_, outputs) = read_binary(
+    let (header, outputs) = read_binary(
         post_raw(
             &url,
             &json!({"inputs": [{"name": "input_1", "shape": [1, 24, 24, 3], "datatype": "FP32",
@@ -273,6 +349,7 @@ async fn malformed_binary_sizes_are_rejected_with_a_clear_400() {
     )
     .await;
     assert_eq!(outputs.len(), 2);
+    assert_eq!(header["parameters"]["engine"], engine.as_str(), "{header}");
 }
 
 /// Protocol buffer encoding, just enough for a two-input ONNX graph.
@@ -327,8 +404,15 @@ mod onnx {
 
 #[tokio::test]
 async fn json_and_binary_inputs_mix_in_one_request_and_each_output_picks_its_format() {
+    let engines = engines();
+    for engine in ENGINES {
+        inputs_and_outputs_mix_on(&engines, engine).await;
+    }
+}
+
+async fn inputs_and_outputs_mix_on(engines: &Engines, engine: EngineKind) {
     let inputs = [spec("a", &[2, 3]), spec("b", &[2, 3])];
-    let url = serve(&onnx::add_and_mul(&[2, 3]), &inputs).await;
+    let url = serve(engines, engine, &onnx::add_and_mul(&[2, 3]), &inputs).await;
     let a = [1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0];
     let b = [0.5f32, -1.0, 2.0, 10.0, 0.0, -3.0];
     let header = json!({
@@ -345,16 +429,17 @@ async fn json_and_binary_inputs_mix_in_one_request_and_each_output_picks_its_for
     });
     let (header, binary) = read_binary(post_binary(&url, &header, &le_bytes(&a)).await).await;
     assert_eq!(header["id"], "mixed");
+    assert_eq!(header["parameters"]["engine"], engine.as_str(), "{header}");
     let sum: Vec<f32> = a.iter().zip(&b).map(|(x, y)| x + y).collect();
     let product: Vec<f32> = a.iter().zip(&b).map(|(x, y)| x * y).collect();
-    assert_eq!(binary, vec![("sum".to_owned(), sum)]);
+    assert_eq!(binary, vec![("sum".to_owned(), sum)], "{engine}");
     let as_json = header["outputs"]
         .as_array()
         .unwrap()
         .iter()
         .find(|o| o["name"] == "product")
         .unwrap();
-    assert_eq!(json_values(as_json), product);
+    assert_eq!(json_values(as_json), product, "{engine}");
 
     // Binary input, every output as JSON: a plain JSON answer without the length header.
     let response = post_binary(
@@ -370,4 +455,5 @@ async fn json_and_binary_inputs_mix_in_one_request_and_each_output_picks_its_for
     assert!(response.headers().get(HEADER).is_none());
     let answer: Value = response.json().await.unwrap();
     assert_eq!(answer["outputs"].as_array().unwrap().len(), 2, "{answer}");
+    assert_eq!(answer["parameters"]["engine"], engine.as_str(), "{answer}");
 }
