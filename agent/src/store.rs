@@ -342,6 +342,46 @@ mod tests {
     }
 
     #[test]
+    fn garbage_collection_removes_the_compiled_engines_of_the_models_it_removes_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let [kept, removed, downloading] = [b"a", b"b", b"c"].map(|x| Sha256Digest::of(x));
+        for sha in [kept, removed] {
+            fs::write(store.partial_path(&sha), b"x").unwrap();
+            store.commit(&sha).unwrap();
+        }
+        let keys = [
+            "onnxruntime-tensorrt-fp16-ort1.20-trt10.3-sm87",
+            "onnxruntime-cuda-sm87",
+        ];
+        let plan = |sha: &Sha256Digest, key: &str| store.engine_cache(sha, key).join("plan.engine");
+        for sha in [kept, removed, downloading] {
+            for key in keys {
+                fs::create_dir_all(store.engine_cache(&sha, key)).unwrap();
+                fs::write(plan(&sha, key), b"serialized engine").unwrap();
+            }
+        }
+        let stray = dir.path().join("engines").join("not-a-digest");
+        fs::create_dir_all(&stray).unwrap();
+
+        assert_eq!(
+            store.collect_garbage(&[kept], Some(&downloading)),
+            3,
+            "the removed model, its engine folder and the stray folder"
+        );
+        assert!(!store.has(&removed));
+        let engines = dir.path().join("engines");
+        assert!(!engines.join(removed.to_hex()).exists());
+        assert!(!stray.exists());
+        for sha in [kept, downloading] {
+            for key in keys {
+                assert_eq!(fs::read(plan(&sha, key)).unwrap(), b"serialized engine");
+            }
+        }
+        assert!(store.has(&kept));
+    }
+
+    #[test]
     fn a_corrupt_state_file_is_an_error_not_an_empty_state() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
