@@ -301,6 +301,34 @@ impl Fleet {
         Ok(body)
     }
 
+    /// Polls the rollout view until `done` holds (the server folds device events after the
+    /// device sent them, so what a device's own events say may not be in the view yet).
+    /// Fails with the last view after `limit`.
+    pub async fn wait_rollout(
+        &self,
+        id: &str,
+        limit: Duration,
+        done: impl Fn(&Value) -> bool,
+    ) -> Result<Value> {
+        let path = format!("/api/v1/rollouts/{id}");
+        let mut last = Value::Null;
+        let reached = tokio::time::timeout(limit, async {
+            loop {
+                last = self.get(&path).await?;
+                if done(&last) {
+                    return Ok::<_, anyhow::Error>(());
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        match reached {
+            Ok(Ok(())) => Ok(last),
+            Ok(Err(e)) => Err(e),
+            Err(_) => bail!("rollout {id} never got there within {limit:?}: {last}"),
+        }
+    }
+
     /// One OIP v2 inference on `agent`; returns (HTTP status, JSON body).
     pub async fn infer(
         &self,
@@ -341,7 +369,11 @@ pub fn benchmark_of(events: &[Event]) -> BenchReport {
 pub fn describe(events: &[Event]) -> String {
     events
         .iter()
-        .map(|e| e.stage.name())
+        .map(|e| match &e.stage {
+            Stage::Rejected { reason, message } => format!("rejected ({reason:?}: {message})"),
+            Stage::Failed { message } => format!("failed ({message})"),
+            other => other.name().to_owned(),
+        })
         .collect::<Vec<_>>()
         .join(" → ")
 }

@@ -147,9 +147,11 @@ async fn a_quantized_model_that_changes_answers_is_refused_on_the_robot_with_its
             "{bench:?}"
         );
     }
-    // The server's rollout view has the device's refusal and figure.
+    // The server's rollout view has the device's refusal and figure (once folded).
     let view = fleet
-        .get(&format!("/api/v1/rollouts/{rollout}"))
+        .wait_rollout(&rollout, ROLLOUT_LIMIT, |v| {
+            v["devices"][&device]["outcome"] != "in_progress"
+        })
         .await
         .unwrap();
     assert_eq!(view["devices"][&device]["outcome"], "rejected", "{view}");

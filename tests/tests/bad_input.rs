@@ -455,7 +455,9 @@ async fn a_model_that_misses_its_gate_is_rejected_with_its_numbers() {
 
     let status = s
         .fleet
-        .get(&format!("/api/v1/rollouts/{rollout}"))
+        .wait_rollout(&rollout, ROLLOUT_LIMIT, |v| {
+            v["devices"][&s.device]["outcome"] != "in_progress"
+        })
         .await
         .unwrap();
     assert_eq!(

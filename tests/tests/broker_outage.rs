@@ -68,20 +68,7 @@ async fn fleet_with_models(persistence: bool) -> Fleet {
 
 /// Polls the rollout view until `done` holds.
 async fn wait_rollout(fleet: &Fleet, id: &str, done: impl Fn(&Value) -> bool) -> Value {
-    let path = format!("/api/v1/rollouts/{id}");
-    let mut last = Value::Null;
-    let reached = tokio::time::timeout(ROLLOUT_LIMIT, async {
-        loop {
-            last = fleet.get(&path).await.unwrap();
-            if done(&last) {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await;
-    assert!(reached.is_ok(), "rollout {id} never got there: {last}");
-    last
+    fleet.wait_rollout(id, ROLLOUT_LIMIT, done).await.unwrap()
 }
 
 fn history(view: &Value, device: &str) -> Vec<String> {

@@ -57,21 +57,9 @@ async fn start(fleet: &Fleet, body: Value) -> String {
 }
 
 /// Polls the rollout until `done` holds (the API is the only view a client has).
+/// Polls the rollout view until `done` holds.
 async fn wait_rollout(fleet: &Fleet, id: &str, done: impl Fn(&Value) -> bool) -> Value {
-    let path = format!("/api/v1/rollouts/{id}");
-    let mut last = Value::Null;
-    let reached = tokio::time::timeout(WAIT, async {
-        loop {
-            last = fleet.get(&path).await.unwrap();
-            if done(&last) {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await;
-    assert!(reached.is_ok(), "rollout {id} never got there: {last}");
-    last
+    fleet.wait_rollout(id, WAIT, done).await.unwrap()
 }
 
 async fn operate(fleet: &Fleet, id: &str, op: &str) -> Value {

@@ -67,6 +67,14 @@ async fn setup() -> Setup {
         "{}",
         describe(&events)
     );
+    // An operator's rollback sends a signed order to devices the server knows are active;
+    // wait until it has folded this one's event.
+    fleet
+        .wait_rollout(&second_rollout, ROLLOUT_LIMIT, |v| {
+            v["devices"][&device]["outcome"] == "active"
+        })
+        .await
+        .unwrap();
     Setup {
         fleet,
         agent,

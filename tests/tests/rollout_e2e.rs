@@ -99,9 +99,11 @@ async fn float_then_int8_rollout(broker: BrokerKind) {
     .await;
     assert_eq!(answer["model_version"], "1.1.0-int8");
 
-    // The server folded the events and knows the device.
+    // The server folds the events and knows the device.
     let status = fleet
-        .get(&format!("/api/v1/rollouts/{rollout2}"))
+        .wait_rollout(&rollout2, ROLLOUT_LIMIT, |v| {
+            v["devices"][&device]["outcome"] != "in_progress"
+        })
         .await
         .unwrap();
     assert_eq!(status["devices"][&device]["outcome"], "active", "{status}");
