@@ -8,9 +8,10 @@
 //! The child's answer is kept in the data directory with a fingerprint of what it depended
 //! on: this agent's build, the settings, the ONNX Runtime library files (size, inode, mtime),
 //! the dynamic linker's cache (rewritten by `ldconfig` whenever a package installs a library:
-//! CUDA, cuDNN, TensorRT), `LD_LIBRARY_PATH` and the GPU driver's version. A restart with all of that unchanged
-//! reuses the answer instead of starting a child (tens of ms before the installed model can
-//! be restored); any change probes again. A child that failed is not kept, so it is retried.
+//! CUDA, cuDNN, TensorRT), `LD_LIBRARY_PATH` and the GPU driver's version. A restart with all
+//! of that unchanged reuses the answer instead of starting a child (tens of ms before the
+//! installed model can be restored); any change probes again. A child that failed is not
+//! kept, so it is retried.
 
 use std::fmt::Write as _;
 use std::os::unix::fs::MetadataExt;
