@@ -5,7 +5,6 @@
 //! installs it).
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a test may panic
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use botfleet_agent::serve::router;
@@ -31,29 +30,9 @@ fn spec(name: &str, shape: &[i64]) -> TensorSpec {
 /// Every engine the binary extension is served on here.
 const ENGINES: [EngineKind; 2] = [EngineKind::Tract, EngineKind::OnnxruntimeCpu];
 
-/// The ONNX Runtime library from `ORT_DYLIB_PATH`, else from the repository's `.venv`;
-/// without one the tests fail rather than skip ONNX Runtime.
-fn onnxruntime_library() -> PathBuf {
-    if let Some(p) = std::env::var_os("ORT_DYLIB_PATH").filter(|p| !p.is_empty()) {
-        return PathBuf::from(p);
-    }
-    let lib = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv/lib");
-    let found = std::fs::read_dir(&lib).ok().and_then(|entries| {
-        entries.flatten().find_map(|py| {
-            let capi = py.path().join("site-packages/onnxruntime/capi");
-            std::fs::read_dir(capi).ok()?.flatten().find_map(|f| {
-                let name = f.file_name().into_string().ok()?;
-                name.starts_with("libonnxruntime.so.").then(|| f.path())
-            })
-        })
-    });
-    found.unwrap_or_else(|| {
-        panic!(
-            "no ONNX Runtime library: set ORT_DYLIB_PATH or run \
-             `python3 -m venv .venv && .venv/bin/pip install onnxruntime==1.32.0` (as .ci/run does)"
-        )
-    })
-}
+#[path = "../../engine/tests/support/onnxruntime_library.rs"]
+mod onnxruntime_library;
+use onnxruntime_library::onnxruntime_library;
 
 /// tract and ONNX Runtime, which must have loaded.
 fn engines() -> Engines {

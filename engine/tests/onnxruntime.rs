@@ -17,28 +17,9 @@ fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// The library from `ORT_DYLIB_PATH`, else from the repository's `.venv`.
-fn library() -> PathBuf {
-    if let Some(p) = std::env::var_os("ORT_DYLIB_PATH").filter(|p| !p.is_empty()) {
-        return PathBuf::from(p);
-    }
-    let lib = repo().join(".venv/lib");
-    let found = std::fs::read_dir(&lib).ok().and_then(|entries| {
-        entries.flatten().find_map(|py| {
-            let capi = py.path().join("site-packages/onnxruntime/capi");
-            std::fs::read_dir(capi).ok()?.flatten().find_map(|f| {
-                let name = f.file_name().into_string().ok()?;
-                name.starts_with("libonnxruntime.so.").then(|| f.path())
-            })
-        })
-    });
-    found.unwrap_or_else(|| {
-        panic!(
-            "no ONNX Runtime library: set ORT_DYLIB_PATH or run \
-             `python3 -m venv .venv && .venv/bin/pip install onnxruntime==1.32.0` (as .ci/run does)"
-        )
-    })
-}
+#[path = "support/onnxruntime_library.rs"]
+mod onnxruntime_library;
+use onnxruntime_library::onnxruntime_library as library;
 
 fn engines() -> Engines {
     Engines::probe(&OnnxRuntimeSettings {

@@ -47,29 +47,9 @@ pub fn gate_program() -> PathBuf {
 
 /// The ONNX Runtime library for tests of the onnxruntime engine: `ORT_DYLIB_PATH`, else
 /// the onnxruntime wheel in the repository's `.venv` (`.ci/run` installs it).
-pub fn onnxruntime_library() -> PathBuf {
-    if let Some(p) = std::env::var_os("ORT_DYLIB_PATH").filter(|p| !p.is_empty()) {
-        return PathBuf::from(p);
-    }
-    let lib = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/lib");
-    std::fs::read_dir(&lib)
-        .ok()
-        .and_then(|entries| {
-            entries.flatten().find_map(|py| {
-                let capi = py.path().join("site-packages/onnxruntime/capi");
-                std::fs::read_dir(capi).ok()?.flatten().find_map(|f| {
-                    let name = f.file_name().into_string().ok()?;
-                    name.starts_with("libonnxruntime.so.").then(|| f.path())
-                })
-            })
-        })
-        .unwrap_or_else(|| {
-            panic!(
-                "no ONNX Runtime library: set ORT_DYLIB_PATH or run `python3 -m venv .venv && \
-                 .venv/bin/pip install onnxruntime==1.32.0` (as .ci/run does)"
-            )
-        })
-}
+pub use onnxruntime_library::onnxruntime_library;
+#[path = "../../engine/tests/support/onnxruntime_library.rs"]
+mod onnxruntime_library;
 
 /// A binary of this workspace's build next to the running test (test binaries live in
 /// `target/<profile>/deps`, the workspace's binaries one level up).

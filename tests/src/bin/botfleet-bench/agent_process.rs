@@ -29,15 +29,16 @@ pub fn usage(pid: u32) -> Result<(f64, u64, u64)> {
     let ticks: f64 = fields.get(11).context("utime")?.parse::<f64>()?
         + fields.get(12).context("stime")?.parse::<f64>()?;
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let kib = |key: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(key))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
+    let kib = |key| kib_field(&status, key).unwrap_or(0);
     Ok((ticks / 100.0, kib("VmRSS:"), kib("VmHWM:")))
+}
+
+/// The number after `key` in a `/proc` file of `Key:   123 kB` lines.
+fn kib_field(text: &str, key: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
 }
 
 /// Resident memory of a process (`self` or a pid) in KiB, from `smaps_rollup`: anonymous
@@ -45,13 +46,7 @@ pub fn usage(pid: u32) -> Result<(f64, u64, u64)> {
 /// and of the libraries it opened, which the kernel can drop and read again).
 pub fn resident(pid: &str) -> Result<(u64, u64)> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))?;
-    let kib = |key: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(key))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse::<u64>().ok())
-            .with_context(|| format!("{key} in smaps_rollup"))
-    };
+    let kib = |key| kib_field(&text, key).with_context(|| format!("{key} in smaps_rollup"));
     let (rss, anon) = (kib("Rss:")?, kib("Anonymous:")?);
     Ok((anon, rss.saturating_sub(anon)))
 }
@@ -103,9 +98,9 @@ pub fn model_memory(
 
 /// `model_memory` in a child of this binary, and the child's wall time from spawn to exit:
 /// the least a process can do from `exec` to a first inference of this model on `engine`.
-fn measure_model(fixture: &str, engine: EngineKind) -> Result<Value> {
+async fn measure_model(fixture: &str, engine: EngineKind) -> Result<Value> {
     let started = Instant::now();
-    let out = std::process::Command::new(std::env::current_exe()?)
+    let out = tokio::process::Command::new(std::env::current_exe()?)
         .args([
             "model-memory",
             "--fixture",
@@ -113,7 +108,8 @@ fn measure_model(fixture: &str, engine: EngineKind) -> Result<Value> {
             "--engine",
             engine.as_str(),
         ])
-        .output()?;
+        .output()
+        .await?;
     let wall_ms = started.elapsed().as_secs_f64() * 1e3;
     if !out.status.success() {
         bail!(
@@ -179,8 +175,9 @@ async fn serving_engine(http: &reqwest::Client, url: &str) -> Result<EngineKind>
         .with_context(|| format!("no engine in {v}"))
 }
 
-/// Kills nothing: starts `binary` on `config` and polls `url` until an inference succeeds.
-/// The agent, ms from `exec` to that answer, and when its start-up lines were logged.
+/// Starts `binary` on `config` (the caller has stopped the agent before) and polls `url`
+/// until an inference succeeds: the agent, ms from `exec` to that answer, and when its
+/// start-up lines were logged.
 async fn cold_start(
     binary: &std::path::Path,
     config: &botfleet_agent::Config,
@@ -287,9 +284,10 @@ pub async fn run(
         println!("footprint with {} on {engine}: {loaded}", f.name);
         // The same model alone in a fresh process, on the engine the gate chose: what it
         // weighs, and its load (the cold start's reference), three times.
-        let alone = (0..3)
-            .map(|_| measure_model(&f.name, engine))
-            .collect::<Result<Vec<_>>>()?;
+        let mut alone = Vec::new();
+        for _ in 0..3 {
+            alone.push(measure_model(&f.name, engine).await?);
+        }
         per_fixture.push(json!({
             "fixture": f.name, "engine": engine, "idle": loaded,
             "cold_start_ms": Summary::of(&cold_ms), "cold_start_phases_ms": cold_phases,

@@ -125,15 +125,22 @@ fn footprint_table(md: &mut String, v: &Value, heads: &mut Vec<String>) {
         md,
         "| agent | engine | CPU (% of one core) | RSS (MiB) | anonymous / files (MiB) | peak RSS (MiB) | model alone: anonymous / files (MiB) | RSS ÷ model alone | RSS − no model ÷ model alone |\n|---|---|---|---|---|---|---|---|---|"
     );
+    // CPU, RSS, anonymous / files, peak: one agent's idle window.
+    let window = |w: &Value, rss: String| {
+        format!(
+            "{:.3} | {rss} | {:.1} / {:.1} | {:.1}",
+            f(w, "cpu_percent"),
+            f(w, "anon_mib"),
+            f(w, "file_mib"),
+            f(w, "peak_rss_mib")
+        )
+    };
     let idle = &v["no_model"];
     let base = f(idle, "rss_mib");
     let _ = writeln!(
         md,
-        "| no model | | {:.3} | **{base:.1}** | {:.1} / {:.1} | {:.1} | | | |",
-        f(idle, "cpu_percent"),
-        f(idle, "anon_mib"),
-        f(idle, "file_mib"),
-        f(idle, "peak_rss_mib")
+        "| no model | | {} | | | |",
+        window(idle, format!("**{base:.1}**"))
     );
     let mut over = Vec::new();
     for x in fixtures(v) {
@@ -143,12 +150,9 @@ fn footprint_table(md: &mut String, v: &Value, heads: &mut Vec<String>) {
         let alone = anon + file;
         let _ = writeln!(
             md,
-            "| {name} loaded | {} | {:.3} | {rss:.1} | {:.1} / {:.1} | {:.1} | {anon:.1} / {file:.1} | {} | {} |",
+            "| {name} loaded | {} | {} | {anon:.1} / {file:.1} | {} | {} |",
             x["engine"].as_str().unwrap_or("?"),
-            f(&x["idle"], "cpu_percent"),
-            f(&x["idle"], "anon_mib"),
-            f(&x["idle"], "file_mib"),
-            f(&x["idle"], "peak_rss_mib"),
+            window(&x["idle"], format!("{rss:.1}")),
             ratio(rss, alone),
             ratio(rss - base, alone),
         );
