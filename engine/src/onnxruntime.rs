@@ -38,8 +38,15 @@ impl std::fmt::Debug for Runtime {
 
 static RUNTIME: OnceLock<Result<Runtime, String>> = OnceLock::new();
 
+const NO_LIBRARY: &str = "no library configured ([engine.onnxruntime] library or ORT_DYLIB_PATH)";
+
 /// The process's ONNX Runtime, loaded on first use from the configured library.
 pub(crate) fn runtime(settings: &OnnxRuntimeSettings) -> Result<&'static Runtime, String> {
+    // No library named is not an attempt: it must not stand for the process, where a later
+    // caller (another agent in the same test process) names one.
+    if RUNTIME.get().is_none() && settings.library_path().is_none() {
+        return Err(NO_LIBRARY.to_owned());
+    }
     RUNTIME
         .get_or_init(|| {
             // A library that makes `ort` panic is as unusable as one that is missing.
@@ -51,9 +58,9 @@ pub(crate) fn runtime(settings: &OnnxRuntimeSettings) -> Result<&'static Runtime
 }
 
 fn open(settings: &OnnxRuntimeSettings) -> Result<Runtime, String> {
-    let path = settings.library_path().ok_or_else(|| {
-        "no library configured ([engine.onnxruntime] library or ORT_DYLIB_PATH)".to_owned()
-    })?;
+    let path = settings
+        .library_path()
+        .ok_or_else(|| NO_LIBRARY.to_owned())?;
     // `ort` resolves a relative path against the executable; ours are the operator's.
     let path = std::fs::canonicalize(&path).map_err(|e| format!("{}: {e}", path.display()))?;
     let builder = ort::init_from(&path).map_err(|e| e.to_string())?;
