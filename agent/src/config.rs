@@ -114,6 +114,9 @@ pub struct MqttConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct InferenceConfig {
     pub listen: SocketAddr,
+    /// Also serve the same API on this Unix socket (empty: not), for clients on the robot
+    /// that want to skip TCP: created mode 0660, so the agent's group may connect.
+    pub unix_socket: PathBuf,
     pub max_request_bytes: usize,
 }
 
@@ -219,6 +222,7 @@ impl Default for InferenceConfig {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8000)),
+            unix_socket: PathBuf::new(),
             max_request_bytes: 64 * 1024 * 1024,
         }
     }

@@ -68,6 +68,11 @@ pub enum AgentError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("cannot listen on the Unix socket {path}: {source}")]
+    BindUnix {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
     #[error("HTTP client: {0}")]
     HttpClient(#[from] reqwest::Error),
     #[error("task {0} stopped unexpectedly")]
@@ -171,6 +176,17 @@ pub async fn start(config: Config) -> Result<Running, AgentError> {
         addr: listen,
         source,
     })?;
+    let unix_socket = &settings.config.inference.unix_socket;
+    let unix_listener = if unix_socket.as_os_str().is_empty() {
+        None
+    } else {
+        Some(
+            serve::bind_unix(unix_socket).map_err(|source| AgentError::BindUnix {
+                path: unix_socket.clone(),
+                source,
+            })?,
+        )
+    };
 
     let offline = Status {
         online: false,
@@ -258,6 +274,19 @@ pub async fn start(config: Config) -> Result<Running, AgentError> {
         Arc::clone(&slots),
         settings.config.inference.max_request_bytes,
     );
+    if let Some(unix_listener) = unix_listener {
+        let (c, app, path) = (cancel.clone(), app.clone(), unix_socket.clone());
+        tasks.spawn(async move {
+            let served = axum::serve(unix_listener, app)
+                .with_graceful_shutdown(c.cancelled_owned())
+                .await;
+            if let Err(e) = served {
+                error!(error = %e, socket = %path.display(), "inference API on the Unix socket failed");
+            }
+            let _ = std::fs::remove_file(&path);
+            "inference API (Unix socket)"
+        });
+    }
     let c = cancel.clone();
     tasks.spawn(async move {
         let served = axum::serve(listener, app)
@@ -273,6 +302,7 @@ pub async fn start(config: Config) -> Result<Running, AgentError> {
         device = %settings.device_id,
         version = env!("CARGO_PKG_VERSION"),
         inference = %inference_addr,
+        unix_socket = %unix_socket.display(),
         broker = %settings.config.mqtt.url,
         "botfleet-agent started"
     );

@@ -8,8 +8,8 @@ use botfleet_protocol::engine::EngineKind;
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::body::Body;
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -17,6 +17,7 @@ use axum::{Json, Router};
 use botfleet_engine::EngineError;
 use botfleet_protocol::tensor::TensorSpec;
 use bytes::Bytes;
+use futures_util::StreamExt;
 use serde::Serialize;
 use serde_json::json;
 
@@ -44,6 +45,28 @@ fn not_found(name: &str) -> ApiError {
 #[derive(Debug, Clone)]
 struct Api {
     slots: Arc<Slots>,
+    /// The largest request body taken, in bytes (413 beyond).
+    max_request_bytes: usize,
+}
+
+/// Listens on the Unix socket `path`, mode 0660 (the agent's group may connect). A socket
+/// left there by an earlier run is replaced; any other file is refused, not removed.
+pub fn bind_unix(path: &std::path::Path) -> std::io::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => std::fs::remove_file(path)?,
+        Ok(_) => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "a file that is not a socket is in the way",
+            ));
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let listener = tokio::net::UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+    Ok(listener)
 }
 
 /// The router, ready to serve.
@@ -73,8 +96,10 @@ pub fn router(slots: Arc<Slots>, max_request_bytes: usize) -> Router {
             "/v2/models/{name}/versions/{version}/infer",
             post(infer_versioned),
         )
-        .layer(DefaultBodyLimit::max(max_request_bytes))
-        .with_state(Api { slots })
+        .with_state(Api {
+            slots,
+            max_request_bytes,
+        })
 }
 
 async fn server_metadata() -> Json<serde_json::Value> {
@@ -204,7 +229,7 @@ async fn infer(
     State(api): State<Api>,
     Path(name): Path<String>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Result<Response, ApiError> {
     run_inference(api, name, None, &headers, body).await
 }
@@ -213,7 +238,7 @@ async fn infer_versioned(
     State(api): State<Api>,
     Path((name, version)): Path<(String, String)>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Result<Response, ApiError> {
     run_inference(api, name, Some(version), &headers, body).await
 }
@@ -223,9 +248,10 @@ async fn run_inference(
     name: String,
     version: Option<String>,
     headers: &HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Result<Response, ApiError> {
     let (slot, model) = serving(&api, &name, version.as_deref())?;
+    let body = read_body(headers, body, api.max_request_bytes).await?;
     let result = infer_on(&model, headers, body).await;
     // Latency as the robot's caller sees the engine, not including JSON decoding.
     match &result {
@@ -245,14 +271,18 @@ async fn run_inference(
     if binary.is_empty() {
         return Ok(Json(header).into_response());
     }
-    let mut body = serde_json::to_vec(&header).map_err(|e| {
+    let json = serde_json::to_vec(&header).map_err(|e| {
         ApiError(
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("encoding the answer: {e}"),
         )
     })?;
-    let json_len = body.len();
-    body.extend_from_slice(&binary);
+    let json_len = json.len();
+    // Two chunks, written with one vectored write: the outputs are not copied again.
+    let parts = [Bytes::from(json), Bytes::from(binary)];
+    let body = Body::from_stream(futures_util::stream::iter(
+        parts.map(Ok::<_, std::convert::Infallible>),
+    ));
     Ok((
         [
             (
@@ -272,13 +302,47 @@ async fn run_inference(
 /// Request id, JSON outputs and the binary part of the answer (empty when all are JSON).
 type Answer = (Option<String>, Vec<OutputTensor>, Vec<u8>);
 
+/// The request body as its chunks arrived, at most `limit` bytes (413 beyond, before
+/// reading anything when `Content-Length` says so).
+async fn read_body(
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+) -> Result<binary::Chunks, ApiError> {
+    let too_large = |n: String| {
+        ApiError(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "request body of {n} bytes is over this robot's limit of {limit} (inference.max_request_bytes)"
+            ),
+        )
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if let Some(n) = declared
+        && n > limit as u64
+    {
+        return Err(too_large(n.to_string()));
+    }
+    let mut chunks = binary::Chunks::default();
+    let mut stream = body.into_data_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| bad_request(format!("bad request body: {e}")))?;
+        chunks.push(chunk);
+        if chunks.len() > limit {
+            return Err(too_large(format!("more than {limit}")));
+        }
+    }
+    Ok(chunks)
+}
+
 async fn infer_on(
     model: &Arc<ServingModel>,
     headers: &HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: binary::Chunks,
 ) -> Result<(Answer, f64), ApiError> {
-    let body =
-        body.map_err(|e| ApiError(e.status(), format!("bad request body: {}", e.body_text())))?;
     let (json_part, mut binary_part) =
         binary::split(headers, body).map_err(|e| bad_request(e.to_string()))?;
     let request: InferRequest = serde_json::from_slice(&json_part)

@@ -3,7 +3,8 @@
 //! when there is no journal.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixDatagram;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -11,7 +12,8 @@ use std::time::Duration;
 
 const WAIT: Duration = Duration::from_secs(30);
 
-fn config(dir: &std::path::Path) -> std::path::PathBuf {
+/// The agent's configuration in `dir`; `inference` adds to its `[inference]` table.
+fn config(dir: &std::path::Path, inference: &str) -> std::path::PathBuf {
     let key = botfleet_protocol::manifest::format_public_key(
         &botfleet_protocol::ManifestSigner::from_secret([3; 32]).public_key(),
     );
@@ -20,7 +22,7 @@ fn config(dir: &std::path::Path) -> std::path::PathBuf {
         &path,
         format!(
             "device_id = \"robot-1\"\ndata_dir = \"{}\"\ntrusted_keys = [\"{key}\"]\n\
-             [mqtt]\nurl = \"mqtt://127.0.0.1:9\"\n[inference]\nlisten = \"127.0.0.1:0\"\n",
+             [mqtt]\nurl = \"mqtt://127.0.0.1:9\"\n[inference]\nlisten = \"127.0.0.1:0\"\n{inference}\n",
             dir.join("data").display()
         ),
     )
@@ -58,7 +60,7 @@ fn datagram(sock: &UnixDatagram) -> String {
     let mut buf = [0u8; 512];
     let n = sock
         .recv(&mut buf)
-        .expect("a notification within the timeout");
+        .unwrap_or_else(|e| panic!("no notification within the timeout: {e} ({:?})", e.kind()));
     String::from_utf8_lossy(&buf[..n]).into_owned()
 }
 
@@ -68,9 +70,13 @@ fn under_systemd_ready_comes_after_the_api_listens_then_watchdog_pings_then_stop
     let socket_path = dir.path().join("notify.sock");
     let sock = UnixDatagram::bind(&socket_path).unwrap();
     sock.set_read_timeout(Some(WAIT)).unwrap();
+    // The inference API on a Unix socket too, where an earlier run left its socket.
+    let api_socket = dir.path().join("inference.sock");
+    drop(std::os::unix::net::UnixListener::bind(&api_socket).unwrap());
+    let inference = format!("unix_socket = \"{}\"", api_socket.display());
     let mut child = Command::new(env!("CARGO_BIN_EXE_botfleet-agent"))
         .arg("--config")
-        .arg(config(dir.path()))
+        .arg(config(dir.path(), &inference))
         .env_remove("JOURNAL_STREAM")
         .env("NOTIFY_SOCKET", &socket_path)
         .env("WATCHDOG_USEC", "2000000")
@@ -92,6 +98,18 @@ fn under_systemd_ready_comes_after_the_api_listens_then_watchdog_pings_then_stop
         .find_map(|w| w.strip_prefix("inference="))
         .unwrap();
     std::net::TcpStream::connect(addr).unwrap();
+    // So does the Unix socket: the stale one replaced, mode 0660, speaking the same API.
+    let mode = std::fs::metadata(&api_socket).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o660, "{mode:o}");
+    let mut stream = std::os::unix::net::UnixStream::connect(&api_socket).unwrap();
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    stream
+        .write_all(b"GET /v2/health/live HTTP/1.1\r\nHost: robot\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.ends_with(r#"{"live":true}"#), "{answer}");
     assert_eq!(datagram(&sock), "WATCHDOG=1\n");
     assert_eq!(datagram(&sock), "WATCHDOG=1\n");
 
@@ -101,6 +119,33 @@ fn under_systemd_ready_comes_after_the_api_listens_then_watchdog_pings_then_stop
         .unwrap();
     assert_eq!(datagram(&sock), "STOPPING=1\n");
     assert!(child.wait().unwrap().success());
+    assert!(
+        !api_socket.exists(),
+        "the socket is removed on a clean stop"
+    );
+}
+
+#[test]
+fn a_file_that_is_not_a_socket_where_the_unix_socket_goes_stops_the_start_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let in_the_way = dir.path().join("inference.sock");
+    std::fs::write(&in_the_way, "precious").unwrap();
+    let inference = format!("unix_socket = \"{}\"", in_the_way.display());
+    let out = Command::new(env!("CARGO_BIN_EXE_botfleet-agent"))
+        .arg("--config")
+        .arg(config(dir.path(), &inference))
+        .env_remove("JOURNAL_STREAM")
+        .env_remove("NOTIFY_SOCKET")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("cannot listen on the Unix socket"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("not a socket"), "{stderr}");
+    assert_eq!(std::fs::read_to_string(&in_the_way).unwrap(), "precious");
 }
 
 #[test]

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use botfleet_protocol::tensor::{DataType, TensorSpec};
+use tract_onnx::prelude::tract_ndarray::{ArrayD, IxDyn};
 use tract_onnx::prelude::{
     DatumType, Framework, InferenceFact, InferenceModelExt, IntoRunnable, IntoTValue, TValue, TVec,
     Tensor as TractTensor, TypedRunnableModel, tvec,
@@ -193,17 +194,18 @@ impl TractModel {
     ) -> Result<Vec<Tensor>, EngineError> {
         let mut values: TVec<TValue> = tvec!();
         for t in inputs {
-            let shape = &t.shape;
-            let tensor = match &t.data {
-                TensorData::Bool(v) => TractTensor::from_shape(shape, v),
-                TensorData::Uint8(v) => TractTensor::from_shape(shape, v),
-                TensorData::Int8(v) => TractTensor::from_shape(shape, v),
-                TensorData::Int32(v) => TractTensor::from_shape(shape, v),
-                TensorData::Int64(v) => TractTensor::from_shape(shape, v),
-                TensorData::Fp32(v) => TractTensor::from_shape(shape, v),
-                TensorData::Fp64(v) => TractTensor::from_shape(shape, v),
-            }
-            .map_err(|e| EngineError::Run(chain(&e)))?;
+            // The request's buffer becomes tract's tensor as it is (no copy).
+            let shape = IxDyn(&t.shape);
+            let tensor: Result<TractTensor, _> = match t.data {
+                TensorData::Bool(v) => ArrayD::from_shape_vec(shape, v).map(Into::into),
+                TensorData::Uint8(v) => ArrayD::from_shape_vec(shape, v).map(Into::into),
+                TensorData::Int8(v) => ArrayD::from_shape_vec(shape, v).map(Into::into),
+                TensorData::Int32(v) => ArrayD::from_shape_vec(shape, v).map(Into::into),
+                TensorData::Int64(v) => ArrayD::from_shape_vec(shape, v).map(Into::into),
+                TensorData::Fp32(v) => ArrayD::from_shape_vec(shape, v).map(Into::into),
+                TensorData::Fp64(v) => ArrayD::from_shape_vec(shape, v).map(Into::into),
+            };
+            let tensor = tensor.map_err(|e| EngineError::Run(e.to_string()))?;
             values.push(tensor.into_tvalue());
         }
         let results = self
@@ -220,9 +222,12 @@ impl TractModel {
 
 fn to_tensor(name: &str, value: &TValue) -> Result<Tensor, EngineError> {
     fn slice<T: tract_onnx::prelude::Datum + Clone>(v: &TValue) -> Result<Vec<T>, String> {
-        v.to_plain_array_view::<T>()
-            .map(|view| view.iter().cloned().collect())
-            .map_err(|e| chain(&e))
+        let view = v.to_plain_array_view::<T>().map_err(|e| chain(&e))?;
+        // A dense row-major view (tract's outputs are) is one copy of its slice.
+        Ok(match view.as_slice() {
+            Some(values) => values.to_vec(),
+            None => view.iter().cloned().collect(),
+        })
     }
     let data = match value.datum_type() {
         DatumType::Bool => slice::<bool>(value).map(TensorData::Bool),

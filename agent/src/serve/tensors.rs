@@ -6,7 +6,6 @@ use std::fmt;
 use axum::http::StatusCode;
 use botfleet_engine::{Tensor, TensorData};
 use botfleet_protocol::tensor::DataType;
-use bytes::Bytes;
 use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -122,7 +121,10 @@ pub(super) struct OutputTensor {
 }
 
 /// One input as the engine takes it, from JSON values or from the binary part of the body.
-pub(super) fn input_to_engine(t: InputTensor, binary: &mut Bytes) -> Result<Tensor, ApiError> {
+pub(super) fn input_to_engine(
+    t: InputTensor,
+    binary: &mut binary::Chunks,
+) -> Result<Tensor, ApiError> {
     match (t.parameters.binary_data_size, t.data) {
         (Some(size), None) => {
             let data = binary::take_input(binary, &t.name, t.datatype, &t.shape, size)
