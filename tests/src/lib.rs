@@ -8,6 +8,7 @@ pub mod hostile;
 pub mod mosquitto;
 pub mod process;
 pub mod secure_broker;
+pub mod sim_fleet;
 pub mod simulated;
 pub mod watch;
 

@@ -1,11 +1,15 @@
 //! A real Mosquitto broker on a loopback port (or a given address), for one fleet; it can be
-//! killed and started again on the same port, with or without persistence.
+//! killed and started again on the same port, with or without persistence. Beyond what one
+//! broker process carries (its open files), [`Mosquitto::start_leaf`] starts a leaf broker
+//! bridged to a central one: devices connect to leaves, the server to the central broker.
 
 use std::net::IpAddr;
 use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use botfleet_protocol::{DeviceId, TopicKind, Topics};
+use rumqttc::{AsyncClient, Event as MqttEvent, Packet, QoS};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
@@ -15,6 +19,8 @@ pub struct Mosquitto {
     addr: IpAddr,
     port: u16,
     persistence: bool,
+    /// Configuration after the common part (a leaf's bridge).
+    extra: String,
     dir: tempfile::TempDir,
 }
 
@@ -35,10 +41,72 @@ impl Mosquitto {
             addr,
             port,
             persistence,
+            extra: String::new(),
             dir: tempfile::tempdir()?,
         };
         broker.restart().await?;
         Ok(broker)
+    }
+
+    /// Starts a loopback leaf broker bridged to `central` (as bridge `name`) for `devices`
+    /// under `prefix`, and returns once a message published on `central` reached it over
+    /// the bridge.
+    ///
+    /// What devices send (status, info, telemetry, events) goes `out` to the central
+    /// broker through one `+` filter per kind; what the server sends them (desired,
+    /// commands) comes `in` per device, so a leaf receives only its own devices' messages,
+    /// never another leaf's. Retained flags and last wills cross the bridge as they are
+    /// (`try_private`, Mosquitto's default, tells the central broker it is a bridge).
+    pub async fn start_leaf(
+        central: &Mosquitto,
+        name: &str,
+        prefix: &str,
+        devices: &[String],
+    ) -> Result<Self> {
+        let topics = Topics::new(prefix)?;
+        let probe = format!("{prefix}/bridge-probe/{name}");
+        // Unlimited QoS 1 in flight: the bridge carries a whole leaf's upward traffic on one
+        // connection, which Mosquitto's default of 20 would throttle to round trips.
+        let mut extra = format!(
+            "max_inflight_messages 0\n\
+             connection {name}\naddress {}:{}\nremote_clientid {name}\n\
+             cleansession true\nnotifications false\n",
+            central.addr, central.port
+        );
+        for kind in TopicKind::ALL {
+            let qos = u8::from(kind.at_least_once());
+            match bridge_direction(kind) {
+                Direction::Out => {
+                    extra.push_str(&format!("topic {} out {qos}\n", topics.all_devices(kind)));
+                }
+                Direction::In => {
+                    for device in devices {
+                        let id = DeviceId::new(device.as_str())?;
+                        extra.push_str(&format!("topic {} in {qos}\n", topics.device(&id, kind)));
+                    }
+                }
+            }
+        }
+        // Last: the bridge subscribes in this order, so once the probe comes through, the
+        // central broker holds every subscription above.
+        extra.push_str(&format!("topic {probe} in 1\n"));
+        let port = std::net::TcpListener::bind((central.addr, 0))?
+            .local_addr()?
+            .port();
+        let mut leaf = Self {
+            child: None,
+            addr: central.addr,
+            port,
+            persistence: false,
+            extra,
+            dir: tempfile::tempdir()?,
+        };
+        leaf.restart().await?;
+        tokio::time::timeout(Duration::from_secs(60), round_trip(central, &leaf, &probe))
+            .await
+            .with_context(|| format!("bridge {name}: nothing came through within 60 s"))?
+            .with_context(|| format!("bridge {name}"))?;
+        Ok(leaf)
     }
 
     /// Starts the broker again on the same address and port (after [`Self::kill`]).
@@ -61,10 +129,11 @@ impl Mosquitto {
                  max_packet_size {}\n\
                  # As deploy/mosquitto/mosquitto.conf: the server subscribes to the whole\n\
                  # fleet, and a wave's events must queue for it, not be dropped at 1,000.\n\
-                 max_queued_messages 200000\n",
+                 max_queued_messages 200000\n{}",
                 self.port,
                 self.addr,
-                botfleet_protocol::MAX_PACKET_BYTES
+                botfleet_protocol::MAX_PACKET_BYTES,
+                self.extra,
             ),
         )?;
         let mut child = Command::new("mosquitto")
@@ -108,6 +177,11 @@ impl Mosquitto {
         self.port
     }
 
+    /// Its process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(Child::id)
+    }
+
     /// Whether the next [`Self::restart`] keeps what the broker saved. Turning it off
     /// also deletes what was saved: the broker comes back knowing nothing (no sessions, no
     /// retained messages).
@@ -130,5 +204,60 @@ impl Mosquitto {
             child.kill().await?;
         }
         Ok(())
+    }
+}
+
+/// Which way a bridge carries a kind of device topic.
+enum Direction {
+    /// Leaf to central: a device's own messages.
+    Out,
+    /// Central to leaf: the server's messages to a device.
+    In,
+}
+
+fn bridge_direction(kind: TopicKind) -> Direction {
+    match kind {
+        TopicKind::Status | TopicKind::Info | TopicKind::Telemetry | TopicKind::Events => {
+            Direction::Out
+        }
+        TopicKind::Desired | TopicKind::Commands => Direction::In,
+    }
+}
+
+/// Publishes `topic` retained on `central` and waits until a client of `leaf` gets it
+/// (retained on subscribing, or live when the bridge delivers it), then clears it.
+async fn round_trip(central: &Mosquitto, leaf: &Mosquitto, topic: &str) -> Result<()> {
+    let client_id = |side: &str| format!("bridge-probe-{side}-{}", leaf.port);
+    let (publisher, mut publisher_loop) = AsyncClient::new(
+        crate::watch::mqtt_options(&central.url(), client_id("central"))?,
+        8,
+    );
+    publisher
+        .publish(topic, QoS::AtLeastOnce, true, "up")
+        .await?;
+    loop {
+        if let MqttEvent::Incoming(Packet::PubAck(_)) = publisher_loop.poll().await? {
+            break;
+        }
+    }
+    let (watcher, mut watcher_loop) = AsyncClient::new(
+        crate::watch::mqtt_options(&leaf.url(), client_id("leaf"))?,
+        8,
+    );
+    watcher.subscribe(topic, QoS::AtLeastOnce).await?;
+    loop {
+        if let MqttEvent::Incoming(Packet::Publish(p)) = watcher_loop.poll().await?
+            && p.topic == topic
+        {
+            break;
+        }
+    }
+    publisher
+        .publish(topic, QoS::AtLeastOnce, true, Vec::<u8>::new())
+        .await?;
+    loop {
+        if let MqttEvent::Incoming(Packet::PubAck(_)) = publisher_loop.poll().await? {
+            return Ok(());
+        }
     }
 }
