@@ -58,7 +58,9 @@ impl SimAgent {
         let id = DeviceId::new(device)?;
         let status_topic = topics.device(&id, TopicKind::Status);
         let mut options = crate::watch::mqtt_options(mqtt_url, device)?;
-        options.set_keep_alive(Duration::from_secs(5));
+        // Long enough that a simulator process starved of CPU by its neighbours (fleets of
+        // 100,000 on 2 cores) does not miss its pings and lose the session.
+        options.set_keep_alive(Duration::from_secs(30));
         options.set_max_packet_size(1 << 20, 1 << 20);
         let will = json!({"online": false, "agent_version": "sim", "at": jiff::Timestamp::now()});
         options.set_last_will(LastWill::new(
@@ -106,7 +108,16 @@ impl SimAgent {
         let task = tokio::spawn(async move {
             let mut generation = 0u64;
             let _keep = &client;
-            while let Ok(event) = eventloop.poll().await {
+            loop {
+                let event = match eventloop.poll().await {
+                    Ok(event) => event,
+                    Err(e) => {
+                        // The device stays silent from here on: say so, where a fleet of
+                        // them would otherwise just leave it pending.
+                        eprintln!("simulated device {device_id}: session lost: {e}");
+                        return;
+                    }
+                };
                 let MqttEvent::Incoming(Packet::Publish(p)) = event else {
                     continue;
                 };

@@ -24,15 +24,19 @@ pub fn serving(md: &mut String, v: &Value, crit: &Crit, heads: &mut Vec<String>)
         md,
         "## 1. Serving overhead: OIP v2 over loopback HTTP vs in-process\n\n\
          `botfleet-bench serving`: the agent's real router (`botfleet_agent::serve`) on \
-         127.0.0.1, a keep-alive HTTP/1.1 client, the fixture's reference input; in-process is \
-         `Model::run` on the same input. Each fixture is served by both engines, each in its own \
-         slot of the same server: tract, and botfleet's ONNX Runtime CPU backend \
-         (`Engines::load(OnnxruntimeCpu, …)`, one intra-op thread). The three paths of both \
-         engines alternate request by request. Bodies are encoded once by the client, so the \
-         figures are the agent's side (parse, run, answer) plus the transport. Binary = the \
-         binary tensor data extension (input and outputs as raw little-endian bytes, \
-         `Inference-Header-Content-Length`). Goal: p50 ≤ 1.05× in-process for models of ≥ 1 ms, \
-         ≤ +100 µs for sub-millisecond models. Times in ms.\n"
+         127.0.0.1 and on a Unix socket (`inference.unix_socket`), keep-alive HTTP/1.1 clients, \
+         the fixture's reference input; in-process is `Model::run` on the same input. Each \
+         fixture is served by both engines, each in its own slot of the same server: tract, and \
+         botfleet's ONNX Runtime CPU backend (`Engines::load(OnnxruntimeCpu, …)`, one intra-op \
+         thread). The four paths of both engines alternate request by request. Bodies are \
+         encoded once and shared with the client (no copy per request), so the figures are the \
+         agent's side (read, parse, run, answer) plus the transport. Binary = the binary tensor \
+         data extension (input and outputs as raw little-endian bytes, \
+         `Inference-Header-Content-Length`). *Agent alone*: the same binary request handed to \
+         the router in the same process (`tower::ServiceExt::oneshot`: no socket, no HTTP \
+         client), which splits what the agent adds from what the transport adds. Goal: p50 ≤ 1.05× in-process for models of ≥ 1 ms, \
+         ≤ +100 µs for sub-millisecond models; the verdict is for the faster of the two \
+         transports a robot's client can pick. Times in ms.\n"
     );
     if v.is_null() {
         return not_run(md, "serving");
@@ -43,9 +47,12 @@ pub fn serving(md: &mut String, v: &Value, crit: &Crit, heads: &mut Vec<String>)
     }
     let _ = writeln!(
         md,
-        "| fixture | engine | request JSON / binary | in-process p50 (IQR) / p99 | HTTP binary p50 (IQR) / p99 | binary ÷ in-process p50 / p99 | binary − in-process p50 | HTTP JSON p50 (IQR) / p99 | JSON ÷ in-process p50 | goal (binary) |\n|---|---|---|---|---|---|---|---|---|---|"
+        "| fixture | engine | request JSON / binary | in-process p50 (IQR) / p99 | TCP binary p50 (IQR) / p99 | TCP ÷ in-process p50 / p99 | TCP − in-process p50 | Unix socket binary p50 (IQR) / p99 | Unix ÷ in-process p50 | Unix − in-process p50 | agent alone (router, no transport) − in-process p50 | TCP JSON p50 (IQR) | JSON ÷ in-process p50 | goal |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     );
     let mut verdicts = Vec::new();
+    // Per row, µs over in-process at p50: the agent alone, TCP, the Unix socket; and the
+    // agent alone as a ratio.
+    let mut parts: Vec<(f64, f64, f64, f64)> = Vec::new();
     for f in fixtures(v) {
         let (Some(local), Some(bin), Some(js)) = (
             summary(&f["in_process_ms"]),
@@ -54,14 +61,23 @@ pub fn serving(md: &mut String, v: &Value, crit: &Crit, heads: &mut Vec<String>)
         ) else {
             continue;
         };
+        let unix = summary(&f["unix_binary_ms"]);
         let name = f["fixture"].as_str().unwrap_or("?");
         let engine = f["engine"].as_str().unwrap_or("tract");
+        let (best, via) = match &unix {
+            Some(u) if u.p50 < bin.p50 => (u.p50, "Unix socket"),
+            _ => (bin.p50, "TCP"),
+        };
         let (goal, met, by) = if local.p50 >= 1.0 {
-            let r = bin.p50 / local.p50;
-            ("≤ 1.05×", r <= 1.05, format!("{r:.2}× vs 1.05×"))
+            let r = best / local.p50;
+            ("≤ 1.05×", r <= 1.05, format!("{r:.2}× vs 1.05×, {via}"))
         } else {
-            let d = (bin.p50 - local.p50) * 1e3;
-            ("≤ +100 µs", d <= 100.0, format!("+{d:.0} µs vs +100 µs"))
+            let d = (best - local.p50) * 1e3;
+            (
+                "≤ +100 µs",
+                d <= 100.0,
+                format!("+{d:.0} µs vs +100 µs, {via}"),
+            )
         };
         verdicts.push((
             format!("{name} on {engine}"),
@@ -69,9 +85,29 @@ pub fn serving(md: &mut String, v: &Value, crit: &Crit, heads: &mut Vec<String>)
             by.clone(),
             js.p50 / local.p50,
         ));
+        let (unix_cell, unix_ratio, unix_diff) = match &unix {
+            Some(u) => (
+                format!("{} / {:.2}", spread(u, 2), u.p99),
+                ratio(u.p50, local.p50),
+                format!("{:+.0} µs", (u.p50 - local.p50) * 1e3),
+            ),
+            None => ("not measured".to_owned(), String::new(), String::new()),
+        };
+        let router = summary(&f["router_binary_ms"]);
+        let router_diff = router.as_ref().map_or_else(String::new, |r| {
+            format!("{:+.0} µs", (r.p50 - local.p50) * 1e3)
+        });
+        if let (Some(r), Some(u)) = (&router, &unix) {
+            parts.push((
+                (r.p50 - local.p50) * 1e3,
+                (bin.p50 - local.p50) * 1e3,
+                (u.p50 - local.p50) * 1e3,
+                r.p50 / local.p50,
+            ));
+        }
         let _ = writeln!(
             md,
-            "| {name} | {engine} | {:.0} KiB / {:.0} KiB | {} / {:.2} | {} / {:.2} | {} / {} | {:+.0} µs | {} / {:.2} | {} | {goal}: {} ({by}) |",
+            "| {name} | {engine} | {:.0} KiB / {:.0} KiB | {} / {:.2} | {} / {:.2} | {} / {} | {:+.0} µs | {unix_cell} | {unix_ratio} | {unix_diff} | {router_diff} | {} | {} | {goal}: {} ({by}) |",
             f["json_request_bytes"].as_f64().unwrap_or(0.0) / 1024.0,
             f["binary_request_bytes"].as_f64().unwrap_or(0.0) / 1024.0,
             spread(&local, 2),
@@ -82,7 +118,6 @@ pub fn serving(md: &mut String, v: &Value, crit: &Crit, heads: &mut Vec<String>)
             ratio(bin.p99, local.p99),
             (bin.p50 - local.p50) * 1e3,
             spread(&js, 2),
-            js.p99,
             ratio(js.p50, local.p50),
             if met { "**met**" } else { "**missed**" },
         );
@@ -107,13 +142,7 @@ pub fn serving(md: &mut String, v: &Value, crit: &Crit, heads: &mut Vec<String>)
             "Every model meets its goal over the binary extension on every engine.".to_owned()
         } else {
             format!(
-                "Missed: {}. What remains is a fixed cost per request (HTTP parse, one copy of \
-                 the input into the engine's tensors, a `spawn_blocking` hop, the answer), the \
-                 same whatever the engine (the \"binary − in-process\" column): it matters only \
-                 where it is large against the model, so a faster engine misses the ratio on \
-                 models it makes short. Closing it: serve small models over a Unix socket or \
-                 shared memory (Triton's shared-memory extension), or batch several windows per \
-                 request.",
+                "Missed: {}.",
                 missed
                     .iter()
                     .map(|m| format!("{} ({})", m.0, m.2))
@@ -122,6 +151,34 @@ pub fn serving(md: &mut String, v: &Value, crit: &Crit, heads: &mut Vec<String>)
             )
         }
     );
+    if !parts.is_empty() {
+        let range = |f: fn(&(f64, f64, f64, f64)) -> f64| {
+            let lo = parts.iter().map(f).fold(f64::INFINITY, f64::min);
+            let hi = parts.iter().map(f).fold(f64::NEG_INFINITY, f64::max);
+            (lo, hi)
+        };
+        let (r_lo, r_hi) = range(|p| p.0);
+        let (x_lo, x_hi) = range(|p| p.3);
+        let (t_lo, t_hi) = range(|p| p.1 - p.0);
+        let (u_lo, u_hi) = range(|p| p.2 - p.0);
+        let (s_lo, s_hi) = range(|p| p.1 - p.2);
+        let _ = writeln!(
+            md,
+            "Where the time goes (medians, per row): the agent's own work (body read as its \
+             chunks, header parsed, tensors decoded straight from the chunks, the hop to a \
+             blocking thread, outputs encoded and answered as two chunks) adds {r_lo:+.0} to \
+             {r_hi:+.0} µs, {x_lo:.2}–{x_hi:.2}× in-process; the transport adds {t_lo:+.0} to \
+             {t_hi:+.0} µs more over loopback TCP and {u_lo:+.0} to {u_hi:+.0} µs over the Unix \
+             socket, which saves {s_lo:+.0} to {s_hi:+.0} µs against TCP. The transport's share \
+             is the kernel copying the request into and out of the socket and the HTTP client \
+             (reqwest) building the request and reading the answer, on the same 2 cores as the \
+             model; the figures move by ±150 µs between runs on this shared machine, so rows \
+             within that of the goal are within noise. What is left is mostly not the agent's: \
+             the next lever is a transport that does not carry the tensor at all, the OIP v2 \
+             system shared-memory extension (the client registers a region once and names it \
+             per request), for clients that can use it.\n"
+        );
+    }
     let _ = writeln!(
         md,
         "JSON tensors cost {}× in-process at p50 across the rows: numbers as text are 2–3× the bytes and need parsing; clients that send images should use the binary extension.\n",
@@ -133,7 +190,7 @@ pub fn serving(md: &mut String, v: &Value, crit: &Crit, heads: &mut Vec<String>)
     );
     for (name, met, by, _) in &verdicts {
         heads.push(format!(
-            "Serving {name} over HTTP binary: {by} ({})",
+            "Serving {name} over binary tensors: {by} ({})",
             if *met { "met" } else { "missed" }
         ));
     }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use axum::body::Bytes;
 use botfleet_agent::bench::local_serving;
 use botfleet_agent::serve::router;
 use botfleet_agent::slots::Slots;
@@ -19,9 +20,11 @@ use crate::fixtures::{Fixture, unavailable};
 use crate::stats::Summary;
 
 /// The same tensors as a JSON body and as a binary body (with its JSON header length).
+/// Shared buffers: a request hands the client its body without a copy, as a client that
+/// has its frame in memory would.
 pub struct Bodies {
-    pub json: Vec<u8>,
-    pub binary: Vec<u8>,
+    pub json: Bytes,
+    pub binary: Bytes,
     pub header_len: usize,
 }
 
@@ -46,8 +49,8 @@ pub fn bodies(input: &[Tensor]) -> Result<Bodies> {
     let mut binary = header;
     binary.extend(raw);
     Ok(Bodies {
-        json: serde_json::to_vec(&json!({ "inputs": json_inputs }))?,
-        binary,
+        json: serde_json::to_vec(&json!({ "inputs": json_inputs }))?.into(),
+        binary: binary.into(),
         header_len,
     })
 }
@@ -61,13 +64,23 @@ pub async fn serve(slots: Arc<Slots>) -> Result<String> {
     Ok(url)
 }
 
+/// The same router on a Unix socket in `dir` (as the agent's `inference.unix_socket`); a
+/// client for it (which sends every request there, whatever the URL's host).
+pub fn serve_unix(slots: Arc<Slots>, dir: &std::path::Path) -> Result<reqwest::Client> {
+    let path = dir.join("inference.sock");
+    let listener = botfleet_agent::serve::bind_unix(&path)?;
+    let app = router(slots, 256 << 20);
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Ok(reqwest::Client::builder().unix_socket(path).build()?)
+}
+
 pub async fn post(
     http: &reqwest::Client,
     url: &str,
-    body: &[u8],
+    body: &Bytes,
     header_len: Option<usize>,
 ) -> Result<reqwest::Response> {
-    let mut request = http.post(url).body(body.to_vec());
+    let mut request = http.post(url).body(body.clone());
     request = match header_len {
         Some(n) => request.header("Inference-Header-Content-Length", n),
         None => request.header("Content-Type", "application/json"),
@@ -79,9 +92,26 @@ pub async fn post(
     Ok(response)
 }
 
+/// The binary request handed to the agent's router in this process (no socket, no client):
+/// what the agent itself adds (read the body, parse, decode, the blocking-thread hop, run,
+/// encode, answer), without the transport.
+async fn through_router(app: &axum::Router, url: &str, b: &Bodies) -> Result<()> {
+    use tower::ServiceExt;
+    let request = axum::http::Request::post(url)
+        .header("Inference-Header-Content-Length", b.header_len)
+        .header("Content-Length", b.binary.len())
+        .body(axum::body::Body::from(b.binary.clone()))?;
+    let response = app.clone().oneshot(request).await?;
+    if !response.status().is_success() {
+        bail!("router: HTTP {}", response.status());
+    }
+    axum::body::to_bytes(response.into_body(), usize::MAX).await?;
+    Ok(())
+}
+
 /// How many interleaved rounds fit `budget` for a model that takes `one` per run.
 pub fn rounds(one: Duration, budget: Duration, min: usize, max: usize) -> usize {
-    let per_round = one.as_secs_f64().max(1e-5) * 3.5;
+    let per_round = one.as_secs_f64().max(1e-5) * 5.5;
     ((budget.as_secs_f64() / per_round) as usize).clamp(min, max)
 }
 
@@ -90,13 +120,18 @@ struct Path {
     engine: EngineKind,
     model: Model,
     url: String,
+    /// The infer path alone, for the in-process router.
+    path: String,
     local: Vec<f64>,
     json: Vec<f64>,
     binary: Vec<f64>,
+    unix: Vec<f64>,
+    router: Vec<f64>,
 }
 
 pub async fn run(fixtures: &[Fixture], engines: &Engines, budget: Duration) -> Result<Value> {
     let http = reqwest::Client::new();
+    let sockets = tempfile::tempdir()?;
     let ort_missing = unavailable(engines, EngineKind::OnnxruntimeCpu);
     let mut out = Vec::new();
     for f in fixtures {
@@ -111,6 +146,10 @@ pub async fn run(fixtures: &[Fixture], engines: &Engines, budget: Duration) -> R
             Some(why) => println!("serving {}: onnxruntime-cpu not measured: {why}", f.name),
         }
         let base = serve(Arc::clone(&slots)).await?;
+        let dir = sockets.path().join(&f.name);
+        std::fs::create_dir_all(&dir)?;
+        let unix = serve_unix(Arc::clone(&slots), &dir)?;
+        let app = router(Arc::clone(&slots), 256 << 20);
         let mut paths = Vec::new();
         for (engine, model) in models {
             let slot = SlotName::new(format!("bench-{engine}"))?;
@@ -120,13 +159,16 @@ pub async fn run(fixtures: &[Fixture], engines: &Engines, budget: Duration) -> R
                 engine,
                 model,
                 url: format!("{base}/v2/models/{slot}/infer"),
+                path: format!("/v2/models/{slot}/infer"),
                 local: vec![],
                 json: vec![],
                 binary: vec![],
+                unix: vec![],
+                router: vec![],
             });
         }
         let b = bodies(&f.input)?;
-        // Warm-up: each path a few times; a round costs about 3.5 in-process runs per engine.
+        // Warm-up: each path a few times; a round costs about 5.5 in-process runs per engine.
         let mut one = Duration::ZERO;
         for p in &paths {
             let started = Instant::now();
@@ -140,6 +182,11 @@ pub async fn run(fixtures: &[Fixture], engines: &Engines, budget: Duration) -> R
                     .await?
                     .bytes()
                     .await?;
+                post(&unix, &p.url, &b.binary, Some(b.header_len))
+                    .await?
+                    .bytes()
+                    .await?;
+                through_router(&app, &p.path, &b).await?;
             }
         }
         let n = rounds(one, budget, 30, 2000);
@@ -159,6 +206,16 @@ pub async fn run(fixtures: &[Fixture], engines: &Engines, budget: Duration) -> R
                     .await
                     .context("binary answer")?;
                 p.binary.push(t.elapsed().as_secs_f64() * 1e3);
+                let t = Instant::now();
+                post(&unix, &p.url, &b.binary, Some(b.header_len))
+                    .await?
+                    .bytes()
+                    .await
+                    .context("binary answer over the Unix socket")?;
+                p.unix.push(t.elapsed().as_secs_f64() * 1e3);
+                let t = Instant::now();
+                through_router(&app, &p.path, &b).await?;
+                p.router.push(t.elapsed().as_secs_f64() * 1e3);
             }
         }
         for p in &paths {
@@ -171,6 +228,8 @@ pub async fn run(fixtures: &[Fixture], engines: &Engines, budget: Duration) -> R
                 "in_process_ms": Summary::of(&p.local),
                 "http_json_ms": Summary::of(&p.json),
                 "http_binary_ms": Summary::of(&p.binary),
+                "unix_binary_ms": Summary::of(&p.unix),
+                "router_binary_ms": Summary::of(&p.router),
             }));
         }
         println!(
