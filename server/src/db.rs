@@ -20,6 +20,8 @@ use serde::de::DeserializeOwned;
 
 use crate::devices::DeviceView;
 use crate::registry::StoredModel;
+use botfleet_protocol::RolloutId;
+
 use crate::rollouts::{IdempotencyKey, Remembered, Rollout};
 
 type Table = TableDefinition<'static, &'static str, &'static [u8]>;
@@ -28,6 +30,12 @@ const ROLLOUTS: Table = TableDefinition::new("rollouts");
 const IDEMPOTENCY: Table = TableDefinition::new("idempotency_keys");
 const MODELS: Table = TableDefinition::new("models");
 const DEVICES: Table = TableDefinition::new("devices");
+
+/// redb's page cache (reads and the write buffer together). Its default, 1 GiB, would let
+/// the cache grow with every page a busy fleet rewrites (a rollout of 10,000 devices is one
+/// row of megabytes, saved again on each tick); the server reads the file only at start,
+/// so a small cache costs nothing, and a larger write spills to the file before the commit.
+const CACHE_BYTES: usize = 8 << 20;
 
 /// Why the database could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +70,23 @@ fn storage(operation: &'static str) -> impl Fn(redb::Error) -> DbError {
     }
 }
 
+/// A rollout as its database row: encoded where it lives, so that saving a rollout of
+/// thousands of devices never clones it.
+#[derive(Debug)]
+pub struct RolloutRow {
+    pub id: RolloutId,
+    pub bytes: Vec<u8>,
+}
+
+impl RolloutRow {
+    pub fn encode(rollout: &Rollout) -> Result<Self, DbError> {
+        Ok(Self {
+            id: rollout.id.clone(),
+            bytes: serde_json::to_vec(rollout).map_err(DbError::Encode)?,
+        })
+    }
+}
+
 /// What the database held at start.
 #[derive(Debug, Default)]
 pub struct Loaded {
@@ -81,10 +106,13 @@ pub struct Db {
 impl Db {
     /// Opens (or creates) the database file and its tables.
     pub fn open(path: &Path) -> Result<Self, DbError> {
-        let db = Database::create(path).map_err(|e| DbError::Open {
-            path: path.to_owned(),
-            source: Box::new(e.into()),
-        })?;
+        let db = Database::builder()
+            .set_cache_size(CACHE_BYTES)
+            .create(path)
+            .map_err(|e| DbError::Open {
+                path: path.to_owned(),
+                source: Box::new(e.into()),
+            })?;
         let txn = db.begin_write().map_err(|e| storage("begin")(e.into()))?;
         for table in [ROLLOUTS, IDEMPOTENCY, MODELS, DEVICES] {
             txn.open_table(table)
@@ -144,7 +172,11 @@ impl Db {
     }
 
     /// Writes rollouts and keys in one durable transaction.
-    pub fn save(&self, rollouts: &[Rollout], keys: &[(String, Remembered)]) -> Result<(), DbError> {
+    pub fn save(
+        &self,
+        rollouts: &[RolloutRow],
+        keys: &[(String, Remembered)],
+    ) -> Result<(), DbError> {
         if rollouts.is_empty() && keys.is_empty() {
             return Ok(());
         }
@@ -156,10 +188,9 @@ impl Db {
             let mut table = txn
                 .open_table(ROLLOUTS)
                 .map_err(|e| storage("open")(e.into()))?;
-            for rollout in rollouts {
-                let bytes = serde_json::to_vec(rollout).map_err(DbError::Encode)?;
+            for row in rollouts {
                 table
-                    .insert(rollout.id.as_str(), bytes.as_slice())
+                    .insert(row.id.as_str(), row.bytes.as_slice())
                     .map_err(|e| storage("write")(e.into()))?;
             }
             let mut table = txn
@@ -301,7 +332,7 @@ mod tests {
         {
             let db = Db::open(&path).unwrap();
             db.save(
-                std::slice::from_ref(&rollout),
+                &[RolloutRow::encode(&rollout).unwrap()],
                 &[("run-1".into(), remembered)],
             )
             .unwrap();

@@ -39,9 +39,12 @@ pub enum DesiredError {
     Encode(#[source] serde_json::Error),
 }
 
-/// From this many documents on, [`DesiredStore::commit_all`] flushes them with one
+/// From this many documents on, [`DesiredStore::write_staged`] flushes them with one
 /// `syncfs` rather than one fsync each (which, for a few, would flush more than needed).
 const BATCH_FROM: usize = 16;
+
+/// Documents of a wave encoded and written at a time.
+const WRITE_PART: usize = 512;
 
 /// Desired documents by device, mirrored on disk.
 #[derive(Debug)]
@@ -132,33 +135,47 @@ impl DesiredStore {
         self.docs.insert(device.clone(), doc);
     }
 
-    /// Writes every document to disk (each atomically, flushed together), then remembers
-    /// them: what a wave of thousands of devices needs.
-    pub async fn commit_all(&mut self, docs: &[(DeviceId, Desired)]) -> Result<(), DesiredError> {
-        if docs.len() < BATCH_FROM {
-            for (device, doc) in docs {
-                self.commit(device, doc.clone()).await?;
+    /// Writes the staged documents of `devices` to disk (each atomically, flushed together):
+    /// what a wave of thousands of devices needs. Encoded and written [`WRITE_PART`] at a
+    /// time, so a wave's bytes are never all in memory at once.
+    pub async fn write_staged(&mut self, devices: &[DeviceId]) -> Result<(), DesiredError> {
+        if devices.len() < BATCH_FROM {
+            for device in devices {
+                if let Some(doc) = self.docs.get(device).cloned() {
+                    self.commit(device, doc).await?;
+                }
             }
             return Ok(());
         }
-        let mut files = Vec::with_capacity(docs.len());
-        for (device, doc) in docs {
-            let bytes = serde_json::to_vec_pretty(doc).map_err(DesiredError::Encode)?;
-            files.push((self.dir.join(format!("{device}.json")), bytes));
-        }
-        let dir = self.dir.clone();
-        tokio::task::spawn_blocking(move || files::write_many_atomic(&dir, &files, 0o640))
+        let failed = |source| DesiredError::Write {
+            path: self.dir.clone(),
+            source,
+        };
+        let mut batch = files::Batch::new(&self.dir);
+        for part in devices.chunks(WRITE_PART) {
+            let mut files = Vec::with_capacity(part.len());
+            for device in part {
+                let Some(doc) = self.docs.get(device) else {
+                    continue;
+                };
+                let bytes = serde_json::to_vec_pretty(doc).map_err(DesiredError::Encode)?;
+                files.push((self.dir.join(format!("{device}.json")), bytes));
+            }
+            // A failed part drops the batch on that thread, which removes its temp files.
+            batch = tokio::task::spawn_blocking(move || {
+                let mut batch = batch;
+                batch.write(&files, 0o640).map(|()| batch)
+            })
             .await
             .map_err(|join| io::Error::other(join.to_string()))
             .and_then(|r| r)
-            .map_err(|source| DesiredError::Write {
-                path: self.dir.clone(),
-                source,
-            })?;
-        for (device, doc) in docs {
-            self.docs.insert(device.clone(), doc.clone());
+            .map_err(failed)?;
         }
-        Ok(())
+        tokio::task::spawn_blocking(move || batch.finish())
+            .await
+            .map_err(|join| io::Error::other(join.to_string()))
+            .and_then(|r| r)
+            .map_err(failed)
     }
 
     /// Writes `doc` for `device` to disk (atomically), then remembers it.

@@ -50,8 +50,9 @@ pub struct DeviceView {
     #[serde(default)]
     pub serving_engines: BTreeMap<SlotName, EngineKind>,
     /// The device's latest benchmark per slot, with the figures of every engine it measured.
+    /// Boxed, so that a device's one-entry map is a small B-tree node, not eleven reports.
     #[serde(default)]
-    pub benchmarks: BTreeMap<SlotName, DeviceBench>,
+    pub benchmarks: BTreeMap<SlotName, Box<DeviceBench>>,
     /// The unknown telemetry schema already logged for this device.
     #[serde(skip)]
     unknown_schema_logged: Option<u32>,
@@ -129,7 +130,9 @@ pub enum LabelChange {
 /// Every device heard of.
 #[derive(Debug, Default)]
 pub struct Devices {
-    by_id: BTreeMap<DeviceId, DeviceView>,
+    /// Boxed: a view is over a kilobyte, and a B-tree node holds eleven inline, most of
+    /// them empty slots in a fleet of thousands.
+    by_id: BTreeMap<DeviceId, Box<DeviceView>>,
     /// Changed since the last [`Devices::take_dirty`].
     dirty: BTreeSet<DeviceId>,
 }
@@ -142,7 +145,7 @@ impl Devices {
             .map(|mut view| {
                 view.relabel();
                 view.derive_engines();
-                (view.device_id.clone(), view)
+                (view.device_id.clone(), Box::new(view))
             })
             .collect();
         Self {
@@ -156,7 +159,7 @@ impl Devices {
         let view = self
             .by_id
             .entry(id.clone())
-            .or_insert_with(|| DeviceView::new(id.clone()));
+            .or_insert_with(|| Box::new(DeviceView::new(id.clone())));
         view.last_seen = Some(now);
         view
     }
@@ -166,7 +169,7 @@ impl Devices {
         let dirty = std::mem::take(&mut self.dirty);
         dirty
             .iter()
-            .filter_map(|id| self.by_id.get(id).cloned())
+            .filter_map(|id| self.by_id.get(id).map(|view| (**view).clone()))
             .collect()
     }
 
@@ -201,7 +204,7 @@ impl Devices {
             }
         };
         view.relabel();
-        let view = view.clone();
+        let view = (**view).clone();
         self.dirty.insert(id.clone());
         Ok(view)
     }
@@ -239,7 +242,7 @@ impl Devices {
             release: event.release,
             report: report.clone(),
         };
-        view.benchmarks.insert(event.slot.clone(), bench);
+        view.benchmarks.insert(event.slot.clone(), Box::new(bench));
         true
     }
 
@@ -276,11 +279,11 @@ impl Devices {
     }
 
     pub fn list(&self) -> Vec<DeviceView> {
-        self.by_id.values().cloned().collect()
+        self.by_id.values().map(|view| (**view).clone()).collect()
     }
 
     pub fn get(&self, id: &DeviceId) -> Option<DeviceView> {
-        self.by_id.get(id).cloned()
+        self.by_id.get(id).map(|view| (**view).clone())
     }
 
     /// Devices and their effective labels, for selectors; `None` for a device that has

@@ -65,9 +65,28 @@ pub fn write_atomic(dest: &Path, bytes: &[u8], mode: u32, replace: Replace) -> i
 /// millisecond each: ten seconds for ten thousand robots' desired documents) the data of all
 /// temp files is flushed with one `syncfs`, then they are renamed and the directory is
 /// flushed once.
-pub fn write_many_atomic(dir: &Path, files: &[(PathBuf, Vec<u8>)], mode: u32) -> io::Result<()> {
-    let mut temps = Vec::with_capacity(files.len());
-    let result = (|| {
+///
+/// The temp files are written a part at a time ([`Batch::write`], so a caller never holds
+/// every file's bytes at once), then flushed and renamed together ([`Batch::finish`]).
+/// Temp files of a batch dropped unfinished are removed.
+#[derive(Debug)]
+pub struct Batch {
+    dir: PathBuf,
+    /// (temp, destination) of every file written so far.
+    written: Vec<(PathBuf, PathBuf)>,
+}
+
+impl Batch {
+    pub fn new(dir: &Path) -> Self {
+        Self {
+            dir: dir.to_owned(),
+            written: Vec::new(),
+        }
+    }
+
+    /// Writes the temp files of `files`, with permission bits `mode`.
+    pub fn write(&mut self, files: &[(PathBuf, Vec<u8>)], mode: u32) -> io::Result<()> {
+        self.written.reserve(files.len());
         for (dest, bytes) in files {
             let temp = temp_path(dest)?;
             let mut file = OpenOptions::new()
@@ -75,22 +94,33 @@ pub fn write_many_atomic(dir: &Path, files: &[(PathBuf, Vec<u8>)], mode: u32) ->
                 .create_new(true)
                 .mode(mode)
                 .open(&temp)?;
-            temps.push(temp);
+            self.written.push((temp, dest.clone()));
             file.write_all(bytes)?;
         }
-        let dir_file = File::open(dir)?;
+        Ok(())
+    }
+
+    /// Flushes every temp file with one `syncfs`, renames them, flushes the directory.
+    pub fn finish(mut self) -> io::Result<()> {
+        let dir_file = File::open(&self.dir)?;
         rustix::fs::syncfs(&dir_file)?;
-        for ((dest, _), temp) in files.iter().zip(&temps) {
-            std::fs::rename(temp, dest)?;
+        while let Some((temp, dest)) = self.written.pop() {
+            if let Err(err) = std::fs::rename(&temp, &dest) {
+                self.written.push((temp, dest));
+                return Err(err);
+            }
         }
         dir_file.sync_all()
-    })();
-    if result.is_err() {
-        for temp in &temps {
+    }
+}
+
+impl Drop for Batch {
+    fn drop(&mut self) {
+        // Best effort: the batch already failed, a stray temp file is harmless.
+        for (temp, _) in &self.written {
             let _ = std::fs::remove_file(temp);
         }
     }
-    result
 }
 
 /// Flushes the directory entry of `path` (the rename) to disk.
@@ -138,18 +168,26 @@ mod tests {
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 
+    fn write_many(dir: &Path, files: &[(PathBuf, Vec<u8>)]) {
+        let mut batch = Batch::new(dir);
+        let (first, rest) = files.split_at(files.len() / 2);
+        batch.write(first, 0o640).unwrap();
+        batch.write(rest, 0o640).unwrap();
+        batch.finish().unwrap();
+    }
+
     #[test]
     fn many_files_are_written_and_replaced_with_no_temp_left() {
         let dir = tempfile::tempdir().unwrap();
         let files: Vec<(PathBuf, Vec<u8>)> = (0..20)
             .map(|i| (dir.path().join(format!("{i}.json")), vec![b'a'; i]))
             .collect();
-        write_many_atomic(dir.path(), &files, 0o640).unwrap();
+        write_many(dir.path(), &files);
         let again: Vec<(PathBuf, Vec<u8>)> = files
             .iter()
             .map(|(p, _)| (p.clone(), b"new".to_vec()))
             .collect();
-        write_many_atomic(dir.path(), &again, 0o640).unwrap();
+        write_many(dir.path(), &again);
         for (path, _) in &again {
             assert_eq!(std::fs::read(path).unwrap(), b"new");
             let mode = std::fs::metadata(path).unwrap().permissions().mode();

@@ -11,6 +11,10 @@ use serde::{Deserialize, Serialize};
 use super::machine::{Mark, Rollout};
 use super::view::RolloutView;
 use super::{CreatedRollout, IdempotencyKey, Replay, RolloutRequest};
+use crate::db::{DbError, RolloutRow};
+
+/// Changed rollouts as database rows, and changed idempotency keys.
+pub type DirtyRows = (Vec<RolloutRow>, Vec<(String, Remembered)>);
 
 /// What became of one event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -201,12 +205,16 @@ impl Rollouts {
         }
     }
 
-    /// Changed rollouts and keys since the last call, to be written.
-    pub fn take_dirty(&mut self) -> (Vec<Rollout>, Vec<(String, Remembered)>) {
-        let rollouts = std::mem::take(&mut self.dirty)
-            .into_iter()
-            .filter_map(|id| self.by_id.get(&id).cloned())
-            .collect();
+    /// Changed rollouts (as their database rows) and keys since the last call, to be
+    /// written. When a rollout cannot be encoded, every one stays dirty.
+    pub fn take_dirty(&mut self) -> Result<DirtyRows, DbError> {
+        let rollouts = self
+            .dirty
+            .iter()
+            .filter_map(|id| self.by_id.get(id))
+            .map(RolloutRow::encode)
+            .collect::<Result<Vec<_>, _>>()?;
+        self.dirty.clear();
         let keys = std::mem::take(&mut self.dirty_keys)
             .into_iter()
             .filter_map(|k| {
@@ -214,7 +222,7 @@ impl Rollouts {
                 self.by_key.get(&key).map(|r| (k, r.clone()))
             })
             .collect();
-        (rollouts, keys)
+        Ok((rollouts, keys))
     }
 
     pub fn events(&self) -> EventCounts {

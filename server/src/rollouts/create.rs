@@ -8,7 +8,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use botfleet_protocol::messages::{Command, CommandKind, Desired, DesiredModel};
+use botfleet_protocol::messages::{Command, CommandKind, DesiredModel};
 use botfleet_protocol::{CommandId, DeviceId, IdError, RolloutId, SlotName};
 use jiff::Timestamp;
 
@@ -271,7 +271,9 @@ impl RolloutService {
         desired: &mut DesiredStore,
         actions: Vec<(RolloutId, Vec<Action>)>,
     ) -> Result<(), CreateError> {
-        let mut docs: Vec<(DeviceId, Desired)> = Vec::new();
+        // Devices whose staged document is to be written and published; the documents
+        // themselves stay in the store, one copy each.
+        let mut docs: Vec<DeviceId> = Vec::new();
         let mut commands: Vec<(DeviceId, Command)> = Vec::new();
         {
             let mut book = self.fleet.rollouts();
@@ -334,8 +336,8 @@ impl RolloutService {
                         }
                     };
                     let doc = desired.next_with(&device, &slot, model);
-                    desired.stage(&device, doc.clone());
-                    docs.push((device, doc));
+                    desired.stage(&device, doc);
+                    docs.push(device);
                 }
             }
         }
@@ -343,7 +345,7 @@ impl RolloutService {
         self.save().await?;
         let saved = started.elapsed();
         // Durable first, all at once (a wave may be thousands), then queued for MQTT.
-        desired.commit_all(&docs).await?;
+        desired.write_staged(&docs).await?;
         if docs.len() >= LOG_WAVES_FROM {
             tracing::info!(
                 documents = docs.len(),
@@ -357,10 +359,7 @@ impl RolloutService {
         let messages = commands
             .into_iter()
             .map(|(device, command)| Outbound::Command(device, command))
-            .chain(
-                docs.into_iter()
-                    .map(|(device, _)| Outbound::Desired(device)),
-            )
+            .chain(docs.into_iter().map(Outbound::Desired))
             .collect();
         self.send(messages)?;
         Ok(())
@@ -386,7 +385,7 @@ impl RolloutService {
 
     /// Writes every changed rollout and key to the database.
     pub async fn save(&self) -> Result<(), CreateError> {
-        let (rollouts, keys) = self.fleet.rollouts().take_dirty();
+        let (rollouts, keys) = self.fleet.rollouts().take_dirty()?;
         self.fleet.changes.rollouts(rollouts.iter().map(|r| &r.id));
         if rollouts.is_empty() && keys.is_empty() {
             return Ok(());
