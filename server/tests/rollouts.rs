@@ -204,6 +204,22 @@ async fn the_embedded_broker_refuses_a_rollout_larger_than_it_carries_and_names_
     server.stop().await;
 }
 
+#[tokio::test]
+async fn a_rollout_naming_200000_devices_by_id_is_read_whole() {
+    // 3 MB of device ids: past axum's default body limit of 2 MiB.
+    let server = TestServer::start().await;
+    server.upload_pnet("faces", "1.0.0").await;
+    let devices: Vec<String> = (0..200_000).map(|i| format!("robot-{i:06}")).collect();
+    let body = json!({"slot": "faces", "version": "1.0.0", "devices": devices});
+    assert!(body.to_string().len() > 2 << 20);
+    let (status, answer) = server.rollout(&body, None).await;
+    // Parsed, then refused for the embedded broker's size (not for its length).
+    assert_eq!(status, 422, "{answer}");
+    let error = answer["error"].as_str().unwrap();
+    assert!(error.contains("200000 devices"), "{error}");
+    server.stop().await;
+}
+
 fn info(labels: Value) -> Vec<u8> {
     json!({
         "agent_version": "0.1.0", "hostname": "h", "arch": "x86_64",

@@ -51,6 +51,9 @@ use crate::rollouts::create::RolloutService;
 
 /// Slack for the multipart framing and the metadata part above the model size cap.
 const BODY_SLACK: u64 = 1024 * 1024;
+/// The largest rollout request: one naming its devices by id is about 22 bytes a device
+/// (2.2 MB for 100,000, past axum's 2 MiB default), so room for a few million.
+const ROLLOUT_BODY_LIMIT: usize = 64 * 1024 * 1024;
 
 /// What the handlers share.
 #[derive(Debug)]
@@ -197,7 +200,9 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/artifacts/{sha256}", get(models::artifact))
         .route(
             "/api/v1/rollouts",
-            get(rollouts::list).post(rollouts::create),
+            get(rollouts::list)
+                .post(rollouts::create)
+                .layer(DefaultBodyLimit::max(ROLLOUT_BODY_LIMIT)),
         )
         .route("/api/v1/rollouts/{id}", get(rollouts::get))
         .route("/api/v1/rollouts/{id}/pause", post(rollouts::pause))
