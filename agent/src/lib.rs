@@ -277,24 +277,14 @@ pub async fn start(config: Config) -> Result<Running, AgentError> {
     if let Some(unix_listener) = unix_listener {
         let (c, app, path) = (cancel.clone(), app.clone(), unix_socket.clone());
         tasks.spawn(async move {
-            let served = axum::serve(unix_listener, app)
-                .with_graceful_shutdown(c.cancelled_owned())
-                .await;
-            if let Err(e) = served {
-                error!(error = %e, socket = %path.display(), "inference API on the Unix socket failed");
-            }
+            serve_api(unix_listener, app, c, "inference API (Unix socket)").await;
             let _ = std::fs::remove_file(&path);
             "inference API (Unix socket)"
         });
     }
     let c = cancel.clone();
     tasks.spawn(async move {
-        let served = axum::serve(listener, app)
-            .with_graceful_shutdown(c.cancelled_owned())
-            .await;
-        if let Err(e) = served {
-            error!(error = %e, "inference API failed");
-        }
+        serve_api(listener, app, c, "inference API").await;
         "inference API"
     });
 
@@ -312,6 +302,20 @@ pub async fn start(config: Config) -> Result<Running, AgentError> {
         tasks,
         heartbeat,
     })
+}
+
+/// Serves the inference API on `listener` until `cancel`; a failure is logged as `what`.
+async fn serve_api<L>(listener: L, app: axum::Router, cancel: CancellationToken, what: &str)
+where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown(cancel.cancelled_owned())
+        .await;
+    if let Err(e) = served {
+        error!(error = %e, "{what} failed");
+    }
 }
 
 /// The benchmark child's program: as configured, else this executable.

@@ -92,6 +92,21 @@ pub async fn post(
     Ok(response)
 }
 
+/// One request and its whole answer read, as a client does.
+async fn exchange(
+    http: &reqwest::Client,
+    url: &str,
+    body: &Bytes,
+    header_len: Option<usize>,
+) -> Result<()> {
+    post(http, url, body, header_len).await?.bytes().await?;
+    Ok(())
+}
+
+fn ms_since(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1e3
+}
+
 /// The binary request handed to the agent's router in this process (no socket, no client):
 /// what the agent itself adds (read the body, parse, decode, the blocking-thread hop, run,
 /// encode, answer), without the transport.
@@ -177,15 +192,9 @@ pub async fn run(fixtures: &[Fixture], engines: &Engines, budget: Duration) -> R
             }
             one += started.elapsed() / 5;
             for _ in 0..3 {
-                post(&http, &p.url, &b.json, None).await?.bytes().await?;
-                post(&http, &p.url, &b.binary, Some(b.header_len))
-                    .await?
-                    .bytes()
-                    .await?;
-                post(&unix, &p.url, &b.binary, Some(b.header_len))
-                    .await?
-                    .bytes()
-                    .await?;
+                exchange(&http, &p.url, &b.json, None).await?;
+                exchange(&http, &p.url, &b.binary, Some(b.header_len)).await?;
+                exchange(&unix, &p.url, &b.binary, Some(b.header_len)).await?;
                 through_router(&app, &p.path, &b).await?;
             }
         }
@@ -195,27 +204,23 @@ pub async fn run(fixtures: &[Fixture], engines: &Engines, budget: Duration) -> R
                 let input = f.input.clone();
                 let t = Instant::now();
                 p.model.run(input)?;
-                p.local.push(t.elapsed().as_secs_f64() * 1e3);
+                p.local.push(ms_since(t));
                 let t = Instant::now();
-                post(&http, &p.url, &b.json, None).await?.bytes().await?;
-                p.json.push(t.elapsed().as_secs_f64() * 1e3);
+                exchange(&http, &p.url, &b.json, None).await?;
+                p.json.push(ms_since(t));
                 let t = Instant::now();
-                post(&http, &p.url, &b.binary, Some(b.header_len))
-                    .await?
-                    .bytes()
+                exchange(&http, &p.url, &b.binary, Some(b.header_len))
                     .await
                     .context("binary answer")?;
-                p.binary.push(t.elapsed().as_secs_f64() * 1e3);
+                p.binary.push(ms_since(t));
                 let t = Instant::now();
-                post(&unix, &p.url, &b.binary, Some(b.header_len))
-                    .await?
-                    .bytes()
+                exchange(&unix, &p.url, &b.binary, Some(b.header_len))
                     .await
                     .context("binary answer over the Unix socket")?;
-                p.unix.push(t.elapsed().as_secs_f64() * 1e3);
+                p.unix.push(ms_since(t));
                 let t = Instant::now();
                 through_router(&app, &p.path, &b).await?;
-                p.router.push(t.elapsed().as_secs_f64() * 1e3);
+                p.router.push(ms_since(t));
             }
         }
         for p in &paths {
