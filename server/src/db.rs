@@ -2,10 +2,13 @@
 //!
 //! redb is pure Rust, ACID (copy-on-write B-trees, a commit is atomic and durable when it
 //! returns) and keeps a single file, so a kill -9 leaves either the old or the new state,
-//! never half of one. Rollouts (with every device's progress and the marks the server
-//! gave them) and the idempotency keys of the requests that made them live here as JSON
-//! values, one row per rollout or key. A rollout is written before any device is
-//! commanded for it, so a restart never commands a device twice for the same step.
+//! never half of one. Rollouts and the idempotency keys of the requests that made them live
+//! here as JSON values, one row per rollout or key; each device's run in a rollout (its
+//! progress and the marks the server gave it) is a row of its own, keyed by rollout and
+//! device, so an event rewrites one small row, not the rollout (at 100,000 devices a
+//! rollout is tens of megabytes). A rollout is written before any device is commanded for
+//! it, so a restart never commands a device twice for the same step. A rollout row that
+//! still holds its devices (written before they had rows) is split when it is loaded.
 //!
 //! Models (metadata and signed manifest; the artifact bytes stay content-addressed files)
 //! are keyed `{slot}/{version}`; devices (last status, info, telemetry, presence, operator
@@ -20,13 +23,16 @@ use serde::de::DeserializeOwned;
 
 use crate::devices::DeviceView;
 use crate::registry::StoredModel;
-use botfleet_protocol::RolloutId;
+use botfleet_protocol::{DeviceId, RolloutId};
 
-use crate::rollouts::{IdempotencyKey, Remembered, Rollout};
+use crate::rollouts::{DeviceRun, IdempotencyKey, Remembered, Rollout};
 
 type Table = TableDefinition<'static, &'static str, &'static [u8]>;
 
 const ROLLOUTS: Table = TableDefinition::new("rollouts");
+/// One row per device of a rollout, keyed (rollout id, device id).
+const ROLLOUT_DEVICES: TableDefinition<'static, (&'static str, &'static str), &'static [u8]> =
+    TableDefinition::new("rollout_devices");
 const IDEMPOTENCY: Table = TableDefinition::new("idempotency_keys");
 const MODELS: Table = TableDefinition::new("models");
 const DEVICES: Table = TableDefinition::new("devices");
@@ -70,20 +76,63 @@ fn storage(operation: &'static str) -> impl Fn(redb::Error) -> DbError {
     }
 }
 
-/// A rollout as its database row: encoded where it lives, so that saving a rollout of
-/// thousands of devices never clones it.
+/// What of a rollout changed and is written: the rollout's own row (everything but its
+/// devices) and the rows of the devices named. Encoded where the rollout lives, so that
+/// saving never clones it.
 #[derive(Debug)]
 pub struct RolloutRow {
     pub id: RolloutId,
-    pub bytes: Vec<u8>,
+    /// The rollout's own row; `None` when only devices changed.
+    pub head: Option<Vec<u8>>,
+    pub devices: Vec<(DeviceId, Vec<u8>)>,
 }
 
 impl RolloutRow {
-    pub fn encode(rollout: &Rollout) -> Result<Self, DbError> {
+    /// The rollout's own row and every device's.
+    pub fn whole(rollout: &Rollout) -> Result<Self, DbError> {
         Ok(Self {
             id: rollout.id.clone(),
-            bytes: serde_json::to_vec(rollout).map_err(DbError::Encode)?,
+            head: Some(serde_json::to_vec(rollout).map_err(DbError::Encode)?),
+            devices: Self::runs(rollout.devices.iter())?,
         })
+    }
+
+    /// The rollout's own row and those of `devices`.
+    pub fn head<'a>(
+        rollout: &Rollout,
+        devices: impl IntoIterator<Item = &'a DeviceId>,
+    ) -> Result<Self, DbError> {
+        Ok(Self {
+            head: Some(serde_json::to_vec(rollout).map_err(DbError::Encode)?),
+            ..Self::devices(rollout, devices)?
+        })
+    }
+
+    /// The rows of `devices` (those of them the rollout targets).
+    pub fn devices<'a>(
+        rollout: &Rollout,
+        devices: impl IntoIterator<Item = &'a DeviceId>,
+    ) -> Result<Self, DbError> {
+        let runs = devices
+            .into_iter()
+            .filter_map(|id| rollout.devices.get_key_value(id));
+        Ok(Self {
+            id: rollout.id.clone(),
+            head: None,
+            devices: Self::runs(runs)?,
+        })
+    }
+
+    fn runs<'a>(
+        runs: impl Iterator<Item = (&'a DeviceId, &'a DeviceRun)>,
+    ) -> Result<Vec<(DeviceId, Vec<u8>)>, DbError> {
+        runs.map(|(id, run)| {
+            Ok((
+                id.clone(),
+                serde_json::to_vec(run).map_err(DbError::Encode)?,
+            ))
+        })
+        .collect()
     }
 }
 
@@ -118,6 +167,8 @@ impl Db {
             txn.open_table(table)
                 .map_err(|e| storage("create table")(e.into()))?;
         }
+        txn.open_table(ROLLOUT_DEVICES)
+            .map_err(|e| storage("create table")(e.into()))?;
         txn.commit().map_err(|e| storage("commit")(e.into()))?;
         Ok(Self {
             db,
@@ -132,7 +183,7 @@ impl Db {
         async move { while open.changed().await.is_ok() {} }
     }
 
-    /// Everything stored.
+    /// Everything stored. Rollout rows that still hold their devices are split first.
     pub fn load(&self) -> Result<Loaded, DbError> {
         let txn = self
             .db
@@ -142,15 +193,43 @@ impl Db {
         let table = txn
             .open_table(ROLLOUTS)
             .map_err(|e| storage("open")(e.into()))?;
+        let mut unsplit = Vec::new();
         for row in table.iter().map_err(|e| storage("read")(e.into()))? {
             let (key, value) = row.map_err(|e| storage("read")(e.into()))?;
-            let rollout =
+            let rollout: Rollout =
                 serde_json::from_slice(value.value()).map_err(|source| DbError::Decode {
                     table: "rollouts",
                     key: key.value().to_owned(),
                     source,
                 })?;
+            if !rollout.devices.is_empty() {
+                unsplit.push(RolloutRow::whole(&rollout)?);
+            }
             loaded.rollouts.push(rollout);
+        }
+        let table = txn
+            .open_table(ROLLOUT_DEVICES)
+            .map_err(|e| storage("open")(e.into()))?;
+        let index: std::collections::HashMap<String, usize> = (loaded.rollouts.iter())
+            .enumerate()
+            .map(|(at, r)| (r.id.as_str().to_owned(), at))
+            .collect();
+        for row in table.iter().map_err(|e| storage("read")(e.into()))? {
+            let (key, value) = row.map_err(|e| storage("read")(e.into()))?;
+            let (rollout_id, device_id) = key.value();
+            let decode = |source| DbError::Decode {
+                table: "rollout_devices",
+                key: format!("{rollout_id}/{device_id}"),
+                source,
+            };
+            let run: DeviceRun = serde_json::from_slice(value.value()).map_err(decode)?;
+            // A row without its rollout, or with an id this server refuses, is skipped.
+            let rollout = index
+                .get(rollout_id)
+                .and_then(|&at| loaded.rollouts.get_mut(at));
+            if let (Some(rollout), Ok(device)) = (rollout, DeviceId::new(device_id)) {
+                rollout.devices.entry(device).or_insert(run);
+            }
         }
         let table = txn
             .open_table(IDEMPOTENCY)
@@ -167,6 +246,10 @@ impl Db {
             if let Ok(id) = IdempotencyKey::new(key.value()) {
                 loaded.keys.push((id, remembered));
             }
+        }
+        drop(txn);
+        if !unsplit.is_empty() {
+            self.save(&unsplit, &[])?;
         }
         Ok(loaded)
     }
@@ -189,9 +272,21 @@ impl Db {
                 .open_table(ROLLOUTS)
                 .map_err(|e| storage("open")(e.into()))?;
             for row in rollouts {
-                table
-                    .insert(row.id.as_str(), row.bytes.as_slice())
-                    .map_err(|e| storage("write")(e.into()))?;
+                if let Some(head) = &row.head {
+                    table
+                        .insert(row.id.as_str(), head.as_slice())
+                        .map_err(|e| storage("write")(e.into()))?;
+                }
+            }
+            let mut table = txn
+                .open_table(ROLLOUT_DEVICES)
+                .map_err(|e| storage("open")(e.into()))?;
+            for row in rollouts {
+                for (device, run) in &row.devices {
+                    table
+                        .insert((row.id.as_str(), device.as_str()), run.as_slice())
+                        .map_err(|e| storage("write")(e.into()))?;
+                }
             }
             let mut table = txn
                 .open_table(IDEMPOTENCY)
@@ -332,7 +427,7 @@ mod tests {
         {
             let db = Db::open(&path).unwrap();
             db.save(
-                &[RolloutRow::encode(&rollout).unwrap()],
+                &[RolloutRow::whole(&rollout).unwrap()],
                 &[("run-1".into(), remembered)],
             )
             .unwrap();
@@ -344,6 +439,67 @@ mod tests {
         assert!(back.devices[&device].commanded_at.is_some());
         assert_eq!(loaded.keys.len(), 1);
         assert_eq!(loaded.keys[0].0.as_str(), "run-1");
+    }
+
+    #[test]
+    fn a_rollout_row_holding_its_devices_is_split_when_loaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("botfleet.redb");
+        let devices = [
+            DeviceId::new("robot-1").unwrap(),
+            DeviceId::new("robot-2").unwrap(),
+        ];
+        let model = RolloutModel {
+            slot: SlotName::new("faces").unwrap(),
+            version: "1.0.0".into(),
+            release: 1,
+            sha256: Sha256Digest::of(b"m"),
+        };
+        let mut rollout = Rollout::new(
+            RolloutId::new("r-old").unwrap(),
+            model,
+            jiff::Timestamp::UNIX_EPOCH,
+            Strategy::default(),
+            &devices,
+        );
+        rollout.step(jiff::Timestamp::UNIX_EPOCH, |_| {
+            crate::rollouts::Presence::Online
+        });
+        {
+            // The row a server before per-device rows wrote: the devices inside.
+            let mut old = serde_json::to_value(&rollout).unwrap();
+            old["devices"] = serde_json::to_value(&rollout.devices).unwrap();
+            let db = Db::open(&path).unwrap();
+            let txn = db.db.begin_write().unwrap();
+            txn.open_table(ROLLOUTS)
+                .unwrap()
+                .insert("r-old", serde_json::to_vec(&old).unwrap().as_slice())
+                .unwrap();
+            txn.commit().unwrap();
+        }
+        let db = Db::open(&path).unwrap();
+        let loaded = db.load().unwrap();
+        assert_eq!(loaded.rollouts[0].devices, rollout.devices);
+        let txn = db.db.begin_read().unwrap();
+        let head = txn
+            .open_table(ROLLOUTS)
+            .unwrap()
+            .get("r-old")
+            .unwrap()
+            .unwrap();
+        let head: serde_json::Value = serde_json::from_slice(head.value()).unwrap();
+        assert!(
+            head.get("devices").is_none(),
+            "the row was rewritten without them"
+        );
+        let rows = redb::ReadableTableMetadata::len(&txn.open_table(ROLLOUT_DEVICES).unwrap());
+        assert_eq!(rows.unwrap(), 2);
+        drop((txn, db));
+        let again = Db::open(&path).unwrap().load().unwrap();
+        assert_eq!(
+            again.rollouts[0].devices, rollout.devices,
+            "read from their rows"
+        );
     }
 
     #[test]

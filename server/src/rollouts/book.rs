@@ -1,6 +1,7 @@
 //! Every rollout and the idempotency keys that made them, in memory. Whatever changes a
 //! record marks it dirty; the driver writes dirty records to the database.
 
+use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use botfleet_protocol::engine::EngineKind;
@@ -15,6 +16,17 @@ use crate::db::{DbError, RolloutRow};
 
 /// Changed rollouts as database rows, and changed idempotency keys.
 pub type DirtyRows = (Vec<RolloutRow>, Vec<(String, Remembered)>);
+
+/// What of one rollout changed since the last save.
+#[derive(Debug)]
+enum Changed {
+    /// Many devices at once (a wave commanded, marks given, an operation): every row.
+    Whole,
+    /// The rollout's own row (its state, wave, timers) and these devices' runs.
+    Head(BTreeSet<DeviceId>),
+    /// Only these devices' runs (their events and statuses).
+    Devices(BTreeSet<DeviceId>),
+}
 
 /// What became of one event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,7 +61,7 @@ pub struct EventCounts {
 pub struct Rollouts {
     by_id: BTreeMap<RolloutId, Rollout>,
     by_key: HashMap<IdempotencyKey, Remembered>,
-    dirty: BTreeSet<RolloutId>,
+    dirty: BTreeMap<RolloutId, Changed>,
     dirty_keys: BTreeSet<String>,
     events: EventCounts,
 }
@@ -75,7 +87,7 @@ impl Rollouts {
 
     /// Records a new rollout.
     pub fn insert(&mut self, rollout: Rollout) {
-        self.dirty.insert(rollout.id.clone());
+        self.dirty.insert(rollout.id.clone(), Changed::Whole);
         self.by_id.insert(rollout.id.clone(), rollout);
     }
 
@@ -108,7 +120,7 @@ impl Rollouts {
     /// A rollout to change; it is marked dirty.
     pub fn get_mut(&mut self, id: &RolloutId) -> Option<&mut Rollout> {
         let rollout = self.by_id.get_mut(id)?;
-        self.dirty.insert(id.clone());
+        self.dirty.insert(id.clone(), Changed::Whole);
         Some(rollout)
     }
 
@@ -124,11 +136,17 @@ impl Rollouts {
                 continue;
             };
             let before = rollout.fingerprint();
+            let marks = rollout.marks();
             let actions = rollout.step(now, presence);
             if !actions.is_empty() || rollout.fingerprint() != before {
                 tracing::info!(rollout = %id, state = ?rollout.state, wave = rollout.wave,
                     reason = rollout.reason.as_deref().unwrap_or(""), "rollout moved");
-                self.dirty.insert(id.clone());
+                // Without actions or new marks, no device's run changed.
+                if actions.is_empty() && rollout.marks() == marks {
+                    Self::head_changed(&mut self.dirty, &id);
+                } else {
+                    self.dirty.insert(id.clone(), Changed::Whole);
+                }
             }
             out.push((id, actions));
         }
@@ -147,6 +165,31 @@ impl Rollouts {
             })
             .map(|r| r.id.clone())
             .collect()
+    }
+
+    /// Marks a rollout's own row changed.
+    fn head_changed(dirty: &mut BTreeMap<RolloutId, Changed>, id: &RolloutId) {
+        let changed = dirty
+            .entry(id.clone())
+            .or_insert(Changed::Head(BTreeSet::new()));
+        if let Changed::Devices(devices) = changed {
+            *changed = Changed::Head(std::mem::take(devices));
+        }
+    }
+
+    /// Marks one device's run in a rollout changed.
+    fn device_changed(dirty: &mut BTreeMap<RolloutId, Changed>, id: &RolloutId, device: &DeviceId) {
+        match dirty.entry(id.clone()) {
+            Entry::Vacant(vacant) => {
+                vacant.insert(Changed::Devices(BTreeSet::from([device.clone()])));
+            }
+            Entry::Occupied(mut occupied) => match occupied.get_mut() {
+                Changed::Whole => {}
+                Changed::Head(devices) | Changed::Devices(devices) => {
+                    devices.insert(device.clone());
+                }
+            },
+        }
     }
 
     /// Folds one event into the rollout it names.
@@ -169,7 +212,7 @@ impl Rollouts {
                         if matches!(run.mark, Some(Mark::TimedOut | Mark::Skipped)) {
                             run.mark = None;
                         }
-                        self.dirty.insert(rollout.id.clone());
+                        Self::device_changed(&mut self.dirty, &rollout.id, &event.device);
                         Applied::Recorded
                     } else {
                         Applied::Duplicate
@@ -200,19 +243,24 @@ impl Rollouts {
             let engine = active.map(|m| m.engine.unwrap_or(EngineKind::Tract));
             let changed = rollout.observe_active(device, serving);
             if rollout.observe_engine(device, engine) || changed {
-                self.dirty.insert(rollout.id.clone());
+                Self::device_changed(&mut self.dirty, &rollout.id, device);
             }
         }
     }
 
-    /// Changed rollouts (as their database rows) and keys since the last call, to be
-    /// written. When a rollout cannot be encoded, every one stays dirty.
+    /// Changed rollouts (as their database rows: all of a rollout, or only the devices that
+    /// changed) and keys since the last call, to be written. When a rollout cannot be
+    /// encoded, every one stays dirty.
     pub fn take_dirty(&mut self) -> Result<DirtyRows, DbError> {
         let rollouts = self
             .dirty
             .iter()
-            .filter_map(|id| self.by_id.get(id))
-            .map(RolloutRow::encode)
+            .filter_map(|(id, changed)| Some((self.by_id.get(id)?, changed)))
+            .map(|(rollout, changed)| match changed {
+                Changed::Whole => RolloutRow::whole(rollout),
+                Changed::Head(devices) => RolloutRow::head(rollout, devices),
+                Changed::Devices(devices) => RolloutRow::devices(rollout, devices),
+            })
             .collect::<Result<Vec<_>, _>>()?;
         self.dirty.clear();
         let keys = std::mem::take(&mut self.dirty_keys)

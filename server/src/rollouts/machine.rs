@@ -124,6 +124,9 @@ pub struct Rollout {
     /// Waves up to this one were let through by an operator: their errors no longer count.
     pub waived: Option<usize>,
     pub waves: usize,
+    /// Stored as rows of their own (`crate::db`), so a device's event rewrites one small
+    /// row, not the rollout; read here too from rows written before that.
+    #[serde(default, skip_serializing)]
     pub devices: BTreeMap<DeviceId, DeviceRun>,
 }
 
@@ -204,9 +207,14 @@ impl Rollout {
         changed
     }
 
+    /// How many devices carry a mark.
+    pub fn marks(&self) -> usize {
+        self.devices.values().filter(|r| r.mark.is_some()).count()
+    }
+
     /// What [`Self::step`] can change, to tell whether it did.
     pub fn fingerprint(&self) -> impl PartialEq + use<> {
-        let marks = self.devices.values().filter(|r| r.mark.is_some()).count();
+        let marks = self.marks();
         (
             self.state,
             self.wave,

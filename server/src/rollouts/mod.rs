@@ -30,7 +30,7 @@ use botfleet_protocol::{DeviceId, RolloutId, SlotName};
 use serde::{Deserialize, Deserializer, Serialize};
 
 pub use book::{Applied, Remembered, Rollouts};
-pub use machine::{Action, Presence, Rollout, RolloutState};
+pub use machine::{Action, DeviceRun, Presence, Rollout, RolloutState};
 pub use selector::{Selector, SelectorError};
 pub use strategy::{Strategy, StrategyError};
 pub use view::RolloutView;

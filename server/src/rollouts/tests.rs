@@ -675,3 +675,43 @@ fn an_old_agents_benchmark_is_shown_as_tract() {
     let view = book.get(&rid("r-1")).unwrap().devices.unwrap()[&dev("robot-1")].clone();
     assert_eq!(view.engine, TRACT);
 }
+
+#[test]
+fn an_event_or_a_status_saves_its_device_row_only() {
+    let mut book = book_with(
+        "r-1",
+        &["robot-1", "robot-2", "robot-3"],
+        Strategy::default(),
+    );
+    let (rows, _) = book.take_dirty().unwrap();
+    assert_eq!(rows.len(), 1);
+    assert!(rows[0].head.is_some(), "a new rollout writes its own row");
+    assert_eq!(rows[0].devices.len(), 3, "and every device's");
+
+    book.apply(&event("robot-2", Some("r-1"), 1, active()));
+    let (rows, _) = book.take_dirty().unwrap();
+    assert_eq!(rows.len(), 1);
+    assert!(
+        rows[0].head.is_none(),
+        "an event leaves the rollout's row alone"
+    );
+    let written: Vec<_> = rows[0].devices.iter().map(|(d, _)| d.as_str()).collect();
+    assert_eq!(written, ["robot-2"]);
+    let run: DeviceRun = serde_json::from_slice(&rows[0].devices[0].1).unwrap();
+    assert_eq!(run.outcome(), Outcome::Active);
+
+    assert!(
+        book.take_dirty().unwrap().0.is_empty(),
+        "nothing changed since"
+    );
+    let status: Status = serde_json::from_value(serde_json::json!({
+        "online": true, "agent_version": "0.2.0", "at": "2026-01-01T00:00:00Z",
+        "active": {"orientation": {"name": "m", "version": "1.0.0", "release": 3,
+            "sha256": model().sha256, "since": "2026-01-01T00:00:00Z"}}
+    }))
+    .unwrap();
+    book.observe_status(&dev("robot-3"), &status);
+    let (rows, _) = book.take_dirty().unwrap();
+    let written: Vec<_> = rows[0].devices.iter().map(|(d, _)| d.as_str()).collect();
+    assert_eq!(written, ["robot-3"], "a status too writes only its device");
+}
