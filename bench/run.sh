@@ -145,8 +145,13 @@ fi
 
 report() {
     local elapsed=$(( $(date +%s) - started ))
-    printf '{"date": "%s", "duration": "%d min %02d s", "command": "bench/run.sh %s"}\n' \
-        "$(date -u +%F)" $((elapsed / 60)) $((elapsed % 60)) "${args[*]}" > "$out/run.json"
+    # The library's version from its file name (libonnxruntime.so.1.32.0).
+    local commit
+    commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+    git diff --quiet HEAD 2>/dev/null || commit="$commit with uncommitted changes"
+    printf '{"date": "%s", "duration": "%d min %02d s", "command": "bench/run.sh %s", "onnxruntime": "%s", "commit": "%s"}\n' \
+        "$(date -u +%F)" $((elapsed / 60)) $((elapsed % 60)) "${args[*]}" \
+        "${ort_lib##*.so.}" "$commit" > "$out/run.json"
     # Without the criterion section, its figures (and the 2-thread column) are kept, not reread.
     local crit=target/criterion
     wants criterion || crit=$out/criterion-not-run
