@@ -25,6 +25,189 @@ pub struct Status {
     /// The K3s node this robot runs, once a join was asked for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub k3s: Option<K3sNode>,
+    /// Per slot, a model that passed its gate and waits to be swapped in, and why.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub deferred: BTreeMap<SlotName, DeferredModel>,
+}
+
+/// A model loaded, gated and ready, whose swap waits.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeferredModel {
+    pub version: String,
+    pub release: u64,
+    pub sha256: Sha256Digest,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout_id: Option<RolloutId>,
+    /// Since when it waits.
+    pub since: Timestamp,
+    pub deferral: Deferral,
+}
+
+/// Why a swap waits, and until when at the latest as far as the robot knows now.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Deferral {
+    /// The robot's own software holds swaps (`POST /v1/holds` on the agent's local API).
+    Held {
+        holds: Vec<HoldInfo>,
+        /// When the last of them expires unless renewed.
+        until: Timestamp,
+    },
+    /// The desired model may only be swapped in within a daily window of local time.
+    Window {
+        window: InstallWindow,
+        /// When the window opens next.
+        opens_at: Timestamp,
+    },
+    /// The robot is too hot, or on a low battery that is not charging, to benchmark a
+    /// candidate now (`thermal`, `battery`); download done, gate put off.
+    Guard {
+        guard: String,
+        message: String,
+        /// When the robot looks again.
+        recheck_at: Timestamp,
+    },
+}
+
+impl Deferral {
+    /// When the robot looks again, at the latest.
+    pub fn until(&self) -> Timestamp {
+        match self {
+            Deferral::Held { until, .. } => *until,
+            Deferral::Window { opens_at, .. } => *opens_at,
+            Deferral::Guard { recheck_at, .. } => *recheck_at,
+        }
+    }
+}
+
+impl std::fmt::Display for Deferral {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Deferral::Held { holds, until } => {
+                let holders: Vec<&str> = holds.iter().map(|h| h.holder.as_str()).collect();
+                write!(f, "held by {} (until {until})", holders.join(", "))
+            }
+            Deferral::Window { window, opens_at } => {
+                write!(f, "waiting for the window {window} (opens {opens_at})")
+            }
+            Deferral::Guard { guard, message, .. } => {
+                write!(f, "benchmark put off by the {guard} guard: {message}")
+            }
+        }
+    }
+}
+
+/// One hold on swaps, as the robot's software placed it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HoldInfo {
+    /// Who holds (`nav`, `arm-controller`): one hold per holder.
+    pub holder: String,
+    pub reason: String,
+    /// When it expires unless renewed.
+    pub until: Timestamp,
+}
+
+/// A daily span of the robot's local time, `HH:MM` to `HH:MM` (end excluded); an end
+/// before the start spans midnight (`22:00`–`05:00`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InstallWindow {
+    pub start: jiff::civil::Time,
+    pub end: jiff::civil::Time,
+}
+
+/// Why a window was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WindowError {
+    #[error("an install window is \"HH:MM-HH:MM\" (local time), not {0:?}")]
+    Syntax(String),
+    #[error("an install window must not be empty (start and end are both {0})")]
+    Empty(String),
+}
+
+impl InstallWindow {
+    /// Whether `at` (local civil time) falls inside.
+    pub fn contains(&self, at: jiff::civil::Time) -> bool {
+        if self.start < self.end {
+            self.start <= at && at < self.end
+        } else {
+            at >= self.start || at < self.end
+        }
+    }
+
+    /// `None` when `now` is inside the window; otherwise when it opens next, in `now`'s
+    /// time zone (a start that a clock change skips opens at the first instant after it).
+    pub fn opens_after(&self, now: &jiff::ZonedDateTime) -> Option<Timestamp> {
+        if self.contains(now.time()) {
+            return None;
+        }
+        let today = now.date();
+        let mut day = if now.time() < self.start {
+            today
+        } else {
+            today.tomorrow().ok()?
+        };
+        // Two tries cover a start skipped by a DST gap on that day.
+        for _ in 0..2 {
+            if let Ok(zoned) = day
+                .to_datetime(self.start)
+                .to_zoned_datetime(now.time_zone().clone())
+            {
+                return Some(zoned.timestamp());
+            }
+            day = day.tomorrow().ok()?;
+        }
+        None
+    }
+}
+
+impl std::fmt::Display for InstallWindow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}-{}",
+            self.start.strftime("%H:%M"),
+            self.end.strftime("%H:%M")
+        )
+    }
+}
+
+impl std::str::FromStr for InstallWindow {
+    type Err = WindowError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let syntax = || WindowError::Syntax(s.to_owned());
+        let (start, end) = s.split_once('-').ok_or_else(syntax)?;
+        let time = |t: &str| {
+            let t = t.trim();
+            let ok = t.len() == 5 && t.as_bytes()[2] == b':';
+            ok.then(|| jiff::civil::Time::strptime("%H:%M", t).ok())
+                .flatten()
+                .ok_or_else(syntax)
+        };
+        let window = Self {
+            start: time(start)?,
+            end: time(end)?,
+        };
+        if window.start == window.end {
+            return Err(WindowError::Empty(
+                window.start.strftime("%H:%M").to_string(),
+            ));
+        }
+        Ok(window)
+    }
+}
+
+impl Serialize for InstallWindow {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for InstallWindow {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(deserializer)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
 }
 
 /// The model serving one slot.
@@ -291,6 +474,10 @@ pub struct DesiredModel {
     /// Where to download the evaluation set the manifest's gate names (its digest decides).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub evaluation_url: Option<String>,
+    /// Swap it in only within this daily window of the robot's local time; download and
+    /// gate run at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<InstallWindow>,
 }
 
 /// One step of a rollout on one device.
@@ -345,6 +532,9 @@ pub enum Stage {
     /// The model was taken out of service after it had been active (health window or an
     /// operator's rollback); `to` serves the slot again.
     RolledBack { to: Sha256Digest, reason: String },
+    /// The model passed its gate and is ready; its swap waits (a hold from the robot's
+    /// software, an install window). Reported again when the reason changes.
+    Deferred { deferral: Deferral },
 }
 
 impl Stage {
@@ -370,6 +560,7 @@ impl Stage {
             Stage::Rejected { .. } => "rejected",
             Stage::RolledBack { .. } => "rolled_back",
             Stage::Failed { .. } => "failed",
+            Stage::Deferred { .. } => "deferred",
         }
     }
 }

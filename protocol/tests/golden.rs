@@ -17,6 +17,7 @@ use botfleet_protocol::messages::{
     DiskInfo, Event, GpuSource, GpuTelemetry, Info, JetsonInfo, RejectReason, SlotStats, Stage,
     Status, TELEMETRY_SCHEMA, Telemetry,
 };
+use botfleet_protocol::messages::{Deferral, DeferredModel, HoldInfo};
 use botfleet_protocol::messages::{K3sFailure, K3sNode, K3sState, K3sToken};
 use botfleet_protocol::tensor::{DataType, TensorSpec};
 use botfleet_protocol::{
@@ -208,6 +209,7 @@ fn status_matches_its_fixture() {
                     nvidia_runtime: true,
                 },
             }),
+            deferred: BTreeMap::new(),
         },
     );
 }
@@ -223,6 +225,7 @@ fn last_will_matches_its_fixture() {
             desired_generation: None,
             at: ts("2026-11-28T10:00:00Z"),
             k3s: None,
+            deferred: Default::default(),
         },
     );
 }
@@ -359,6 +362,44 @@ fn desired_matches_its_fixture() {
                         "http://127.0.0.1:8080/artifacts/{}",
                         Sha256Digest::of(b"evaluation set")
                     )),
+                    window: None,
+                },
+            )]),
+        },
+    );
+}
+
+fn held() -> Deferral {
+    Deferral::Held {
+        holds: vec![HoldInfo {
+            holder: "nav".into(),
+            reason: "driving to dock 3".into(),
+            until: ts("2026-01-01T12:05:00Z"),
+        }],
+        until: ts("2026-01-01T12:05:00Z"),
+    }
+}
+
+#[test]
+fn a_status_with_a_deferred_swap_matches_its_fixture() {
+    golden(
+        "status_deferred.json",
+        &Status {
+            online: true,
+            agent_version: "0.1.0".into(),
+            active: BTreeMap::new(),
+            desired_generation: Some(7),
+            at: ts("2026-01-01T12:00:30Z"),
+            k3s: None,
+            deferred: BTreeMap::from([(
+                slot(),
+                DeferredModel {
+                    version: "1.1.0".into(),
+                    release: 5,
+                    sha256: digest(),
+                    rollout_id: Some(rollout()),
+                    since: ts("2026-01-01T12:00:00Z"),
+                    deferral: held(),
                 },
             )]),
         },
@@ -439,6 +480,13 @@ fn every_event_stage_matches_its_fixture() {
         Stage::RolledBack {
             to: digest(),
             reason: "health window: 12 of 40 requests failed (30.0%, 5.0% allowed)".into(),
+        },
+        Stage::Deferred { deferral: held() },
+        Stage::Deferred {
+            deferral: Deferral::Window {
+                window: "22:00-05:00".parse().unwrap(),
+                opens_at: ts("2026-01-01T21:00:00Z"),
+            },
         },
     ];
     let events: Vec<Event> = stages.into_iter().map(event).collect();

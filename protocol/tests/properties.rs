@@ -96,6 +96,7 @@ fn desired() -> impl Strategy<Value = Desired> {
                         manifest,
                         evaluation_url: Some(format!("{url}.evaluation")),
                         artifact_url: url,
+                        window: None,
                     };
                     (slot, model)
                 })
@@ -206,6 +207,7 @@ fn status() -> impl Strategy<Value = Status> {
                 desired_generation,
                 at,
                 k3s: None,
+                deferred: Default::default(),
             },
         )
 }
