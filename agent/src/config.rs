@@ -64,6 +64,45 @@ pub struct Config {
     pub engine: EngineConfig,
     pub labels: BTreeMap<String, String>,
     pub k3s: K3sConfig,
+    pub holds: HoldsConfig,
+    pub guards: GuardsConfig,
+}
+
+/// When a robot is in no state to benchmark a new model (`crate::guards`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GuardsConfig {
+    /// No gate while a thermal zone is at or over this (°C; 0: off).
+    pub max_temp_c: f32,
+    /// No gate while a battery that is not charging is under this (%; 0: off).
+    pub min_battery_percent: u8,
+    /// Seconds between looks while a guard holds the gate back.
+    pub recheck_s: u64,
+}
+
+impl Default for GuardsConfig {
+    fn default() -> Self {
+        Self {
+            max_temp_c: 85.0,
+            min_battery_percent: 20,
+            recheck_s: 30,
+        }
+    }
+}
+
+/// Holds the robot's own software places on swaps (the local API `/v1/holds`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HoldsConfig {
+    /// The longest lease a hold may ask for; the holder renews it before it ends, so a
+    /// holder that died releases its hold within this many seconds.
+    pub max_ttl_s: u64,
+}
+
+impl Default for HoldsConfig {
+    fn default() -> Self {
+        Self { max_ttl_s: 300 }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -196,6 +235,8 @@ impl Default for Config {
             engine: EngineConfig::default(),
             labels: BTreeMap::new(),
             k3s: K3sConfig::default(),
+            holds: HoldsConfig::default(),
+            guards: GuardsConfig::default(),
         }
     }
 }

@@ -17,6 +17,8 @@ pub mod engines;
 pub mod failpoint;
 pub mod fetch;
 pub mod gate;
+pub mod guards;
+pub mod holds;
 pub mod k3s;
 pub mod link;
 pub mod loader;
@@ -195,6 +197,7 @@ pub async fn start(config: Config) -> Result<Running, AgentError> {
         desired_generation: None,
         at: Timestamp::now(),
         k3s: None,
+        deferred: Default::default(),
     };
     // A broker that considers the retained desired state delivered to our persistent session
     // will not send it again after a restart: start from the copy kept on disk.
@@ -220,7 +223,10 @@ pub async fn start(config: Config) -> Result<Running, AgentError> {
     } = incoming;
     let (heartbeat_tx, heartbeat) = watch::channel(tokio::time::Instant::now());
     let (requests_tx, requests_rx) = tokio::sync::mpsc::channel(16);
+    let holds = holds::Holds::open(&settings.config.data_dir, settings.config.holds.max_ttl_s);
+    let (deferred_tx, deferred) = watch::channel(Default::default());
     let reporter = Reporter {
+        deferred,
         requests: requests_tx.clone(),
         publisher: publisher.clone(),
         slots: Arc::clone(&slots),
@@ -263,6 +269,10 @@ pub async fn start(config: Config) -> Result<Running, AgentError> {
         health_window: Duration::from_secs(settings.config.gate.health_window_s),
         requests_tx,
         watchers: JoinSet::new(),
+        holds: holds.clone(),
+        guards: guards::Guards::discover(&settings.config.telemetry.root, &settings.config.guards),
+        parked: Default::default(),
+        deferred: deferred_tx,
     };
     let c = cancel.clone();
     tasks.spawn(async move {
@@ -274,8 +284,16 @@ pub async fn start(config: Config) -> Result<Running, AgentError> {
         Arc::clone(&slots),
         settings.config.inference.max_request_bytes,
     );
+    // Holds are for the robot's own processes: on the Unix socket, and on TCP only when it
+    // listens on loopback.
+    let local = app.clone().merge(holds::router(holds));
+    let app = if listen.ip().is_loopback() {
+        local.clone()
+    } else {
+        app
+    };
     if let Some(unix_listener) = unix_listener {
-        let (c, app, path) = (cancel.clone(), app.clone(), unix_socket.clone());
+        let (c, app, path) = (cancel.clone(), local, unix_socket.clone());
         tasks.spawn(async move {
             serve_api(unix_listener, app, c, "inference API (Unix socket)").await;
             let _ = std::fs::remove_file(&path);
@@ -340,6 +358,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
 /// Publishes info and status on every connection, status after every reconciliation,
 /// and telemetry on a timer.
 struct Reporter {
+    /// Models ready and waiting for their swap (from the reconciler).
+    deferred: watch::Receiver<
+        std::collections::BTreeMap<
+            botfleet_protocol::SlotName,
+            botfleet_protocol::messages::DeferredModel,
+        >,
+    >,
     /// Rollback commands go to the reconciler, which owns the slots' state.
     requests: tokio::sync::mpsc::Sender<rollout::Request>,
     publisher: Publisher,
@@ -363,6 +388,7 @@ impl Reporter {
             desired_generation: processed,
             at: Timestamp::now(),
             k3s: self.k3s.last(),
+            deferred: self.deferred.borrow().clone(),
         }
     }
 
@@ -398,6 +424,11 @@ impl Reporter {
                     if changed.is_err() { return; }
                     let p = *processed.borrow_and_update();
                     self.publisher.status(&self.status(p));
+                }
+                changed = self.deferred.changed() => {
+                    if changed.is_err() { return; }
+                    self.deferred.borrow_and_update();
+                    self.publisher.status(&self.status(*processed.borrow()));
                 }
                 _ = ticker.tick() => {
                     let sample = self.sampler.sample(&self.slots);

@@ -15,11 +15,13 @@ use std::time::{Duration, Instant};
 use botfleet_engine::{Engines, LoadOptions, Model, reference_inputs};
 use botfleet_protocol::engine::EngineKind;
 use botfleet_protocol::manifest::Sha256Digest;
-use botfleet_protocol::messages::{Desired, DesiredModel, Event, RejectReason, Stage};
+use botfleet_protocol::messages::{
+    Deferral, DeferredModel, Desired, DesiredModel, Event, RejectReason, Stage,
+};
 use botfleet_protocol::{
     DeviceId, ExpiryCheck, Manifest, ManifestError, RolloutId, SlotName, TrustedKeys, Verified,
 };
-use jiff::Timestamp;
+use jiff::{SignedDuration, Timestamp};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -27,10 +29,21 @@ use tracing::{error, info, instrument, warn};
 
 use crate::backoff::Backoff;
 use crate::fetch::Limits;
+use crate::holds::Holds;
 use crate::link::Publisher;
 use crate::slots::{ServingModel, Slots};
 use crate::store::{InstalledModel, State, Store};
 use plan::Refusal;
+
+/// How one pass over the desired state ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pass {
+    Done,
+    /// An install failed and is retried with backoff.
+    Failed,
+    /// A guard put an install off; looked at again after its recheck time.
+    Deferred,
+}
 
 /// How one install attempt ended, short of success.
 enum Outcome {
@@ -38,6 +51,9 @@ enum Outcome {
     Rejected(Refusal),
     /// Something that may pass; retried later.
     Failed(String),
+    /// Not now (a guard): looked at again after the guard's recheck time, not counted as
+    /// a failure.
+    Deferred(Deferral),
 }
 
 impl From<Refusal> for Outcome {
@@ -73,6 +89,56 @@ pub struct Reconciler {
     pub requests_tx: mpsc::Sender<Request>,
     /// Running health watchers; dropped (aborted) with the reconciler.
     pub watchers: JoinSet<()>,
+    /// The robot's holds on swaps.
+    pub holds: Holds,
+    /// Thermal and battery guards on benchmarking.
+    pub guards: crate::guards::Guards,
+    /// Models ready and waiting for their swap, by slot (empty at start).
+    pub parked: BTreeMap<SlotName, Parked>,
+    /// What `parked` holds, as the status reports it.
+    pub deferred: watch::Sender<BTreeMap<SlotName, DeferredModel>>,
+}
+
+/// The longest the reconciler waits before it looks at a deferral again (a clock or time
+/// zone change moves a window; holds expire on the wall clock).
+const DEFERRAL_RECHECK: Duration = Duration::from_secs(30);
+
+/// A model that passed its gate, loaded and warmed up, whose swap waits.
+#[derive(Debug)]
+pub struct Parked {
+    model: DesiredModel,
+    manifest: Verified<Manifest>,
+    loaded: Model,
+    claims: (Sha256Digest, Option<u64>),
+    deferral: Deferral,
+    since: Timestamp,
+    /// Its rollout has heard why it waits.
+    announced: bool,
+}
+
+impl Parked {
+    fn report(&self) -> DeferredModel {
+        DeferredModel {
+            version: self.manifest.version.clone(),
+            release: self.manifest.release,
+            sha256: self.manifest.artifact.sha256,
+            rollout_id: self.model.rollout_id.clone(),
+            since: self.since,
+            deferral: self.deferral.clone(),
+        }
+    }
+}
+
+/// Whether two deferrals give the same reason (holders or window), whatever their deadlines:
+/// a hold renewed every few seconds is not a new event each time.
+fn same_reason(a: &Deferral, b: &Deferral) -> bool {
+    match (a, b) {
+        (Deferral::Held { holds: x, .. }, Deferral::Held { holds: y, .. }) => {
+            x.iter().map(|h| &h.holder).eq(y.iter().map(|h| &h.holder))
+        }
+        (Deferral::Window { window: x, .. }, Deferral::Window { window: y, .. }) => x == y,
+        _ => false,
+    }
 }
 
 /// How the benchmark child is run.
@@ -186,6 +252,7 @@ impl Reconciler {
         // Set when a desired state waits to be applied without waiting for a change: the one
         // kept from the last run, or a newer one that interrupted an install.
         let mut pending = desired.borrow().is_some();
+        let mut holds = self.holds.subscribe();
         loop {
             if !pending {
                 let wait_retry = async {
@@ -194,8 +261,25 @@ impl Reconciler {
                         None => std::future::pending().await,
                     }
                 };
+                let look_again = self.next_look();
+                let wait_parked = async {
+                    match look_again {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                };
                 tokio::select! {
                     () = cancel.cancelled() => return,
+                    () = wait_parked => {
+                        self.release_parked();
+                        continue;
+                    }
+                    changed = holds.changed() => {
+                        if changed.is_ok() {
+                            self.release_parked();
+                        }
+                        continue;
+                    }
                     changed = desired.changed() => {
                         if changed.is_err() { return; }
                         refused.clear();
@@ -215,7 +299,7 @@ impl Reconciler {
             let Some(target) = desired.borrow_and_update().clone() else {
                 continue;
             };
-            let failed = tokio::select! {
+            let pass = tokio::select! {
                 () = cancel.cancelled() => return,
                 changed = desired.changed() => {
                     if changed.is_err() { return; }
@@ -228,15 +312,22 @@ impl Reconciler {
                     pending = true;
                     continue;
                 }
-                failed = self.apply(&target, &mut refused) => failed,
+                pass = self.apply(&target, &mut refused) => pass,
             };
-            if failed {
-                let delay = retry.next_delay();
-                info!(
-                    retry_in_s = delay.as_secs(),
-                    "an install failed; will retry"
-                );
-                retry_at = Some(tokio::time::Instant::now() + delay);
+            let failed = pass != Pass::Done;
+            match pass {
+                Pass::Done => {}
+                Pass::Failed => {
+                    let delay = retry.next_delay();
+                    info!(
+                        retry_in_s = delay.as_secs(),
+                        "an install failed; will retry"
+                    );
+                    retry_at = Some(tokio::time::Instant::now() + delay);
+                }
+                Pass::Deferred => {
+                    retry_at = Some(tokio::time::Instant::now() + self.guards.recheck());
+                }
             }
             // Always notifies, so the status (active models) is published after every pass.
             self.processed.send_modify(|processed| {
@@ -247,25 +338,51 @@ impl Reconciler {
         }
     }
 
-    /// Installs every changed slot; returns whether any failed (retryable).
-    async fn apply(&mut self, desired: &Desired, refused: &mut HashSet<Sha256Digest>) -> bool {
-        let installed: BTreeMap<SlotName, Sha256Digest> = self
+    /// Installs every changed slot; says whether any failed (retryable) or was put off.
+    async fn apply(&mut self, desired: &Desired, refused: &mut HashSet<Sha256Digest>) -> Pass {
+        // A parked model stays parked while the desired state still names it (its window
+        // as the desired state says now); otherwise it is dropped, never swapped in.
+        self.parked.retain(|slot, parked| {
+            let Some(wanted) = desired.slots.get(slot) else {
+                return false;
+            };
+            let same = wanted.manifest.payload_digest() == parked.model.manifest.payload_digest();
+            if same {
+                // Another rollout of the same model (another window, or none) takes the wait
+                // over: its events carry its id, and it hears why the device waits.
+                if wanted.rollout_id != parked.model.rollout_id {
+                    parked.announced = false;
+                }
+                parked.model = wanted.clone();
+            } else {
+                info!(slot = %slot, "the desired state no longer names the deferred model; dropped");
+            }
+            same
+        });
+        self.release_parked();
+        let mut installed: BTreeMap<SlotName, Sha256Digest> = self
             .state
             .slots
             .iter()
             .map(|(k, v)| (k.clone(), v.manifest.payload_digest()))
             .collect();
-        let mut failed = false;
+        // Parked models are as good as installed: ready, not to be fetched and gated again.
+        for (slot, parked) in &self.parked {
+            installed.insert(slot.clone(), parked.model.manifest.payload_digest());
+        }
+        let mut pass = Pass::Done;
         for (slot, model) in plan::changes(desired, &installed, refused, &self.state.blocked) {
             match self.install(slot, model).await {
                 Ok(()) => {}
                 Err(Outcome::Rejected(_)) => {
                     refused.insert(model.manifest.payload_digest());
                 }
-                Err(Outcome::Failed(_)) => failed = true,
+                Err(Outcome::Failed(_)) => pass = Pass::Failed,
+                Err(Outcome::Deferred(_)) if pass == Pass::Done => pass = Pass::Deferred,
+                Err(Outcome::Deferred(_)) => {}
             }
         }
-        failed
+        pass
     }
 
     fn emit(
@@ -307,6 +424,17 @@ impl Reconciler {
                     Stage::Rejected {
                         reason: *reason,
                         message: message.clone(),
+                    },
+                );
+            }
+            Err(Outcome::Deferred(deferral)) => {
+                info!(%deferral, "install put off; the previous model keeps serving");
+                self.emit(
+                    slot,
+                    model.rollout_id.as_ref(),
+                    claims,
+                    Stage::Deferred {
+                        deferral: deferral.clone(),
                     },
                 );
             }
@@ -359,6 +487,14 @@ impl Reconciler {
         let bytes = self.fetch(slot, model, &manifest, claims).await?;
         let evaluation = self.fetch_evaluation(model, &manifest).await?;
 
+        if let Some(trip) = self.guards.check() {
+            let recheck = SignedDuration::try_from(self.guards.recheck()).unwrap_or_default();
+            return Err(Outcome::Deferred(Deferral::Guard {
+                guard: trip.guard.to_owned(),
+                message: trip.message,
+                recheck_at: Timestamp::now() + recheck,
+            }));
+        }
         // Load, check and benchmark in a child process first: a hostile file dies there.
         let report = self
             .gate(&manifest, incumbent.as_deref(), evaluation)
@@ -401,7 +537,116 @@ impl Reconciler {
         .map_err(|e| Outcome::Failed(format!("loader crashed: {e}")))?
         .map_err(|e| Outcome::Rejected((RejectReason::NotLoadable, e.to_string())))?;
 
-        self.swap(slot, model, manifest, loaded, claims)
+        let now = jiff::ZonedDateTime::now();
+        let holds = self.holds.active(now.timestamp());
+        match plan::deferral(&now, &holds, model.window) {
+            None => self.swap(slot, model, manifest, loaded, claims),
+            Some(deferral) => {
+                let parked = Parked {
+                    model: model.clone(),
+                    manifest,
+                    loaded,
+                    claims,
+                    deferral,
+                    since: now.timestamp(),
+                    announced: true,
+                };
+                self.park(slot, parked);
+                Ok(())
+            }
+        }
+    }
+
+    /// Keeps a ready model until its swap may happen, and says why it waits.
+    fn park(&mut self, slot: &SlotName, parked: Parked) {
+        info!(deferral = %parked.deferral, "the swap waits");
+        self.emit(
+            slot,
+            parked.model.rollout_id.as_ref(),
+            parked.claims,
+            Stage::Deferred {
+                deferral: parked.deferral.clone(),
+            },
+        );
+        self.parked.insert(slot.clone(), parked);
+        self.report_parked();
+    }
+
+    /// When a parked model's deferral should be looked at again.
+    fn next_look(&self) -> Option<tokio::time::Instant> {
+        let now = Timestamp::now();
+        let soonest = self.parked.values().map(|p| p.deferral.until()).min()?;
+        let wait = now
+            .duration_until(soonest)
+            .unsigned_abs()
+            .min(DEFERRAL_RECHECK);
+        Some(tokio::time::Instant::now() + wait)
+    }
+
+    /// Swaps in every parked model whose deferral ended; reports those whose reason changed.
+    fn release_parked(&mut self) {
+        if self.parked.is_empty() {
+            return;
+        }
+        let now = jiff::ZonedDateTime::now();
+        let holds = self.holds.active(now.timestamp());
+        let slots: Vec<SlotName> = self.parked.keys().cloned().collect();
+        let mut changed = false;
+        for slot in slots {
+            let Some(parked) = self.parked.get_mut(&slot) else {
+                continue;
+            };
+            match plan::deferral(&now, &holds, parked.model.window) {
+                Some(deferral) => {
+                    let new_reason = !parked.announced || !same_reason(&parked.deferral, &deferral);
+                    changed |= parked.deferral != deferral || !parked.announced;
+                    parked.deferral = deferral;
+                    parked.announced = true;
+                    if new_reason {
+                        let (rollout, claims) = (parked.model.rollout_id.clone(), parked.claims);
+                        let stage = Stage::Deferred {
+                            deferral: parked.deferral.clone(),
+                        };
+                        info!(slot = %slot, deferral = %parked.deferral, "the swap still waits");
+                        self.emit(&slot, rollout.as_ref(), claims, stage);
+                    }
+                }
+                None => {
+                    let Some(parked) = self.parked.remove(&slot) else {
+                        continue;
+                    };
+                    changed = true;
+                    info!(slot = %slot, "deferral over; swapping");
+                    let rollout = parked.model.rollout_id.clone();
+                    if let Err(Outcome::Failed(message) | Outcome::Rejected((_, message))) = self
+                        .swap(
+                            &slot,
+                            &parked.model,
+                            parked.manifest,
+                            parked.loaded,
+                            parked.claims,
+                        )
+                    {
+                        warn!(%message, "swap failed; the previous model keeps serving");
+                        let stage = Stage::Failed { message };
+                        self.emit(&slot, rollout.as_ref(), parked.claims, stage);
+                    }
+                }
+            }
+        }
+        if changed {
+            self.report_parked();
+        }
+    }
+
+    /// Publishes what is parked (the reporter sends a status when it changes).
+    fn report_parked(&self) {
+        let report = self
+            .parked
+            .iter()
+            .map(|(slot, parked)| (slot.clone(), parked.report()))
+            .collect();
+        self.deferred.send_replace(report);
     }
 
     /// Persists the new active model (keeping the one it replaces for rollback), then swaps

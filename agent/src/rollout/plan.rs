@@ -7,7 +7,9 @@ use botfleet_engine::BenchStats;
 use botfleet_protocol::engine::{EngineBench, EngineKind, EnginePolicy};
 use botfleet_protocol::evaluation::Agreement;
 use botfleet_protocol::manifest::{Gate, Sha256Digest};
-use botfleet_protocol::messages::{Desired, DesiredModel, RejectReason};
+use botfleet_protocol::messages::{
+    Deferral, Desired, DesiredModel, HoldInfo, InstallWindow, RejectReason,
+};
 use botfleet_protocol::{Manifest, SlotName};
 
 use crate::gate::{EngineResult, EngineRun};
@@ -30,6 +32,26 @@ pub fn changes<'a>(
                 && blocked.get(*slot) != Some(&id)
         })
         .collect()
+}
+
+/// Why the swap of a model that passed its gate must wait at `now` (the robot's local time),
+/// if it must: a standing hold first, then the install window.
+pub fn deferral(
+    now: &jiff::ZonedDateTime,
+    holds: &[HoldInfo],
+    window: Option<InstallWindow>,
+) -> Option<Deferral> {
+    let holds: Vec<HoldInfo> = holds
+        .iter()
+        .filter(|h| h.until > now.timestamp())
+        .cloned()
+        .collect();
+    if let Some(until) = holds.iter().map(|h| h.until).max() {
+        return Some(Deferral::Held { holds, until });
+    }
+    let window = window?;
+    let opens_at = window.opens_after(now)?;
+    Some(Deferral::Window { window, opens_at })
 }
 
 /// A refusal: the reason code and a sentence for people.
@@ -432,6 +454,86 @@ mod tests {
             p50_ms: p99 / 2.0,
             p99_ms: p99,
             mean_ms: p99 / 2.0,
+        }
+    }
+
+    /// 2026-12-07 at `hh:mm` in a zone two hours east of UTC.
+    fn local(hh: i8, mm: i8) -> jiff::ZonedDateTime {
+        let zone = jiff::tz::TimeZone::fixed(jiff::tz::offset(2));
+        jiff::civil::date(2026, 12, 7)
+            .at(hh, mm, 0, 0)
+            .to_zoned_datetime(zone)
+            .unwrap()
+    }
+
+    fn hold(holder: &str, until: &jiff::ZonedDateTime) -> HoldInfo {
+        HoldInfo {
+            holder: holder.into(),
+            reason: "driving".into(),
+            until: until.timestamp(),
+        }
+    }
+
+    #[test]
+    fn a_window_defers_outside_and_lets_through_inside_local_time() {
+        let night: InstallWindow = "22:00-05:00".parse().unwrap();
+        let noon: InstallWindow = "12:00-13:30".parse().unwrap();
+        assert_eq!(deferral(&local(23, 0), &[], Some(night)), None);
+        assert_eq!(deferral(&local(4, 59), &[], Some(night)), None);
+        assert_eq!(deferral(&local(12, 0), &[], Some(noon)), None);
+        assert_eq!(
+            deferral(&local(5, 0), &[], Some(night)),
+            Some(Deferral::Window {
+                window: night,
+                opens_at: local(22, 0).timestamp()
+            }),
+            "the end is excluded; it opens again tonight"
+        );
+        let tomorrow = local(12, 0).tomorrow().unwrap().timestamp();
+        assert_eq!(
+            deferral(&local(13, 30), &[], Some(noon)).map(|d| d.until()),
+            Some(tomorrow)
+        );
+        assert_eq!(deferral(&local(9, 0), &[], None), None);
+    }
+
+    #[test]
+    fn a_standing_hold_defers_before_the_window_and_an_expired_one_does_not() {
+        let now = local(23, 0);
+        let night: InstallWindow = "22:00-05:00".parse().unwrap();
+        let holds = [hold("nav", &local(23, 5)), hold("arm", &local(23, 1))];
+        let Some(Deferral::Held {
+            holds: standing,
+            until,
+        }) = deferral(&now, &holds, Some(night))
+        else {
+            panic!("held");
+        };
+        assert_eq!(standing.len(), 2);
+        assert_eq!(until, local(23, 5).timestamp(), "until the last one ends");
+        assert_eq!(deferral(&local(23, 5), &holds, Some(night)), None);
+        assert_eq!(
+            deferral(&local(21, 0), &[hold("nav", &local(20, 0))], Some(night)).map(|d| d.until()),
+            Some(local(22, 0).timestamp()),
+            "an expired hold leaves the window to decide"
+        );
+    }
+
+    #[test]
+    fn windows_parse_strictly() {
+        assert_eq!(
+            "06:30-07:00".parse::<InstallWindow>().unwrap().to_string(),
+            "06:30-07:00"
+        );
+        for bad in [
+            "6:30-07:00",
+            "06:30",
+            "06:30-25:00",
+            "x",
+            "06:30-06:30",
+            "06:30 07:00",
+        ] {
+            assert!(bad.parse::<InstallWindow>().is_err(), "{bad}");
         }
     }
 

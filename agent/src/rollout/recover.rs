@@ -53,11 +53,11 @@ impl Reconciler {
         self.watchers.spawn(watch(slot, model, window, requests));
     }
 
-    /// Removes artifacts no slot needs; `downloading` is spared.
+    /// Removes artifacts no slot needs; `downloading` and parked models are spared.
     pub(super) fn collect_garbage(&self, downloading: Option<&Sha256Digest>) {
-        let removed = self
-            .store
-            .collect_garbage(&self.state.referenced(), downloading);
+        let mut keep = self.state.referenced();
+        keep.extend(self.parked.values().map(|p| p.manifest.artifact.sha256));
+        let removed = self.store.collect_garbage(&keep, downloading);
         if removed > 0 {
             info!(removed, "old model files removed");
         }
