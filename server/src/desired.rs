@@ -218,6 +218,7 @@ mod tests {
             },
             artifact_url: url.into(),
             evaluation_url: None,
+            window: None,
         }
     }
 

@@ -308,6 +308,7 @@ mod tests {
             desired_generation: None,
             at: Timestamp::from_second(at).unwrap(),
             k3s: None,
+            deferred: Default::default(),
         }
     }
 

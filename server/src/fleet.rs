@@ -100,7 +100,7 @@ impl Fleet {
         match message {
             Inbound::Status(status) => {
                 self.rollouts().observe_status(device, &status);
-                if self.devices().apply_status(device, status, now) {
+                if self.devices().apply_status(device, *status, now) {
                     let _ = self.returned.send(device.clone());
                 }
             }

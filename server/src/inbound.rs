@@ -7,7 +7,7 @@ use botfleet_protocol::{DeviceId, TopicKind, Topics};
 /// A decoded message from a device.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Inbound {
-    Status(Status),
+    Status(Box<Status>),
     Info(Box<Info>),
     Telemetry(Box<Telemetry>),
     Event(Box<Event>),
@@ -49,7 +49,9 @@ pub fn decode(
         source,
     };
     let message = match kind {
-        TopicKind::Status => Inbound::Status(serde_json::from_slice(payload).map_err(malformed)?),
+        TopicKind::Status => Inbound::Status(Box::new(
+            serde_json::from_slice(payload).map_err(malformed)?,
+        )),
         TopicKind::Info => Inbound::Info(Box::new(
             serde_json::from_slice(payload).map_err(malformed)?,
         )),

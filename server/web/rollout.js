@@ -4,7 +4,7 @@ import { api, post } from './api.js';
 import { confirm, h, ms, pill, stackedBar, table, time } from './ui.js';
 
 // Where a device stands, in the words of the progress bars.
-const STAGES = ['pending', 'downloading', 'benchmarking', 'active', 'rejected', 'failed', 'timed_out', 'other'];
+const STAGES = ['pending', 'downloading', 'benchmarking', 'deferred', 'active', 'rejected', 'failed', 'timed_out', 'other'];
 function stageOf(p) {
   if (p.outcome === 'in_progress') {
     return ['loaded', 'benchmarked'].includes(p.stage) ? 'benchmarking' : 'downloading';
@@ -83,7 +83,8 @@ export async function render(root, ctx) {
         h('td', { class: bad > s.error_threshold ? 'bad' : '' }, `${pct(bad)} (limit ${pct(s.error_threshold)})`)));
     }
     waves.replaceChildren(table(['Wave', 'Devices', 'Progress by stage', 'Active so far', 'Errors so far'], rows),
-      h('p', { class: 'summary' }, `bake ${s.bake_s}s · deadline ${s.deadline_s}s · on error: ${s.on_error}`));
+      h('p', { class: 'summary' }, `bake ${s.bake_s}s · deadline ${s.deadline_s}s · on error: ${s.on_error}`,
+        s.install_window ? ` · swaps between ${s.install_window} robot time` : ''));
 
     const reports = all.filter(([, p]) => p.bench).map(([d, p]) => [d, p.bench]);
     bench.replaceChildren(reports.length

@@ -16,8 +16,8 @@ export async function render(root) {
         h('td', {}, h('a', { href: `#/rollouts/${encodeURIComponent(r.rollout_id)}` }, r.rollout_id)),
         h('td', {}, `${r.slot} ${r.version}`), h('td', {}, pill(r.state)),
         h('td', {}, `${Math.min(r.wave + 1, r.waves)} / ${r.waves}`),
-        h('td', {}, stackedBar([['active', s.active], ['in_progress', s.in_progress], ['bad', bad], ['pending', s.pending]], total),
-          `${s.active} of ${total} active`),
+        h('td', {}, stackedBar([['active', s.active], ['in_progress', s.in_progress], ['deferred', s.deferred || 0], ['bad', bad], ['pending', s.pending]], total),
+          `${s.active} of ${total} active`, s.deferred ? ` · ${s.deferred} deferred` : ''),
         h('td', {}, time(r.created_at)));
     });
     body.replaceChildren(table(['Rollout', 'Model', 'State', 'Wave', 'Progress', 'Created'], rows));

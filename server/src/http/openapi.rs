@@ -179,7 +179,8 @@ mod requests {
         json!({
             "waves": [{"count": 1}, {"percent": 10.0}], "bake_s": 600,
             "success_threshold": 0.95, "error_threshold": 0.05, "on_error": "rollback",
-            "deadline_s": 3600, "gate": {"max_p99_regression_percent": 10.0}
+            "deadline_s": 3600, "gate": {"max_p99_regression_percent": 10.0},
+            "install_window": "22:00-05:00"
         })
     }
 

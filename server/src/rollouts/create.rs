@@ -188,6 +188,7 @@ impl RolloutService {
             manifest: model.stored.signed_manifest.clone(),
             artifact_url: model.artifact_url.clone(),
             evaluation_url: model.evaluation_url.clone(),
+            window: strategy.install_window,
         };
         // Size-checked before anything is recorded.
         for device in &devices {
@@ -380,6 +381,7 @@ impl RolloutService {
             manifest: model.stored.signed_manifest.clone(),
             artifact_url: model.artifact_url.clone(),
             evaluation_url: model.evaluation_url.clone(),
+            window: rollout.strategy.install_window,
         })
     }
 

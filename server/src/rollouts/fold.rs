@@ -21,6 +21,8 @@ pub enum Outcome {
     Pending,
     /// Working through the stages.
     InProgress,
+    /// Ready (gated) on the device, its swap put off by a hold or an install window.
+    Deferred,
     /// The model serves the slot.
     Active,
     /// The device refused the model.
@@ -45,7 +47,7 @@ impl Outcome {
     pub fn is_terminal(self) -> bool {
         !matches!(
             self,
-            Outcome::Pending | Outcome::InProgress | Outcome::RollingBack
+            Outcome::Pending | Outcome::InProgress | Outcome::Deferred | Outcome::RollingBack
         )
     }
 
@@ -112,10 +114,11 @@ fn rank(stage: &Stage) -> u8 {
         Stage::Downloaded { .. } => 3,
         Stage::Loaded { .. } => 4,
         Stage::Benchmarked(_) => 5,
-        Stage::Failed { .. } => 6,
-        Stage::Rejected { .. } => 7,
-        Stage::Active { .. } => 8,
-        Stage::RolledBack { .. } => 9,
+        Stage::Deferred { .. } => 6,
+        Stage::Failed { .. } => 7,
+        Stage::Rejected { .. } => 8,
+        Stage::Active { .. } => 9,
+        Stage::RolledBack { .. } => 10,
     }
 }
 
@@ -169,6 +172,7 @@ impl DeviceProgress {
             Some(Stage::Rejected { .. }) => Outcome::Rejected,
             Some(Stage::Failed { .. }) => Outcome::Failed,
             Some(Stage::RolledBack { .. }) => Outcome::RolledBack,
+            Some(Stage::Deferred { .. }) => Outcome::Deferred,
             Some(_) => Outcome::InProgress,
         }
     }
@@ -179,6 +183,7 @@ impl DeviceProgress {
             Some(Stage::Rejected { reason, message }) => (Some(*reason), Some(message.clone())),
             Some(Stage::Failed { message }) => (None, Some(message.clone())),
             Some(Stage::RolledBack { reason, .. }) => (None, Some(reason.clone())),
+            Some(Stage::Deferred { deferral }) => (None, Some(format!("deferred: {deferral}"))),
             _ => (None, None),
         };
         let bench = self.bench().cloned();
@@ -239,6 +244,35 @@ mod tests {
         assert!(!p.record(Some(&id), t(2), &bench(2.0)));
         assert!(p.record(Some(&EventId::new("e-2").unwrap()), t(2), &bench(2.0)));
         assert_eq!(p.view().history.len(), 2);
+    }
+
+    #[test]
+    fn a_deferred_device_waits_then_goes_active() {
+        let mut p = DeviceProgress::default();
+        p.apply(t(1), &bench(2.0));
+        let until = t(100);
+        let deferral = botfleet_protocol::messages::Deferral::Held {
+            holds: vec![botfleet_protocol::messages::HoldInfo {
+                holder: "nav".into(),
+                reason: "driving".into(),
+                until,
+            }],
+            until,
+        };
+        p.apply(t(2), &Stage::Deferred { deferral });
+        assert_eq!(p.outcome(), Outcome::Deferred);
+        assert!(!p.outcome().is_terminal());
+        let message = p.view().message.unwrap();
+        assert!(
+            message.starts_with("deferred: held by nav (until "),
+            "{message}"
+        );
+        let active = Stage::Active {
+            previous: None,
+            swap_micros: 40,
+        };
+        p.apply(t(2), &active);
+        assert_eq!(p.outcome(), Outcome::Active, "the swap wins a tie");
     }
 
     #[test]

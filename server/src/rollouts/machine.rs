@@ -250,12 +250,17 @@ impl Rollout {
         actions
     }
 
-    /// Devices without a terminal state past their deadline get one.
+    /// Devices without a terminal state past their deadline get one. A device that is online
+    /// and says its swap is deferred (a hold from its own software, an install window) is
+    /// waiting by design, not late: its deadline waits too.
     fn apply_deadlines(&mut self, now: Timestamp, presence: &impl Fn(&DeviceId) -> Presence) {
         let deadline = secs(self.strategy.deadline_s);
         for (id, run) in &mut self.devices {
             let Some(at) = run.commanded_at else { continue };
             if run.outcome().is_terminal() || run.mark.is_some() || now < at + deadline {
+                continue;
+            }
+            if run.outcome() == Outcome::Deferred && presence(id) == Presence::Online {
                 continue;
             }
             run.mark = Some(match presence(id) {

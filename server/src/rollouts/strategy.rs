@@ -70,6 +70,10 @@ pub struct Strategy {
     pub deadline_s: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gate: Option<Gate>,
+    /// Swap only within this daily window of each robot's local time (`"22:00-05:00"`):
+    /// devices download and gate at once, then wait, reported as `deferred`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub install_window: Option<botfleet_protocol::messages::InstallWindow>,
 }
 
 impl Default for Strategy {
@@ -82,6 +86,7 @@ impl Default for Strategy {
             on_error: OnError::Pause,
             deadline_s: default_deadline(),
             gate: None,
+            install_window: None,
         }
     }
 }

@@ -20,6 +20,9 @@ fn is_zero(n: &usize) -> bool {
 pub struct Summary {
     pub pending: usize,
     pub in_progress: usize,
+    /// Ready on the device, waiting for a hold to end or an install window to open.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub deferred: usize,
     pub active: usize,
     pub rejected: usize,
     pub failed: usize,
@@ -42,6 +45,7 @@ impl Summary {
         let n = match outcome {
             Outcome::Pending => &mut self.pending,
             Outcome::InProgress => &mut self.in_progress,
+            Outcome::Deferred => &mut self.deferred,
             Outcome::Active => &mut self.active,
             Outcome::Rejected => &mut self.rejected,
             Outcome::Failed => &mut self.failed,
