@@ -291,11 +291,22 @@ impl Fleet {
         limit: Duration,
         done: impl Fn(&Value) -> bool,
     ) -> Result<Value> {
-        let path = format!("/api/v1/rollouts/{id}");
+        self.wait_for(&format!("/api/v1/rollouts/{id}"), limit, done)
+            .await
+    }
+
+    /// Polls a server API path until its JSON answer satisfies `done`; fails with the last
+    /// answer after `limit`.
+    pub async fn wait_for(
+        &self,
+        path: &str,
+        limit: Duration,
+        done: impl Fn(&Value) -> bool,
+    ) -> Result<Value> {
         let mut last = Value::Null;
         let reached = tokio::time::timeout(limit, async {
             loop {
-                last = self.get(&path).await?;
+                last = self.get(path).await?;
                 if done(&last) {
                     return Ok::<_, anyhow::Error>(());
                 }
@@ -306,7 +317,7 @@ impl Fleet {
         match reached {
             Ok(Ok(())) => Ok(last),
             Ok(Err(e)) => Err(e),
-            Err(_) => bail!("rollout {id} never got there within {limit:?}: {last}"),
+            Err(_) => bail!("{path} never got there within {limit:?}: {last}"),
         }
     }
 

@@ -100,6 +100,7 @@ impl Setup {
                     manifest: signer.sign(manifest).unwrap(),
                     artifact_url: url,
                     evaluation_url: None,
+                    window: None,
                 },
             )]
             .into(),

@@ -283,6 +283,7 @@ fn stage_line(stage: &Stage) -> String {
                 .unwrap_or_default()
         ),
         Stage::Rejected { reason, message } => format!("REJECTED ({reason:?}): {message}"),
+        Stage::Deferred { deferral } => format!("swap deferred: {deferral}"),
         Stage::Failed { message } => format!("FAILED: {message}"),
         Stage::RolledBack { to, reason } => format!("ROLLED BACK to {}…: {reason}", to.short()),
     }

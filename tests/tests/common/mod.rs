@@ -17,6 +17,22 @@ pub fn ort_reference(name: &str) -> Value {
     serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
 }
 
+/// The OIP v2 request (id `check`) carrying a reference file's input.
+pub fn reference_request(reference: &Value) -> Value {
+    let seed = reference["seed"].as_u64().unwrap();
+    let shape: Vec<usize> = serde_json::from_value(reference["input"]["shape"].clone()).unwrap();
+    let input = reference_input(seed, shape.iter().product());
+    json!({
+        "id": "check",
+        "inputs": [{
+            "name": reference["input"]["name"],
+            "shape": shape,
+            "datatype": "FP32",
+            "data": input,
+        }],
+    })
+}
+
 /// Runs the reference's input through `agent` and checks every output against onnxruntime.
 pub async fn assert_matches_onnxruntime(
     fleet: &Fleet,
@@ -25,18 +41,7 @@ pub async fn assert_matches_onnxruntime(
     reference: &Value,
     tolerance: f64,
 ) -> Value {
-    let seed = reference["seed"].as_u64().unwrap();
-    let shape: Vec<usize> = serde_json::from_value(reference["input"]["shape"].clone()).unwrap();
-    let input = reference_input(seed, shape.iter().product());
-    let request = json!({
-        "id": "check",
-        "inputs": [{
-            "name": reference["input"]["name"],
-            "shape": shape,
-            "datatype": "FP32",
-            "data": input,
-        }],
-    });
+    let request = reference_request(reference);
     let (status, answer) = fleet.infer(agent, slot, &request).await.unwrap();
     assert_eq!(status, 200, "{answer}");
     assert_eq!(answer["id"], "check");
