@@ -59,6 +59,14 @@ pub enum Deferral {
         /// When the window opens next.
         opens_at: Timestamp,
     },
+    /// The candidate runs beside the serving model on copies of live requests; it is
+    /// promoted only if its answers agree (`ShadowSpec`).
+    Shadow {
+        /// Requests to compare.
+        requests: u32,
+        /// When the shadow ends at the latest (judged on what was compared by then).
+        until: Timestamp,
+    },
     /// The robot is too hot, or on a low battery that is not charging, to benchmark a
     /// candidate now (`thermal`, `battery`); download done, gate put off.
     Guard {
@@ -76,6 +84,7 @@ impl Deferral {
             Deferral::Held { until, .. } => *until,
             Deferral::Window { opens_at, .. } => *opens_at,
             Deferral::Guard { recheck_at, .. } => *recheck_at,
+            Deferral::Shadow { until, .. } => *until,
         }
     }
 }
@@ -90,9 +99,107 @@ impl std::fmt::Display for Deferral {
             Deferral::Window { window, opens_at } => {
                 write!(f, "waiting for the window {window} (opens {opens_at})")
             }
+            Deferral::Shadow { requests, until } => {
+                write!(
+                    f,
+                    "shadowing live requests ({requests} to compare, until {until})"
+                )
+            }
             Deferral::Guard { guard, message, .. } => {
                 write!(f, "benchmark put off by the {guard} guard: {message}")
             }
+        }
+    }
+}
+
+/// Before promotion, run the candidate on copies of live requests beside the serving model
+/// (at the lowest CPU priority, never delaying or changing an answer) and compare.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShadowSpec {
+    /// Requests to compare before the verdict.
+    pub requests: u32,
+    /// The longest the shadow runs (s); the verdict then goes on what was compared.
+    pub seconds: u64,
+    /// Share (0..=1) of compared requests whose answers must agree.
+    pub min_agreement: f64,
+    /// `top1_agreement` (the index of the largest value of `output`) or `within_tolerance`.
+    #[serde(default)]
+    pub metric: crate::evaluation::AgreementMetric,
+    /// Largest absolute difference per value, for `within_tolerance`.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::finite::option"
+    )]
+    pub tolerance: Option<f32>,
+    /// The output compared (absent: the model's first).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<String>,
+    /// Copy one request in this many (1: every one).
+    #[serde(default = "one_u32")]
+    pub sample_every: u32,
+    /// The candidate's p99 on the shadowed requests may be at most this many times the
+    /// serving model's on the same requests (absent: latency not judged).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_p99_ratio: Option<f64>,
+}
+
+fn one_u32() -> u32 {
+    1
+}
+
+/// Why a shadow specification was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("shadow: {0}")]
+pub struct ShadowSpecError(pub &'static str);
+
+impl ShadowSpec {
+    pub fn validate(&self) -> Result<(), ShadowSpecError> {
+        if self.requests == 0 {
+            return Err(ShadowSpecError("requests must be at least 1"));
+        }
+        if self.seconds == 0 {
+            return Err(ShadowSpecError("seconds must be at least 1"));
+        }
+        if !(0.0..=1.0).contains(&self.min_agreement) {
+            return Err(ShadowSpecError("min_agreement must be between 0 and 1"));
+        }
+        if self.sample_every == 0 {
+            return Err(ShadowSpecError("sample_every must be at least 1"));
+        }
+        if self.max_p99_ratio.is_some_and(|r| r <= 0.0) {
+            return Err(ShadowSpecError("max_p99_ratio must be above 0"));
+        }
+        Ok(())
+    }
+}
+
+/// What a shadow came to on the robot.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShadowReport {
+    /// Requests compared, and how many of them agreed.
+    pub samples: u32,
+    pub agreed: u32,
+    pub metric: crate::evaluation::AgreementMetric,
+    /// Requests not copied because the shadow was behind (the serving path never waits).
+    pub dropped: u64,
+    /// p99 of the candidate and of the serving model on the compared requests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub candidate_p99_ms: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serving_p99_ms: Option<f64>,
+    pub passed: bool,
+    /// Why it failed, in words.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+impl ShadowReport {
+    pub fn agreement(&self) -> crate::evaluation::Agreement {
+        crate::evaluation::Agreement {
+            samples: self.samples,
+            agreed: self.agreed,
         }
     }
 }
@@ -478,6 +585,9 @@ pub struct DesiredModel {
     /// gate run at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub window: Option<InstallWindow>,
+    /// Shadow it on live requests after its gate, before its swap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<ShadowSpec>,
 }
 
 /// One step of a rollout on one device.
@@ -535,6 +645,8 @@ pub enum Stage {
     /// The model passed its gate and is ready; its swap waits (a hold from the robot's
     /// software, an install window). Reported again when the reason changes.
     Deferred { deferral: Deferral },
+    /// The shadow on live requests ended (`passed`: it goes on to its swap).
+    Shadowed(ShadowReport),
 }
 
 impl Stage {
@@ -561,6 +673,7 @@ impl Stage {
             Stage::RolledBack { .. } => "rolled_back",
             Stage::Failed { .. } => "failed",
             Stage::Deferred { .. } => "deferred",
+            Stage::Shadowed(_) => "shadowed",
         }
     }
 }

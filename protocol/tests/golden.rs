@@ -17,7 +17,7 @@ use botfleet_protocol::messages::{
     DiskInfo, Event, GpuSource, GpuTelemetry, Info, JetsonInfo, RejectReason, SlotStats, Stage,
     Status, TELEMETRY_SCHEMA, Telemetry,
 };
-use botfleet_protocol::messages::{Deferral, DeferredModel, HoldInfo};
+use botfleet_protocol::messages::{Deferral, DeferredModel, HoldInfo, ShadowReport};
 use botfleet_protocol::messages::{K3sFailure, K3sNode, K3sState, K3sToken};
 use botfleet_protocol::tensor::{DataType, TensorSpec};
 use botfleet_protocol::{
@@ -363,6 +363,7 @@ fn desired_matches_its_fixture() {
                         Sha256Digest::of(b"evaluation set")
                     )),
                     window: None,
+                    shadow: None,
                 },
             )]),
         },
@@ -482,6 +483,22 @@ fn every_event_stage_matches_its_fixture() {
             reason: "health window: 12 of 40 requests failed (30.0%, 5.0% allowed)".into(),
         },
         Stage::Deferred { deferral: held() },
+        Stage::Deferred {
+            deferral: Deferral::Shadow {
+                requests: 200,
+                until: ts("2026-01-01T12:10:00Z"),
+            },
+        },
+        Stage::Shadowed(ShadowReport {
+            samples: 200,
+            agreed: 171,
+            metric: AgreementMetric::Top1Agreement,
+            dropped: 3,
+            candidate_p99_ms: Some(4.2),
+            serving_p99_ms: Some(3.9),
+            passed: false,
+            reason: Some("shadow: top-1 agreement 0.855 on 200 live requests is below 0.95".into()),
+        }),
         Stage::Deferred {
             deferral: Deferral::Window {
                 window: "22:00-05:00".parse().unwrap(),

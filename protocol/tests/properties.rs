@@ -97,6 +97,7 @@ fn desired() -> impl Strategy<Value = Desired> {
                         evaluation_url: Some(format!("{url}.evaluation")),
                         artifact_url: url,
                         window: None,
+                        shadow: None,
                     };
                     (slot, model)
                 })
