@@ -27,6 +27,7 @@ pub mod notify;
 pub mod outbox;
 pub mod rollout;
 pub mod serve;
+pub mod shadow;
 pub mod slots;
 pub mod store;
 pub mod telemetry;
@@ -272,6 +273,7 @@ pub async fn start(config: Config) -> Result<Running, AgentError> {
         holds: holds.clone(),
         guards: guards::Guards::discover(&settings.config.telemetry.root, &settings.config.guards),
         parked: Default::default(),
+        shadow_refused: Default::default(),
         deferred: deferred_tx,
     };
     let c = cancel.clone();

@@ -252,7 +252,7 @@ async fn run_inference(
 ) -> Result<Response, ApiError> {
     let (slot, model) = serving(&api, &name, version.as_deref())?;
     let body = read_body(headers, body, api.max_request_bytes).await?;
-    let result = infer_on(&model, headers, body).await;
+    let result = infer_on(&model, slot.tap(), headers, body).await;
     // Latency as the robot's caller sees the engine, not including JSON decoding.
     match &result {
         Ok((_, ms)) => slot.record(&model, Some(*ms)),
@@ -340,6 +340,7 @@ async fn read_body(
 
 async fn infer_on(
     model: &Arc<ServingModel>,
+    tap: Option<Arc<crate::shadow::Tap>>,
     headers: &HeaderMap,
     body: binary::Chunks,
 ) -> Result<(Answer, f64), ApiError> {
@@ -378,10 +379,21 @@ async fn infer_on(
     }
     // The request holds its own Arc: a swap during inference does not touch it.
     let engine = model.model.clone();
+    // A sampled request is copied for a shadowed candidate: its inputs before the run, the
+    // serving model's outputs after; the copy is handed over without waiting.
+    let shadow = tap.filter(|t| t.wants()).map(|t| (t, inputs.clone()));
     let (outputs, ms) = tokio::task::spawn_blocking(move || {
         let started = Instant::now();
         let out = engine.run(inputs);
-        (out, started.elapsed().as_secs_f64() * 1e3)
+        let ms = started.elapsed().as_secs_f64() * 1e3;
+        if let (Some((tap, inputs)), Ok(outputs)) = (shadow, &out) {
+            tap.offer(crate::shadow::Sample {
+                inputs,
+                outputs: outputs.clone(),
+                serving_ms: ms,
+            });
+        }
+        (out, ms)
     })
     .await
     .map_err(|e| {

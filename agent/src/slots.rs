@@ -98,11 +98,18 @@ fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
 pub struct Slot {
     current: ArcSwapOption<ServingModel>,
     window: Mutex<Window>,
+    /// Where sampled requests are copied while a candidate is shadowed.
+    shadow: ArcSwapOption<crate::shadow::Tap>,
 }
 
 impl Slot {
     pub fn current(&self) -> Option<Arc<ServingModel>> {
         self.current.load_full()
+    }
+
+    /// The shadow tap, while a candidate is shadowed on this slot.
+    pub fn tap(&self) -> Option<Arc<crate::shadow::Tap>> {
+        self.shadow.load_full()
     }
 
     /// Counts one request answered by `model` (`None`: it failed).
@@ -162,6 +169,15 @@ impl Slots {
             Arc::clone(slots.entry(slot.clone()).or_default())
         };
         entry.current.swap(Some(model))
+    }
+
+    /// Starts (`Some`) or ends (`None`) copying `slot`'s requests to a shadow.
+    pub fn set_shadow(&self, slot: &SlotName, tap: Option<Arc<crate::shadow::Tap>>) {
+        let entry = {
+            let mut slots = self.slots.write().unwrap_or_else(PoisonError::into_inner);
+            Arc::clone(slots.entry(slot.clone()).or_default())
+        };
+        entry.shadow.store(tap);
     }
 
     /// The model serving each slot now.

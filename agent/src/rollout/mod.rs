@@ -16,7 +16,8 @@ use botfleet_engine::{Engines, LoadOptions, Model, reference_inputs};
 use botfleet_protocol::engine::EngineKind;
 use botfleet_protocol::manifest::Sha256Digest;
 use botfleet_protocol::messages::{
-    Deferral, DeferredModel, Desired, DesiredModel, Event, RejectReason, Stage,
+    Deferral, DeferredModel, Desired, DesiredModel, Event, RejectReason, ShadowReport, ShadowSpec,
+    Stage,
 };
 use botfleet_protocol::{
     DeviceId, ExpiryCheck, Manifest, ManifestError, RolloutId, SlotName, TrustedKeys, Verified,
@@ -95,6 +96,9 @@ pub struct Reconciler {
     pub guards: crate::guards::Guards,
     /// Models ready and waiting for their swap, by slot (empty at start).
     pub parked: BTreeMap<SlotName, Parked>,
+    /// Manifests (payload digests) refused after their shadow, until the desired state
+    /// changes.
+    pub shadow_refused: HashSet<Sha256Digest>,
     /// What `parked` holds, as the status reports it.
     pub deferred: watch::Sender<BTreeMap<SlotName, DeferredModel>>,
 }
@@ -114,6 +118,8 @@ pub struct Parked {
     since: Timestamp,
     /// Its rollout has heard why it waits.
     announced: bool,
+    /// It runs as a shadow on live requests; its verdict comes as [`Request::Shadowed`].
+    shadowing: bool,
 }
 
 impl Parked {
@@ -283,6 +289,7 @@ impl Reconciler {
                     changed = desired.changed() => {
                         if changed.is_err() { return; }
                         refused.clear();
+                        self.shadow_refused.clear();
                         retry.reset();
                     }
                     () = wait_retry => {}
@@ -308,6 +315,7 @@ impl Reconciler {
                     // point, so it is never cut in half.
                     info!("desired state changed during an install; starting over");
                     refused.clear();
+                    self.shadow_refused.clear();
                     retry.reset();
                     pending = true;
                     continue;
@@ -356,9 +364,13 @@ impl Reconciler {
                 parked.model = wanted.clone();
             } else {
                 info!(slot = %slot, "the desired state no longer names the deferred model; dropped");
+                if parked.shadowing {
+                    self.slots.set_shadow(slot, None);
+                }
             }
             same
         });
+        refused.extend(self.shadow_refused.iter().copied());
         self.release_parked();
         let mut installed: BTreeMap<SlotName, Sha256Digest> = self
             .state
@@ -537,6 +549,16 @@ impl Reconciler {
         .map_err(|e| Outcome::Failed(format!("loader crashed: {e}")))?
         .map_err(|e| Outcome::Rejected((RejectReason::NotLoadable, e.to_string())))?;
 
+        // A shadow compares with the serving model: a slot that serves none has nothing to
+        // compare with, and the gate's checks are all there is.
+        if let Some(spec) = model
+            .shadow
+            .clone()
+            .filter(|_| self.slots.current(slot).is_some())
+        {
+            self.start_shadow(slot, model, manifest, loaded, claims, spec);
+            return Ok(());
+        }
         let now = jiff::ZonedDateTime::now();
         let holds = self.holds.active(now.timestamp());
         match plan::deferral(&now, &holds, model.window) {
@@ -550,11 +572,126 @@ impl Reconciler {
                     deferral,
                     since: now.timestamp(),
                     announced: true,
+                    shadowing: false,
                 };
                 self.park(slot, parked);
                 Ok(())
             }
         }
+    }
+
+    /// Runs `loaded` as a shadow of `slot`'s serving model on live requests; the verdict
+    /// comes back as [`Request::Shadowed`].
+    fn start_shadow(
+        &mut self,
+        slot: &SlotName,
+        model: &DesiredModel,
+        manifest: Verified<Manifest>,
+        loaded: Model,
+        claims: (Sha256Digest, Option<u64>),
+        spec: ShadowSpec,
+    ) {
+        let (tap, rx) = crate::shadow::Tap::new(&spec);
+        let tap = Arc::new(tap);
+        // The task keeps no strong handle: dropping the slot's tap ends the shadow early.
+        let weak = Arc::downgrade(&tap);
+        self.slots.set_shadow(slot, Some(tap));
+        let candidate = loaded.clone();
+        let requests = self.requests_tx.clone();
+        let (slot_name, sha256) = (slot.clone(), manifest.artifact.sha256);
+        let (requests_wanted, seconds) = (spec.requests, spec.seconds);
+        let judged = spec.clone();
+        self.watchers.spawn(async move {
+            let tally =
+                crate::loader::in_background(move || crate::shadow::run(&candidate, &spec, &rx))
+                    .await;
+            let dropped = weak.upgrade().map_or(0, |t| t.dropped());
+            let report = match tally {
+                Ok(tally) => crate::shadow::judge(&judged, &tally, dropped),
+                Err(e) => ShadowReport {
+                    samples: 0,
+                    agreed: 0,
+                    metric: judged.metric,
+                    dropped,
+                    candidate_p99_ms: None,
+                    serving_p99_ms: None,
+                    passed: false,
+                    reason: Some(format!("shadow: {e}")),
+                },
+            };
+            let _ = requests
+                .send(Request::Shadowed {
+                    slot: slot_name,
+                    sha256,
+                    report,
+                })
+                .await;
+        });
+        let now = Timestamp::now();
+        let seconds = SignedDuration::from_secs(i64::try_from(seconds).unwrap_or(i64::MAX));
+        let parked = Parked {
+            model: model.clone(),
+            manifest,
+            loaded,
+            claims,
+            deferral: Deferral::Shadow {
+                requests: requests_wanted,
+                until: now.checked_add(seconds).unwrap_or(now),
+            },
+            since: now,
+            announced: true,
+            shadowing: true,
+        };
+        self.park(slot, parked);
+    }
+
+    /// The verdict of a shadow: on to the swap (holds and windows still apply), or refused
+    /// with its figures. A verdict about a model no longer parked is moot.
+    pub(super) fn shadow_done(
+        &mut self,
+        slot: &SlotName,
+        sha256: Sha256Digest,
+        report: ShadowReport,
+    ) {
+        self.slots.set_shadow(slot, None);
+        let Some(parked) = self.parked.get_mut(slot) else {
+            return;
+        };
+        if !parked.shadowing || parked.manifest.artifact.sha256 != sha256 {
+            return;
+        }
+        let (rollout, claims) = (parked.model.rollout_id.clone(), parked.claims);
+        if report.passed {
+            parked.shadowing = false;
+            parked.announced = false;
+        }
+        info!(slot = %slot, samples = report.samples, agreed = report.agreed, passed = report.passed, "shadow done");
+        self.emit(
+            slot,
+            rollout.as_ref(),
+            claims,
+            Stage::Shadowed(report.clone()),
+        );
+        if report.passed {
+            self.release_parked();
+            return;
+        }
+        let message = report.reason.unwrap_or_else(|| "shadow failed".into());
+        if let Some(parked) = self.parked.remove(slot) {
+            self.shadow_refused
+                .insert(parked.model.manifest.payload_digest());
+        }
+        warn!(%message, "model refused after its shadow; the serving model stays");
+        self.emit(
+            slot,
+            rollout.as_ref(),
+            claims,
+            Stage::Rejected {
+                reason: RejectReason::Inaccurate,
+                message,
+            },
+        );
+        self.report_parked();
     }
 
     /// Keeps a ready model until its swap may happen, and says why it waits.
@@ -575,7 +712,10 @@ impl Reconciler {
     /// When a parked model's deferral should be looked at again.
     fn next_look(&self) -> Option<tokio::time::Instant> {
         let now = Timestamp::now();
-        let soonest = self.parked.values().map(|p| p.deferral.until()).min()?;
+        let soonest = (self.parked.values())
+            .filter(|p| !p.shadowing)
+            .map(|p| p.deferral.until())
+            .min()?;
         let wait = now
             .duration_until(soonest)
             .unsigned_abs()
@@ -596,6 +736,9 @@ impl Reconciler {
             let Some(parked) = self.parked.get_mut(&slot) else {
                 continue;
             };
+            if parked.shadowing {
+                continue;
+            }
             match plan::deferral(&now, &holds, parked.model.window) {
                 Some(deferral) => {
                     let new_reason = !parked.announced || !same_reason(&parked.deferral, &deferral);

@@ -35,6 +35,12 @@ pub enum Request {
         command_id: CommandId,
         slot: SlotName,
     },
+    /// A shadowed candidate's verdict.
+    Shadowed {
+        slot: SlotName,
+        sha256: Sha256Digest,
+        report: botfleet_protocol::messages::ShadowReport,
+    },
 }
 
 /// Requests below this count say too little about a model's health.
@@ -86,6 +92,11 @@ impl Reconciler {
                     "the command carries no signed rollback order",
                 );
             }
+            Request::Shadowed {
+                slot,
+                sha256,
+                report,
+            } => self.shadow_done(&slot, sha256, report),
         }
     }
 
