@@ -219,6 +219,7 @@ mod tests {
             artifact_url: url.into(),
             evaluation_url: None,
             window: None,
+            shadow: None,
         }
     }
 

@@ -62,7 +62,8 @@ export async function render(root, ctx) {
       h('h1', {}, `Rollout ${id}`),
       h('p', {}, `${r.slot} ${r.version} (release ${r.release}) · `, h('span', { id: 'state' }, pill(r.state)),
         r.reason ? ` · ${r.reason}` : '', ` · created ${time(r.created_at)}`),
-      h('p', { id: 'progress', class: 'summary' }, `${active} of ${total} devices active · wave ${Math.min(r.wave + 1, r.waves)} of ${r.waves}`),
+      h('p', { id: 'progress', class: 'summary' }, `${active} of ${total} devices active · wave ${Math.min(r.wave + 1, r.waves)} of ${r.waves}`,
+        r.shadow ? ` · shadow agreement ${pct(r.shadow.agreement)} on ${r.shadow.samples} live requests (${r.shadow.devices} devices, needs ${pct(r.strategy.shadow.min_agreement)})` : ''),
       h('div', { class: 'actions' }, buttons));
 
     // Thresholds are judged on the devices of the waves so far (waves are cumulative).
@@ -96,10 +97,12 @@ export async function render(root, ctx) {
           h('td', {}, b.passed ? 'yes' : 'no'), h('td', { class: 'engines' }, engineFigures(b))))])
       : h('p', { class: 'summary' }, 'no benchmark reported yet'));
 
-    devices.replaceChildren(table(['Device', 'Wave', 'Outcome', 'Engine', 'Timeline'], all.map(([d, p]) => h('tr', { 'data-device': d },
+    const shadowOf = (x) => (x ? `${x.agreed}/${x.samples} agree${x.passed ? '' : ' ✗'}` : '');
+    devices.replaceChildren(table(['Device', 'Wave', 'Outcome', 'Engine', 'Shadow', 'Timeline'], all.map(([d, p]) => h('tr', { 'data-device': d },
       h('td', {}, h('a', { href: `#/devices/${encodeURIComponent(d)}` }, d)), h('td', {}, p.wave + 1),
       h('td', {}, pill(p.outcome), p.reason ? ` ${p.reason}` : '', p.message ? ` ${p.message}` : ''),
       h('td', { class: 'engine', title: p.serving_engine ? 'serving' : 'chosen by the gate' }, engineOf(p)),
+      h('td', { class: 'shadow', title: p.shadow && p.shadow.reason ? p.shadow.reason : '' }, shadowOf(p.shadow)),
       h('td', { class: 'timeline' }, (p.history || []).map((e) => h('span', { class: 'step', title: e.at }, `${e.stage} ${time(e.at)}`)))))));
   };
   await refresh();

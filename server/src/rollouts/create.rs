@@ -189,6 +189,7 @@ impl RolloutService {
             artifact_url: model.artifact_url.clone(),
             evaluation_url: model.evaluation_url.clone(),
             window: strategy.install_window,
+            shadow: strategy.shadow.clone(),
         };
         // Size-checked before anything is recorded.
         for device in &devices {
@@ -382,6 +383,7 @@ impl RolloutService {
             artifact_url: model.artifact_url.clone(),
             evaluation_url: model.evaluation_url.clone(),
             window: rollout.strategy.install_window,
+            shadow: rollout.strategy.shadow.clone(),
         })
     }
 

@@ -6,7 +6,7 @@
 
 use botfleet_protocol::EventId;
 use botfleet_protocol::engine::EngineKind;
-use botfleet_protocol::messages::{BenchReport, RejectReason, Stage};
+use botfleet_protocol::messages::{BenchReport, RejectReason, ShadowReport, Stage};
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
@@ -88,6 +88,9 @@ pub struct ProgressView {
     /// The engine serving this rollout's model, from the device's status.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub serving_engine: Option<EngineKind>,
+    /// The candidate's shadow on the device's live requests, when the rollout asked for one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<ShadowReport>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub updated_at: Option<Timestamp>,
     pub history: Vec<HistoryEntry>,
@@ -114,11 +117,12 @@ fn rank(stage: &Stage) -> u8 {
         Stage::Downloaded { .. } => 3,
         Stage::Loaded { .. } => 4,
         Stage::Benchmarked(_) => 5,
-        Stage::Deferred { .. } => 6,
-        Stage::Failed { .. } => 7,
-        Stage::Rejected { .. } => 8,
-        Stage::Active { .. } => 9,
-        Stage::RolledBack { .. } => 10,
+        Stage::Shadowed(_) => 6,
+        Stage::Deferred { .. } => 7,
+        Stage::Failed { .. } => 8,
+        Stage::Rejected { .. } => 9,
+        Stage::Active { .. } => 10,
+        Stage::RolledBack { .. } => 11,
     }
 }
 
@@ -155,6 +159,14 @@ impl DeviceProgress {
 
     fn latest(&self) -> Option<&(Timestamp, Stage)> {
         self.events.last()
+    }
+
+    /// The latest shadow report, if any.
+    pub fn shadow(&self) -> Option<&ShadowReport> {
+        self.events.iter().rev().find_map(|(_, s)| match s {
+            Stage::Shadowed(report) => Some(report),
+            _ => None,
+        })
     }
 
     /// The latest benchmark report, if any.
@@ -196,6 +208,7 @@ impl DeviceProgress {
                 .as_ref()
                 .map(|b| b.engine.unwrap_or(EngineKind::Tract)),
             serving_engine: None,
+            shadow: self.shadow().cloned(),
             bench,
             updated_at: latest.map(|(t, _)| *t),
             history: self

@@ -329,8 +329,50 @@ impl Rollout {
         false
     }
 
-    /// Why the latency gate fails for the devices started so far, if it does.
+    /// Why the fleet gates (latency, pooled shadow agreement) fail for the devices started
+    /// so far, if they do.
     fn gate_failure(&self) -> Option<String> {
+        self.latency_failure().or_else(|| self.shadow_failure())
+    }
+
+    /// The shadow's agreement pooled over the devices of the waves so far: each device
+    /// already met `min_agreement` on its own requests to go active, but a fleet where many
+    /// pass narrowly is one where the model changes many answers.
+    fn shadow_failure(&self) -> Option<String> {
+        let spec = self.strategy.shadow.as_ref()?;
+        let pooled = self.shadow_pooled()?;
+        (pooled.agreement < spec.min_agreement).then(|| {
+            format!(
+                "shadow: agreement {:.3} pooled over {} live requests on {} device{} is below {}",
+                pooled.agreement,
+                pooled.samples,
+                pooled.devices,
+                if pooled.devices == 1 { "" } else { "s" },
+                spec.min_agreement
+            )
+        })
+    }
+
+    /// The shadows reported by devices of the waves so far, pooled; `None` without any.
+    pub fn shadow_pooled(&self) -> Option<super::view::ShadowSummary> {
+        let reports: Vec<_> = self
+            .devices
+            .values()
+            .filter(|r| r.wave <= self.wave)
+            .filter_map(|r| r.progress.shadow())
+            .collect();
+        let samples: u64 = reports.iter().map(|r| u64::from(r.samples)).sum();
+        let agreed: u64 = reports.iter().map(|r| u64::from(r.agreed)).sum();
+        (samples > 0).then(|| super::view::ShadowSummary {
+            devices: reports.len(),
+            samples,
+            agreed,
+            agreement: agreed as f64 / samples as f64,
+        })
+    }
+
+    /// Why the latency gate fails for the devices started so far, if it does.
+    fn latency_failure(&self) -> Option<String> {
         let gate = self.strategy.gate?;
         let reports = self
             .devices

@@ -74,6 +74,11 @@ pub struct Strategy {
     /// devices download and gate at once, then wait, reported as `deferred`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub install_window: Option<botfleet_protocol::messages::InstallWindow>,
+    /// After its gate, each device runs the candidate beside its serving model on copies of
+    /// live requests and promotes it only if they agree; the rollout's waves also need the
+    /// pooled agreement of their devices to meet `min_agreement`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<botfleet_protocol::messages::ShadowSpec>,
 }
 
 impl Default for Strategy {
@@ -87,6 +92,7 @@ impl Default for Strategy {
             deadline_s: default_deadline(),
             gate: None,
             install_window: None,
+            shadow: None,
         }
     }
 }
@@ -106,6 +112,8 @@ pub enum StrategyError {
     ZeroDeadline,
     #[error("strategy.gate.max_p99_regression_percent must be 0 or more")]
     BadGate,
+    #[error("strategy.{0}")]
+    Shadow(#[from] botfleet_protocol::messages::ShadowSpecError),
 }
 
 impl Strategy {
@@ -137,6 +145,9 @@ impl Strategy {
             g.max_p99_regression_percent.is_nan() || g.max_p99_regression_percent < 0.0
         }) {
             return Err(StrategyError::BadGate);
+        }
+        if let Some(shadow) = &self.shadow {
+            shadow.validate()?;
         }
         Ok(())
     }

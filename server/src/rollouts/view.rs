@@ -60,6 +60,15 @@ impl Summary {
     }
 }
 
+/// The shadows of a rollout's devices so far, pooled.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ShadowSummary {
+    pub devices: usize,
+    pub samples: u64,
+    pub agreed: u64,
+    pub agreement: f64,
+}
+
 /// A rollout as the API shows it; the list leaves `devices` out.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RolloutView {
@@ -78,6 +87,9 @@ pub struct RolloutView {
     pub waves: usize,
     pub strategy: Strategy,
     pub summary: Summary,
+    /// Shadow agreement pooled over the devices of the waves so far (one more fleet gate).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<ShadowSummary>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub devices: Option<BTreeMap<DeviceId, ProgressView>>,
 }
@@ -101,6 +113,7 @@ impl Rollout {
             waves: self.waves,
             strategy: self.strategy.clone(),
             summary,
+            shadow: self.shadow_pooled(),
             devices: with_devices.then(|| {
                 self.devices
                     .iter()
