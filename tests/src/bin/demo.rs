@@ -284,6 +284,12 @@ fn stage_line(stage: &Stage) -> String {
         ),
         Stage::Rejected { reason, message } => format!("REJECTED ({reason:?}): {message}"),
         Stage::Deferred { deferral } => format!("swap deferred: {deferral}"),
+        Stage::Shadowed(r) => format!(
+            "shadowed on {} live requests: {} agreed{}",
+            r.samples,
+            r.agreed,
+            if r.passed { "" } else { " (refused)" }
+        ),
         Stage::Failed { message } => format!("FAILED: {message}"),
         Stage::RolledBack { to, reason } => format!("ROLLED BACK to {}…: {reason}", to.short()),
     }
