@@ -47,6 +47,9 @@ while [ $# -gt 0 ]; do
 done
 wants() { [[ " ${sections[*]} " == *" $1 "* ]]; }
 started=$(date +%s)
+# What is measured, read before the run writes BENCHMARKS.md.
+commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+git diff --quiet HEAD 2>/dev/null || commit="$commit with uncommitted changes"
 out=target/bench
 target=${CARGO_TARGET_DIR:-target}
 export CRITERION_HOME=$PWD/target/criterion
@@ -146,9 +149,6 @@ fi
 report() {
     local elapsed=$(( $(date +%s) - started ))
     # The library's version from its file name (libonnxruntime.so.1.32.0).
-    local commit
-    commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
-    git diff --quiet HEAD 2>/dev/null || commit="$commit with uncommitted changes"
     printf '{"date": "%s", "duration": "%d min %02d s", "command": "bench/run.sh %s", "onnxruntime": "%s", "commit": "%s"}\n' \
         "$(date -u +%F)" $((elapsed / 60)) $((elapsed % 60)) "${args[*]}" \
         "${ort_lib##*.so.}" "$commit" > "$out/run.json"
