@@ -32,33 +32,6 @@ fn evaluation_set() -> std::path::PathBuf {
     reference("digits_cnn.evaluation.json")
 }
 
-/// The samples of the evaluation set, as OIP v2 requests with the float model's answers.
-fn samples() -> Vec<(Value, usize)> {
-    let set: Value = serde_json::from_slice(&std::fs::read(evaluation_set()).unwrap()).unwrap();
-    set["samples"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| {
-            let request = json!({"inputs": [{"name": "x", "shape": [1, 1, 8, 8],
-                                              "datatype": "FP32", "data": s["data"]}]});
-            (request, s["top1"].as_u64().unwrap() as usize)
-        })
-        .collect()
-}
-
-fn top1(answer: &Value) -> usize {
-    let values: Vec<f64> = answer["outputs"][0]["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_f64().unwrap())
-        .collect();
-    (0..values.len())
-        .max_by(|&a, &b| values[a].total_cmp(&values[b]).then(b.cmp(&a)))
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_quantized_model_that_changes_answers_is_refused_on_the_robot_with_its_figure() {
     let fleet = Fleet::start(BrokerKind::Mosquitto).await.unwrap();
@@ -104,10 +77,10 @@ async fn a_quantized_model_that_changes_answers_is_refused_on_the_robot_with_its
         );
     }
     // What it serves answers as the float parent did on every sample of the set.
-    for (request, want) in samples() {
+    for (request, want) in common::digits_samples() {
         let (status, answer) = fleet.infer(&agent, SLOT, &request).await.unwrap();
         assert_eq!(status, 200, "{answer}");
-        assert_eq!(top1(&answer), want, "{answer}");
+        assert_eq!(common::top1(&answer), want, "{answer}");
     }
 
     // Calibrated on constant images: it loads, runs fast and passes the reference check's
@@ -156,11 +129,11 @@ async fn a_quantized_model_that_changes_answers_is_refused_on_the_robot_with_its
         .unwrap();
     assert_eq!(view["devices"][&device]["outcome"], "rejected", "{view}");
     // The robot still serves the good model.
-    let (request, want) = samples().remove(0);
+    let (request, want) = common::digits_samples().remove(0);
     let (status, answer) = fleet.infer(&agent, SLOT, &request).await.unwrap();
     assert_eq!(status, 200, "{answer}");
     assert_eq!(answer["model_version"], "1.0.0-ptq", "{answer}");
-    assert_eq!(top1(&answer), want, "{answer}");
+    assert_eq!(common::top1(&answer), want, "{answer}");
     fleet.shutdown(vec![agent]).await.unwrap();
 }
 

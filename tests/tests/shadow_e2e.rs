@@ -12,41 +12,12 @@ mod common;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use botfleet_e2e::{Agent, BrokerKind, Fleet, describe, fixture, reference};
+use botfleet_e2e::{Agent, BrokerKind, Fleet, describe, fixture};
 use botfleet_protocol::messages::{RejectReason, ShadowReport, Stage};
 use common::ROLLOUT_LIMIT;
 use serde_json::{Value, json};
 
 const SLOT: &str = "digits";
-
-/// The evaluation set's digits as OIP v2 requests, with the float model's answers.
-fn samples() -> Vec<(Value, usize)> {
-    let set: Value =
-        serde_json::from_slice(&std::fs::read(reference("digits_cnn.evaluation.json")).unwrap())
-            .unwrap();
-    set["samples"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| {
-            let request = json!({"inputs": [{"name": "x", "shape": [1, 1, 8, 8],
-                                              "datatype": "FP32", "data": s["data"]}]});
-            (request, s["top1"].as_u64().unwrap() as usize)
-        })
-        .collect()
-}
-
-fn top1(answer: &Value) -> usize {
-    let values: Vec<f64> = answer["outputs"][0]["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_f64().unwrap())
-        .collect();
-    (0..values.len())
-        .max_by(|&a, &b| values[a].total_cmp(&values[b]).then(b.cmp(&a)))
-        .unwrap()
-}
 
 /// What the client saw: requests sent, failed, and answered by the float model with
 /// another digit than the float model gives.
@@ -62,7 +33,7 @@ fn client_load(agent: &Agent, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<
     let url = format!("{}/v2/models/{SLOT}/infer", agent.base_url());
     tokio::spawn(async move {
         let client = reqwest::Client::new();
-        let samples = samples();
+        let samples = common::digits_samples();
         let mut seen = Seen::default();
         for (request, expected) in samples.iter().cycle() {
             if stop.load(Ordering::Relaxed) {
@@ -80,7 +51,7 @@ fn client_load(agent: &Agent, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<
             let answer: Value = response.json().await.unwrap_or(Value::Null);
             if status != 200 {
                 seen.failed.push(format!("{status}: {answer}"));
-            } else if answer["model_version"] == "1.0.0" && top1(&answer) != *expected {
+            } else if answer["model_version"] == "1.0.0" && common::top1(&answer) != *expected {
                 seen.changed += 1;
             }
         }

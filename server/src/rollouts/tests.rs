@@ -218,6 +218,48 @@ fn a_wave_below_the_success_threshold_pauses_once_settled() {
 }
 
 #[test]
+fn a_deferred_device_waits_past_the_deadline_while_online_and_is_skipped_offline() {
+    let strategy = Strategy {
+        deadline_s: 60,
+        ..Strategy::default()
+    };
+    let mut book = book_with("r-1", &["robot-1", "robot-2"], strategy);
+    let window = botfleet_protocol::messages::Deferral::Window {
+        window: "22:00-05:00".parse().unwrap(),
+        opens_at: t(3600),
+    };
+    for device in ["robot-1", "robot-2"] {
+        let stage = Stage::Deferred {
+            deferral: window.clone(),
+        };
+        book.apply(&event(device, Some("r-1"), 10, stage));
+    }
+    let id = rid("r-1");
+    let gone = dev("robot-2");
+    let presence = |d: &DeviceId| {
+        if *d == gone {
+            Presence::Offline
+        } else {
+            Presence::Online
+        }
+    };
+    book.get_mut(&id).unwrap().step(t(600), presence);
+    let view = book.get(&id).unwrap();
+    let devices = view.devices.unwrap();
+    assert_eq!(devices[&dev("robot-1")].outcome, Outcome::Deferred);
+    assert_eq!(
+        devices[&gone].outcome,
+        Outcome::Skipped,
+        "an offline device is not waited for"
+    );
+    assert_eq!(view.state, RolloutState::InProgress);
+    assert_eq!(view.summary.deferred, 1);
+    book.apply(&event("robot-1", Some("r-1"), 3601, active()));
+    book.get_mut(&id).unwrap().step(t(3602), presence);
+    assert_eq!(book.get(&id).unwrap().state, RolloutState::Completed);
+}
+
+#[test]
 fn devices_past_the_deadline_time_out_or_are_skipped_and_converge_later() {
     let strategy = Strategy {
         deadline_s: 60,

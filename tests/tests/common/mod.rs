@@ -17,6 +17,36 @@ pub fn ort_reference(name: &str) -> Value {
     serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
 }
 
+/// The digits of the pipeline's exported evaluation set as OIP v2 requests, each with the
+/// float parent model's answer.
+pub fn digits_samples() -> Vec<(Value, usize)> {
+    let path = botfleet_e2e::reference("digits_cnn.evaluation.json");
+    let set: Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    set["samples"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            let request = json!({"inputs": [{"name": "x", "shape": [1, 1, 8, 8],
+                                              "datatype": "FP32", "data": s["data"]}]});
+            (request, s["top1"].as_u64().unwrap() as usize)
+        })
+        .collect()
+}
+
+/// The index of the largest value of an answer's first output.
+pub fn top1(answer: &Value) -> usize {
+    let values: Vec<f64> = answer["outputs"][0]["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    (0..values.len())
+        .max_by(|&a, &b| values[a].total_cmp(&values[b]).then(b.cmp(&a)))
+        .unwrap()
+}
+
 /// The OIP v2 request (id `check`) carrying a reference file's input.
 pub fn reference_request(reference: &Value) -> Value {
     let seed = reference["seed"].as_u64().unwrap();

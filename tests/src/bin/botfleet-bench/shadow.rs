@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 use crate::fixtures::Fixture;
 use crate::serving::{bodies, post, serve};
 use crate::stats::Summary;
-use crate::swap::{Answer, open_loop};
+use crate::swap::{Answer, finish, open_loop};
 
 pub async fn run(
     serving: &Fixture,
@@ -81,14 +81,7 @@ pub async fn run(
             windows.push((start, Instant::now(), on));
         }
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    stop.cancel();
-    client.await?;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let mut answers = Vec::new();
-    while let Ok(a) = rx.try_recv() {
-        answers.push(a);
-    }
+    let answers = finish(&stop, client, &mut rx).await?;
     let failed = answers.iter().filter(|a| a.version.is_none()).count();
     let changed = answers
         .iter()

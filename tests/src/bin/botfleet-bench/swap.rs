@@ -28,6 +28,24 @@ pub struct Answer {
     pub version: Option<String>,
 }
 
+/// Stops the open-loop client half a second from now and collects every answer, the last
+/// requests given 2 s to finish.
+pub async fn finish(
+    stop: &tokio_util::sync::CancellationToken,
+    client: tokio::task::JoinHandle<()>,
+    rx: &mut mpsc::UnboundedReceiver<Answer>,
+) -> Result<Vec<Answer>> {
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.cancel();
+    client.await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut answers = Vec::new();
+    while let Ok(a) = rx.try_recv() {
+        answers.push(a);
+    }
+    Ok(answers)
+}
+
 /// An open-loop client: one request every `1 / rate` s (each timed from when it was due,
 /// so a stall shows as latency), each answer sent to `tx`, until `stop`.
 pub fn open_loop(
@@ -175,15 +193,7 @@ pub async fn run(
         swap_at.push((Instant::now(), version));
     }
     let swaps_ended = Instant::now();
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    stop.cancel();
-    client.await?;
-    // Let the last requests finish.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let mut answers = Vec::new();
-    while let Ok(a) = rx.try_recv() {
-        answers.push(a);
-    }
+    let answers = finish(&stop, client, &mut rx).await?;
     let failed = answers.iter().filter(|a| a.version.is_none()).count();
     let latency = |a: &Answer| (a.done - a.due).as_secs_f64() * 1e3;
     let steady_ms: Vec<f64> = answers
