@@ -41,6 +41,27 @@ async fn push(fleet: &Fleet, version: &str, int8: bool) {
         .unwrap();
 }
 
+/// Uploads and rolls out `version` to `device`; returns the rollout and the first event
+/// that says the device waits.
+async fn roll_out_deferred(
+    fleet: &Fleet,
+    watch: &mut botfleet_e2e::EventWatch,
+    device: &str,
+    version: &str,
+    int8: bool,
+) -> (String, Event) {
+    push(fleet, version, int8).await;
+    let rollout = fleet
+        .roll_out("orientation", version, &[device])
+        .await
+        .unwrap();
+    let event = watch
+        .until_event(ROLLOUT_LIMIT, |e| deferred(e).is_some())
+        .await
+        .unwrap();
+    (rollout, event)
+}
+
 /// The version answering on the agent now.
 async fn serving(fleet: &Fleet, agent: &Agent) -> String {
     let request = common::reference_request(&common::ort_reference("rapid_orientation.json"));
@@ -141,15 +162,7 @@ async fn a_hold_defers_the_swap_across_an_agent_restart_until_it_is_released() {
     assert_eq!(status, 200);
     assert!(listed.contains("\"holder\":\"nav\""), "{listed}");
 
-    push(&fleet, "1.1.0-int8", true).await;
-    let second = fleet
-        .roll_out("orientation", "1.1.0-int8", &[&device])
-        .await
-        .unwrap();
-    let event = watch
-        .until_event(ROLLOUT_LIMIT, |e| deferred(e).is_some())
-        .await
-        .unwrap();
+    let (second, event) = roll_out_deferred(&fleet, &mut watch, &device, "1.1.0-int8", true).await;
     let Some(Deferral::Held { holds, .. }) = deferred(&event) else {
         panic!("not held: {}", describe(&watch.seen))
     };
@@ -250,15 +263,7 @@ async fn a_hold_whose_holder_was_killed_expires_and_lets_the_swap_through() {
         "the holder never held"
     );
 
-    push(&fleet, "1.1.0-int8", true).await;
-    let second = fleet
-        .roll_out("orientation", "1.1.0-int8", &[&device])
-        .await
-        .unwrap();
-    watch
-        .until_event(ROLLOUT_LIMIT, |e| deferred(e).is_some())
-        .await
-        .unwrap();
+    let (second, _) = roll_out_deferred(&fleet, &mut watch, &device, "1.1.0-int8", true).await;
     // Renewals go on while it waits: still held, still the old model.
     for _ in 0..3 {
         let renewed = tokio::time::timeout(Duration::from_secs(30), lines.next_line()).await;
@@ -403,15 +408,7 @@ async fn a_hot_robot_puts_its_benchmark_off_until_it_cools() {
     config.guards.recheck_s = 1;
     let agent = fleet.start_agent_with(config).await.unwrap();
     let mut watch = fleet.watch_events(&device).await.unwrap();
-    push(&fleet, "1.0.0", false).await;
-    let rollout = fleet
-        .roll_out("orientation", "1.0.0", &[&device])
-        .await
-        .unwrap();
-    let event = watch
-        .until_event(ROLLOUT_LIMIT, |e| deferred(e).is_some())
-        .await
-        .unwrap();
+    let (rollout, event) = roll_out_deferred(&fleet, &mut watch, &device, "1.0.0", false).await;
     let Some(Deferral::Guard { guard, message, .. }) = deferred(&event) else {
         panic!("not a guard: {}", describe(&watch.seen))
     };
