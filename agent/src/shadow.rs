@@ -15,8 +15,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::time::{Duration, Instant};
 
-use botfleet_engine::{Model, Tensor, TensorData};
-use botfleet_protocol::evaluation::{AgreementMetric, top1};
+use botfleet_engine::{Model, Tensor};
+use botfleet_protocol::evaluation::answers_agree;
 use botfleet_protocol::messages::{ShadowReport, ShadowSpec};
 
 /// Copies waiting for the shadow thread; more are dropped, not queued.
@@ -72,23 +72,13 @@ impl Tap {
     }
 }
 
-/// The values of `name` (else the first output) as `f32`, if it has a float or integer type.
+/// The values of `name` (else the first output) as `f32`.
 fn values(outputs: &[Tensor], name: Option<&str>) -> Option<Vec<f32>> {
     let tensor = match name {
         Some(name) => outputs.iter().find(|t| t.name == name)?,
         None => outputs.first()?,
     };
-    #[allow(clippy::cast_precision_loss, clippy::cast_possible_truncation)]
-    let values = match &tensor.data {
-        TensorData::Fp32(v) => v.clone(),
-        TensorData::Fp64(v) => v.iter().map(|x| *x as f32).collect(),
-        TensorData::Uint8(v) => v.iter().map(|x| f32::from(*x)).collect(),
-        TensorData::Int8(v) => v.iter().map(|x| f32::from(*x)).collect(),
-        TensorData::Int32(v) => v.iter().map(|x| *x as f32).collect(),
-        TensorData::Int64(v) => v.iter().map(|x| *x as f32).collect(),
-        TensorData::Bool(v) => v.iter().map(|x| f32::from(u8::from(*x))).collect(),
-    };
-    Some(values)
+    Some(tensor.data.to_f32())
 }
 
 /// Whether two answers agree by `spec`'s metric.
@@ -97,17 +87,7 @@ pub fn agree(spec: &ShadowSpec, serving: &[Tensor], candidate: &[Tensor]) -> boo
     let (Some(want), Some(got)) = (values(serving, name), values(candidate, name)) else {
         return false;
     };
-    match spec.metric {
-        AgreementMetric::Top1Agreement => top1(&want).is_some() && top1(&want) == top1(&got),
-        AgreementMetric::WithinTolerance => {
-            let tolerance = spec.tolerance.unwrap_or(0.0);
-            want.len() == got.len()
-                && want
-                    .iter()
-                    .zip(&got)
-                    .all(|(w, g)| (w - g).abs() <= tolerance)
-        }
-    }
+    answers_agree(spec.metric, spec.tolerance, &want, &got)
 }
 
 /// What the shadow thread measured.
@@ -196,6 +176,8 @@ pub fn run(candidate: &Model, spec: &ShadowSpec, rx: &Receiver<Sample>) -> Tally
 #[cfg(test)]
 mod tests {
     use super::*;
+    use botfleet_engine::TensorData;
+    use botfleet_protocol::evaluation::AgreementMetric;
 
     fn spec() -> ShadowSpec {
         serde_json::from_value(serde_json::json!({

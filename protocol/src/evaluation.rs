@@ -309,17 +309,34 @@ pub fn agrees(
         AgreementMetric::Top1Agreement => sample
             .top1
             .is_some_and(|want| top1(got) == Some(want as usize)),
-        AgreementMetric::WithinTolerance => {
-            let tolerance = tolerance.unwrap_or(0.0);
-            sample.output.as_ref().is_some_and(|want| {
-                want.len() == got.len()
-                    && want
-                        .iter()
-                        .zip(got)
-                        .all(|(w, g)| (w - g).abs() <= tolerance)
-            })
-        }
+        AgreementMetric::WithinTolerance => sample
+            .output
+            .as_ref()
+            .is_some_and(|want| within(tolerance, want, got)),
     }
+}
+
+/// Whether two models' answers agree: the same top-1 index (neither NaN), or every value
+/// within `tolerance`.
+pub fn answers_agree(
+    metric: AgreementMetric,
+    tolerance: Option<f32>,
+    want: &[f32],
+    got: &[f32],
+) -> bool {
+    match metric {
+        AgreementMetric::Top1Agreement => top1(want).is_some_and(|w| top1(got) == Some(w)),
+        AgreementMetric::WithinTolerance => within(tolerance, want, got),
+    }
+}
+
+fn within(tolerance: Option<f32>, want: &[f32], got: &[f32]) -> bool {
+    let tolerance = tolerance.unwrap_or(0.0);
+    want.len() == got.len()
+        && want
+            .iter()
+            .zip(got)
+            .all(|(w, g)| (w - g).abs() <= tolerance)
 }
 
 /// What a model's answers on a set came to.

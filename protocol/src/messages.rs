@@ -195,15 +195,6 @@ pub struct ShadowReport {
     pub reason: Option<String>,
 }
 
-impl ShadowReport {
-    pub fn agreement(&self) -> crate::evaluation::Agreement {
-        crate::evaluation::Agreement {
-            samples: self.samples,
-            agreed: self.agreed,
-        }
-    }
-}
-
 /// One hold on swaps, as the robot's software placed it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HoldInfo {
@@ -242,28 +233,23 @@ impl InstallWindow {
     }
 
     /// `None` when `now` is inside the window; otherwise when it opens next, in `now`'s
-    /// time zone (a start that a clock change skips opens at the first instant after it).
+    /// time zone.
     pub fn opens_after(&self, now: &jiff::ZonedDateTime) -> Option<Timestamp> {
         if self.contains(now.time()) {
             return None;
         }
         let today = now.date();
-        let mut day = if now.time() < self.start {
+        let day = if now.time() < self.start {
             today
         } else {
             today.tomorrow().ok()?
         };
-        // Two tries cover a start skipped by a DST gap on that day.
-        for _ in 0..2 {
-            if let Ok(zoned) = day
-                .to_datetime(self.start)
-                .to_zoned_datetime(now.time_zone().clone())
-            {
-                return Some(zoned.timestamp());
-            }
-            day = day.tomorrow().ok()?;
-        }
-        None
+        // Jiff's "compatible" resolution moves a start that a clock change skips to the
+        // first instant after the gap.
+        let opens = day
+            .to_datetime(self.start)
+            .to_zoned_datetime(now.time_zone().clone());
+        opens.ok().map(|z| z.timestamp())
     }
 }
 

@@ -425,42 +425,30 @@ impl Reconciler {
         };
         self.emit(slot, model.rollout_id.as_ref(), claims, Stage::Received);
         let result = self.stages(slot, model, claims).await;
-        match &result {
-            Ok(()) => {}
+        let stage = match &result {
+            Ok(()) => None,
             Err(Outcome::Rejected((reason, message))) => {
                 warn!(?reason, %message, "model rejected; the previous model keeps serving");
-                self.emit(
-                    slot,
-                    model.rollout_id.as_ref(),
-                    claims,
-                    Stage::Rejected {
-                        reason: *reason,
-                        message: message.clone(),
-                    },
-                );
+                Some(Stage::Rejected {
+                    reason: *reason,
+                    message: message.clone(),
+                })
             }
             Err(Outcome::Deferred(deferral)) => {
                 info!(%deferral, "install put off; the previous model keeps serving");
-                self.emit(
-                    slot,
-                    model.rollout_id.as_ref(),
-                    claims,
-                    Stage::Deferred {
-                        deferral: deferral.clone(),
-                    },
-                );
+                Some(Stage::Deferred {
+                    deferral: deferral.clone(),
+                })
             }
             Err(Outcome::Failed(message)) => {
                 warn!(%message, "install failed; the previous model keeps serving");
-                self.emit(
-                    slot,
-                    model.rollout_id.as_ref(),
-                    claims,
-                    Stage::Failed {
-                        message: message.clone(),
-                    },
-                );
+                Some(Stage::Failed {
+                    message: message.clone(),
+                })
             }
+        };
+        if let Some(stage) = stage {
+            self.emit(slot, model.rollout_id.as_ref(), claims, stage);
         }
         result
     }
@@ -608,15 +596,10 @@ impl Reconciler {
             let dropped = weak.upgrade().map_or(0, |t| t.dropped());
             let report = match tally {
                 Ok(tally) => crate::shadow::judge(&judged, &tally, dropped),
+                // Judged on nothing (refused), with the crash as the reason.
                 Err(e) => ShadowReport {
-                    samples: 0,
-                    agreed: 0,
-                    metric: judged.metric,
-                    dropped,
-                    candidate_p99_ms: None,
-                    serving_p99_ms: None,
-                    passed: false,
                     reason: Some(format!("shadow: {e}")),
+                    ..crate::shadow::judge(&judged, &Default::default(), dropped)
                 },
             };
             let _ = requests

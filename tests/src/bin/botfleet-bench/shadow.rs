@@ -17,9 +17,8 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
 use crate::fixtures::Fixture;
-use crate::serving::{bodies, post, serve};
 use crate::stats::Summary;
-use crate::swap::{Answer, finish, open_loop};
+use crate::swap::{Answer, finish, open_loop, serve_warm};
 
 pub async fn run(
     serving: &Fixture,
@@ -37,15 +36,7 @@ pub async fn run(
     )?;
     let slots = Arc::new(Slots::default());
     slots.swap(&slot, Arc::new(model));
-    let url = format!("{}/v2/models/bench/infer", serve(Arc::clone(&slots)).await?);
-    let b = Arc::new(bodies(&serving.input)?);
-    let http = reqwest::Client::new();
-    for _ in 0..5 {
-        post(&http, &url, &b.binary, Some(b.header_len))
-            .await?
-            .bytes()
-            .await?;
-    }
+    let (url, b, http) = serve_warm(&slots, serving).await?;
     let spec: ShadowSpec = serde_json::from_value(json!({
         "requests": u32::MAX, "seconds": window.as_secs() + 60, "min_agreement": 0.0
     }))?;

@@ -28,6 +28,24 @@ pub struct Answer {
     pub version: Option<String>,
 }
 
+/// Serves `slots` on loopback and warms the slot `bench` up with five binary requests of
+/// `f`'s input: the infer URL, the request bodies and the client.
+pub async fn serve_warm(
+    slots: &Arc<Slots>,
+    f: &Fixture,
+) -> Result<(String, Arc<Bodies>, reqwest::Client)> {
+    let url = format!("{}/v2/models/bench/infer", serve(Arc::clone(slots)).await?);
+    let b = Arc::new(bodies(&f.input)?);
+    let http = reqwest::Client::new();
+    for _ in 0..5 {
+        post(&http, &url, &b.binary, Some(b.header_len))
+            .await?
+            .bytes()
+            .await?;
+    }
+    Ok((url, b, http))
+}
+
 /// Stops the open-loop client half a second from now and collects every answer, the last
 /// requests given 2 s to finish.
 pub async fn finish(
@@ -135,15 +153,7 @@ pub async fn run(
     ];
     let slots = Arc::new(Slots::default());
     slots.swap(&slot, Arc::clone(&preloaded[0]));
-    let url = format!("{}/v2/models/bench/infer", serve(Arc::clone(&slots)).await?);
-    let b = Arc::new(bodies(&float.input)?);
-    let http = reqwest::Client::new();
-    for _ in 0..5 {
-        post(&http, &url, &b.binary, Some(b.header_len))
-            .await?
-            .bytes()
-            .await?;
-    }
+    let (url, b, http) = serve_warm(&slots, float).await?;
 
     let (tx, mut rx) = mpsc::unbounded_channel::<Answer>();
     let stop = tokio_util::sync::CancellationToken::new();
