@@ -54,6 +54,44 @@ pub enum Command {
     /// Devices.
     #[command(subcommand)]
     Device(DeviceCommand),
+    /// Channels: a selector with a pinned model per slot, followed by the devices it
+    /// selects (robots that join later too).
+    #[command(subcommand)]
+    Channel(ChannelCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ChannelCommand {
+    /// List channels: selector, priority, pins and how many followers serve them.
+    List(ServerArg),
+    /// Show a channel and each device that follows it.
+    Show {
+        name: String,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+    /// Create or change a channel (the same again changes nothing).
+    Set {
+        name: String,
+        /// Which devices it is for, e.g. ring=stable.
+        #[arg(long)]
+        selector: String,
+        /// Where channels overlap, the higher priority is followed.
+        #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
+        priority: i32,
+        /// Pin a slot to a version, `slot=version` (repeatable): holds the channel's
+        /// devices there.
+        #[arg(long = "pin")]
+        pins: Vec<String>,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+    /// Remove a channel; its devices keep what they were told last.
+    Delete {
+        name: String,
+        #[command(flatten)]
+        server: ServerArg,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -160,7 +198,7 @@ pub enum ModelCommand {
 #[derive(Debug, Subcommand)]
 pub enum RolloutCommand {
     /// Roll a model version out to devices.
-    #[command(group = clap::ArgGroup::new("target").required(true).args(["devices", "selector"]))]
+    #[command(group = clap::ArgGroup::new("target").required(true).args(["devices", "selector", "channel"]))]
     Create {
         #[arg(long)]
         slot: String,
@@ -172,6 +210,9 @@ pub enum RolloutCommand {
         /// Label selector, e.g. site=lab,arch=aarch64.
         #[arg(long)]
         selector: Option<String>,
+        /// A channel: its followers get the model, and the channel pins it once complete.
+        #[arg(long)]
+        channel: Option<String>,
         /// Makes retries safe: the same key and request give the same rollout.
         #[arg(long)]
         idempotency_key: Option<String>,
@@ -234,6 +275,8 @@ pub enum CliError {
     Client(#[from] ClientError),
     #[error(transparent)]
     Labels(#[from] crate::labels::LabelError),
+    #[error("--pin {0:?} is not slot=version")]
+    Pin(String),
 }
 
 /// Resolves when SIGINT or SIGTERM arrives.
@@ -346,14 +389,20 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             version,
             devices,
             selector,
+            channel,
             idempotency_key,
             strategy,
             supersede,
             server,
         }) => {
-            let mut body = match selector {
-                Some(selector) => json!({"slot": slot, "version": version, "selector": selector}),
-                None => json!({"slot": slot, "version": version, "devices": devices}),
+            let mut body = match (selector, channel) {
+                (Some(selector), _) => {
+                    json!({"slot": slot, "version": version, "selector": selector})
+                }
+                (None, Some(channel)) => {
+                    json!({"slot": slot, "version": version, "channel": channel})
+                }
+                (None, None) => json!({"slot": slot, "version": version, "devices": devices}),
             };
             if let Some(strategy) = strategy {
                 body["strategy"] = serde_json::from_str::<Value>(&strategy).map_err(|source| {
@@ -413,6 +462,41 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             let body = json!({"set": patch.set, "remove": patch.remove});
             server.show(Shown::Other, &server.client()?.patch(&path, &body).await?);
         }
+        Command::Channel(ChannelCommand::List(server)) => {
+            server.show(
+                Shown::Channels,
+                &server.client()?.get("/api/v1/channels").await?,
+            );
+        }
+        Command::Channel(ChannelCommand::Show { name, server }) => {
+            let path = format!("/api/v1/channels/{name}");
+            server.show(Shown::Channels, &server.client()?.get(&path).await?);
+        }
+        Command::Channel(ChannelCommand::Set {
+            name,
+            selector,
+            priority,
+            pins,
+            server,
+        }) => {
+            let mut pinned = serde_json::Map::new();
+            for pin in &pins {
+                let Some((slot, version)) = pin.split_once('=') else {
+                    return Err(CliError::Pin(pin.clone()));
+                };
+                pinned.insert(slot.to_owned(), json!(version));
+            }
+            let body = json!({"selector": selector, "priority": priority, "pins": pinned});
+            let path = format!("/api/v1/channels/{name}");
+            server.show(Shown::Channels, &server.client()?.put(&path, &body).await?);
+        }
+        Command::Channel(ChannelCommand::Delete { name, server }) => {
+            let path = format!("/api/v1/channels/{name}");
+            server.client()?.delete(&path).await?;
+            if server.output == Output::Text {
+                print_line(&format!("channel {name} removed"));
+            }
+        }
         Command::Devices(server) | Command::Device(DeviceCommand::List(server)) => {
             server.show(
                 Shown::Devices,
@@ -450,6 +534,48 @@ mod tests {
         assert!(parse(&[&base[..], &["--device", "r1", "--device", "r2"]].concat()).is_ok());
         assert!(parse(&[&base[..], &["--selector", "site=lab"]].concat()).is_ok());
         assert!(parse(&[&base[..], &["--device", "r1", "--selector", "a=b"]].concat()).is_err());
+        assert!(parse(&[&base[..], &["--channel", "stable"]].concat()).is_ok());
+        assert!(
+            parse(&[&base[..], &["--channel", "stable", "--selector", "a=b"]].concat()).is_err()
+        );
+    }
+
+    #[test]
+    fn channel_commands_parse() {
+        let cli = Cli::try_parse_from([
+            "botfleet-server",
+            "channel",
+            "set",
+            "lab",
+            "--selector",
+            "site=lab",
+            "--priority",
+            "-5",
+            "--pin",
+            "detector=3",
+            "--pin",
+            "ocr=1",
+        ])
+        .unwrap();
+        let Command::Channel(ChannelCommand::Set {
+            name,
+            priority,
+            pins,
+            ..
+        }) = cli.command
+        else {
+            panic!("not channel set: {cli:?}");
+        };
+        assert_eq!((name.as_str(), priority), ("lab", -5));
+        assert_eq!(pins, ["detector=3", "ocr=1"]);
+        for args in [
+            &["botfleet-server", "channel", "list"][..],
+            &["botfleet-server", "channel", "show", "lab"],
+            &["botfleet-server", "channel", "delete", "lab"],
+        ] {
+            assert!(Cli::try_parse_from(args).is_ok(), "{args:?}");
+        }
+        assert!(Cli::try_parse_from(["botfleet-server", "channel", "set", "lab"]).is_err());
     }
 
     #[test]

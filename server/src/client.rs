@@ -195,6 +195,17 @@ impl ApiClient {
         self.send(url.clone(), self.http.post(&url)).await
     }
 
+    /// `PUT` with a JSON body (a channel).
+    pub async fn put(&self, path: &str, body: &Value) -> Result<Value, ClientError> {
+        let url = self.url(path);
+        self.send(url.clone(), self.http.put(&url).json(body)).await
+    }
+
+    pub async fn delete(&self, path: &str) -> Result<Value, ClientError> {
+        let url = self.url(path);
+        self.send(url.clone(), self.http.delete(&url)).await
+    }
+
     /// `PATCH` with a JSON body (label edits).
     pub async fn patch(&self, path: &str, body: &Value) -> Result<Value, ClientError> {
         let url = self.url(path);

@@ -12,7 +12,7 @@
 //!
 //! Models (metadata and signed manifest; the artifact bytes stay content-addressed files)
 //! are keyed `{slot}/{version}`; devices (last status, info, telemetry, presence, operator
-//! labels) by device id. Tables a database lacks are created when it is opened, so a file
+//! labels) by device id; channels by name. Tables a database lacks are created when it is opened, so a file
 //! written by an older server of this schema opens as it is.
 
 use std::path::{Path, PathBuf};
@@ -21,6 +21,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use crate::channels::Channel;
 use crate::devices::DeviceView;
 use crate::registry::StoredModel;
 use botfleet_protocol::{DeviceId, RolloutId};
@@ -36,6 +37,7 @@ const ROLLOUT_DEVICES: TableDefinition<'static, (&'static str, &'static str), &'
 const IDEMPOTENCY: Table = TableDefinition::new("idempotency_keys");
 const MODELS: Table = TableDefinition::new("models");
 const DEVICES: Table = TableDefinition::new("devices");
+const CHANNELS: Table = TableDefinition::new("channels");
 
 /// redb's page cache (reads and the write buffer together). Its default, 1 GiB, would let
 /// the cache grow with every page a busy fleet rewrites (a rollout of 10,000 devices is one
@@ -163,7 +165,7 @@ impl Db {
                 source: Box::new(e.into()),
             })?;
         let txn = db.begin_write().map_err(|e| storage("begin")(e.into()))?;
-        for table in [ROLLOUTS, IDEMPOTENCY, MODELS, DEVICES] {
+        for table in [ROLLOUTS, IDEMPOTENCY, MODELS, DEVICES, CHANNELS] {
             txn.open_table(table)
                 .map_err(|e| storage("create table")(e.into()))?;
         }
@@ -363,6 +365,35 @@ impl Db {
         self.put(MODELS, [(key, model)])
     }
 
+    /// Every channel.
+    pub fn load_channels(&self) -> Result<Vec<Channel>, DbError> {
+        self.rows(CHANNELS, "channels")
+    }
+
+    /// Stores channels in one transaction (durable when this returns).
+    pub fn save_channels(&self, channels: &[Channel]) -> Result<(), DbError> {
+        if channels.is_empty() {
+            return Ok(());
+        }
+        self.put(
+            CHANNELS,
+            channels.iter().map(|c| (c.name.as_str().to_owned(), c)),
+        )
+    }
+
+    /// Removes a channel (durable when this returns).
+    pub fn delete_channel(&self, name: &str) -> Result<(), DbError> {
+        let txn = self
+            .db
+            .begin_write()
+            .map_err(|e| storage("begin")(e.into()))?;
+        txn.open_table(CHANNELS)
+            .map_err(|e| storage("open")(e.into()))?
+            .remove(name)
+            .map_err(|e| storage("write")(e.into()))?;
+        txn.commit().map_err(|e| storage("commit")(e.into()))
+    }
+
     /// Every device.
     pub fn load_devices(&self) -> Result<Vec<DeviceView>, DbError> {
         self.rows(DEVICES, "devices")
@@ -416,6 +447,7 @@ mod tests {
                 version: "1.0.0".into(),
                 devices: Some(vec![device.clone()]),
                 selector: None,
+                channel: None,
                 strategy: None,
                 supersede: false,
             },

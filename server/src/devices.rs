@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use botfleet_protocol::engine::EngineKind;
 use botfleet_protocol::manifest::Sha256Digest;
 use botfleet_protocol::messages::{
-    BenchReport, Event, Info, Stage, Status, TELEMETRY_SCHEMA, Telemetry,
+    ActiveModel, BenchReport, Event, Info, Stage, Status, TELEMETRY_SCHEMA, Telemetry,
 };
 use botfleet_protocol::{DeviceId, RolloutId, SlotName};
 use jiff::Timestamp;
@@ -289,10 +289,24 @@ impl Devices {
     /// Devices and their effective labels, for selectors; `None` for a device that has
     /// neither reported an info nor been labelled by an operator.
     pub fn labels(&self) -> impl Iterator<Item = (&DeviceId, Option<&BTreeMap<String, String>>)> {
-        self.by_id.iter().map(|(id, view)| {
-            let known = view.info.is_some() || !view.operator_labels.is_empty();
-            (id, known.then_some(&view.labels))
-        })
+        self.by_id.keys().map(|id| (id, self.labels_of(id)))
+    }
+
+    /// The labels selectors see for `id`, once it reported them or an operator set some.
+    pub fn labels_of(&self, id: &DeviceId) -> Option<&BTreeMap<String, String>> {
+        let view = self.by_id.get(id)?;
+        let known = view.info.is_some() || !view.operator_labels.is_empty();
+        known.then_some(&view.labels)
+    }
+
+    /// Whether `id` is online, as its retained status and last will say.
+    pub fn is_online(&self, id: &DeviceId) -> bool {
+        self.by_id.get(id).is_some_and(|v| v.online)
+    }
+
+    /// What `id` serves in `slot`, from its last status.
+    pub fn active(&self, id: &DeviceId, slot: &SlotName) -> Option<&ActiveModel> {
+        self.by_id.get(id)?.status.as_ref()?.active.get(slot)
     }
 }
 

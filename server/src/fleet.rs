@@ -14,6 +14,7 @@ use jiff::Timestamp;
 use tokio_util::sync::CancellationToken;
 
 use crate::changes::{Change, Changes};
+use crate::channels::Channels;
 use crate::db::{Db, DbError};
 use crate::devices::{DeviceView, Devices, LabelChange, LabelChangeError};
 use crate::history::History;
@@ -39,6 +40,8 @@ pub enum LabelError {
 pub struct Fleet {
     devices: Mutex<Devices>,
     rollouts: Mutex<Rollouts>,
+    /// Channels, and the devices that may have to follow one now.
+    channels: Mutex<Channels>,
     /// Recent telemetry per device, for the dashboard's plots.
     history: Mutex<History>,
     /// Notices for live views (the dashboard's event stream).
@@ -62,10 +65,11 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Fleet {
     /// A fleet picture starting from what the database held.
-    pub fn restore(rollouts: Rollouts, devices: Devices, db: Arc<Db>) -> Self {
+    pub fn restore(rollouts: Rollouts, devices: Devices, channels: Channels, db: Arc<Db>) -> Self {
         Self {
             devices: Mutex::new(devices),
             rollouts: Mutex::new(rollouts),
+            channels: Mutex::new(channels),
             history: Mutex::default(),
             changes: Changes::default(),
             db,
@@ -88,6 +92,10 @@ impl Fleet {
         lock(&self.rollouts)
     }
 
+    pub fn channels(&self) -> MutexGuard<'_, Channels> {
+        lock(&self.channels)
+    }
+
     pub fn history(&self) -> MutexGuard<'_, History> {
         lock(&self.history)
     }
@@ -104,7 +112,11 @@ impl Fleet {
                     let _ = self.returned.send(device.clone());
                 }
             }
-            Inbound::Info(info) => self.devices().apply_info(device, *info, now),
+            Inbound::Info(info) => {
+                self.devices().apply_info(device, *info, now);
+                // Its labels may have changed: it may follow another channel now.
+                self.channels().touch(device);
+            }
             Inbound::Telemetry(t) => {
                 self.history().record(device, &t, now);
                 self.devices().apply_telemetry(device, *t, now);
@@ -162,6 +174,7 @@ impl Fleet {
         change: LabelChange,
     ) -> Result<DeviceView, LabelError> {
         let view = self.devices().change_labels(id, change)?;
+        self.channels().touch(id);
         self.changes.notify(Change::Device { id: id.clone() });
         self.save_devices().await?;
         tracing::info!(device = %id, labels = ?view.operator_labels, "operator labels set");

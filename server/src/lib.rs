@@ -27,6 +27,7 @@
 pub mod auth;
 mod broker;
 mod changes;
+mod channels;
 pub mod cli;
 mod client;
 pub mod config;

@@ -254,6 +254,55 @@ pub fn text(what: Shown, v: &Value) -> String {
                 }
             }
         }
+        Shown::Channels => {
+            // One channel (an object) or the list.
+            let rows = if v.is_object() { vec![v.clone()] } else { rows };
+            for c in rows {
+                let pins: Vec<String> = c["pins"]
+                    .as_object()
+                    .into_iter()
+                    .flatten()
+                    .map(|(slot, p)| {
+                        let f = &c["followers"][slot];
+                        format!(
+                            "{slot}={} ({}/{} active)",
+                            s(p, "version"),
+                            f["active"].as_u64().unwrap_or(0),
+                            f["devices"].as_u64().unwrap_or(0)
+                        )
+                    })
+                    .collect();
+                out += &format!(
+                    "{:<16} priority {:<4} {:<28} {}\n",
+                    s(&c, "name"),
+                    c["priority"],
+                    s(&c, "selector"),
+                    if pins.is_empty() {
+                        "-".to_owned()
+                    } else {
+                        pins.join(", ")
+                    }
+                );
+                for d in c["devices"].as_array().into_iter().flatten() {
+                    let slots: Vec<String> = d["slots"]
+                        .as_object()
+                        .into_iter()
+                        .flatten()
+                        .map(|(slot, f)| {
+                            let state = if f["active"] == true {
+                                "active"
+                            } else if f["desired"] == true {
+                                "told"
+                            } else {
+                                "behind"
+                            };
+                            format!("{slot}={} {state}", f["serving"].as_str().unwrap_or("-"))
+                        })
+                        .collect();
+                    out += &format!("  {:<24} {}\n", s(d, "device_id"), slots.join(", "));
+                }
+            }
+        }
         Shown::Other => out = serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string()),
     }
     out.trim_end().to_owned()
@@ -266,6 +315,7 @@ pub enum Shown {
     Rollouts,
     Rollout,
     Devices,
+    Channels,
     Other,
 }
 

@@ -12,6 +12,7 @@ use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::{self, BrokerError};
+use crate::channels::Channels;
 use crate::config::{BrokerTarget, Config, ConfigError, Settings};
 use crate::db::{Db, DbError};
 use crate::desired::{DesiredError, DesiredStore};
@@ -222,6 +223,7 @@ pub async fn start(config: Config) -> Result<Running, Error> {
     let desired = DesiredStore::open(&data_dir.join("desired"))?;
     let loaded = db.load()?;
     let devices = Devices::restore(db.load_devices()?);
+    let channels = Channels::restore(db.load_channels()?);
     if !loaded.rollouts.is_empty() {
         tracing::info!(
             rollouts = loaded.rollouts.len(),
@@ -241,6 +243,7 @@ pub async fn start(config: Config) -> Result<Running, Error> {
     let fleet = Arc::new(Fleet::restore(
         Rollouts::restore(loaded.rollouts, loaded.keys),
         devices,
+        channels,
         db.clone(),
     ));
     let (link, publisher, mut link_state) =

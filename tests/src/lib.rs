@@ -84,6 +84,8 @@ fn suffix() -> String {
 /// A server, its broker and its agents.
 pub struct Fleet {
     pub server: botfleet_server::Running,
+    /// What the server was started with (a restart reuses it).
+    config: botfleet_server::Config,
     pub prefix: String,
     pub mqtt_url: String,
     pub dir: tempfile::TempDir,
@@ -134,12 +136,13 @@ impl Fleet {
         config.mqtt.url = external;
         config.mqtt.embedded_listen = "127.0.0.1:0".parse()?;
         config.mqtt.client_id = format!("botfleet-server-{tag}");
-        let server = botfleet_server::start(config)
+        let server = botfleet_server::start(config.clone())
             .await
             .context("starting botfleet-server")?;
         let mqtt_url = server.mqtt_url();
         Ok(Self {
             server,
+            config,
             prefix,
             mqtt_url,
             dir,
@@ -149,6 +152,46 @@ impl Fleet {
             tag,
             _mosquitto: mosquitto,
         })
+    }
+
+    /// Stops the server and starts it again on the same data directory, HTTP address and
+    /// (embedded) MQTT address: artifact URLs and agents' broker stay valid.
+    pub async fn restart_server(self) -> Result<Self> {
+        let mut config = self.config.clone();
+        config.http_listen = self.server.http_addr();
+        if config.mqtt.url.is_empty() {
+            let addr = self.mqtt_url.trim_start_matches("mqtt://");
+            config.mqtt.embedded_listen = addr.parse().context("embedded broker address")?;
+        }
+        self.server
+            .shutdown()
+            .await
+            .context("stopping botfleet-server")?;
+        let server = botfleet_server::start(config.clone())
+            .await
+            .context("starting botfleet-server again")?;
+        Ok(Self {
+            server,
+            config,
+            ..self
+        })
+    }
+
+    /// Sends a JSON body to a server API path with `method`; the status and the answer.
+    pub async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: &Value,
+    ) -> Result<(reqwest::StatusCode, Value)> {
+        let response = self
+            .http
+            .request(method, format!("{}{path}", self.server.base_url()))
+            .json(body)
+            .send()
+            .await?;
+        let status = response.status();
+        Ok((status, response.json().await.unwrap_or(Value::Null)))
     }
 
     /// The Mosquitto this fleet started, if any (fault tests kill and restart it).

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use botfleet_e2e::{Agent, BrokerKind, Fleet, describe, fixture};
 use botfleet_protocol::messages::{Deferral, Event, Stage};
-use common::ROLLOUT_LIMIT;
+use common::{ROLLOUT_LIMIT, hold, local_api};
 use serde_json::{Value, json};
 
 fn deferred(event: &Event) -> Option<&Deferral> {
@@ -68,27 +68,6 @@ async fn serving(fleet: &Fleet, agent: &Agent) -> String {
     let (status, answer) = fleet.infer(agent, "orientation", &request).await.unwrap();
     assert!(status.is_success(), "{status}: {answer}");
     answer["model_version"].as_str().unwrap().to_owned()
-}
-
-async fn local_api(
-    method: reqwest::Method,
-    agent: &Agent,
-    path: &str,
-    body: Option<Value>,
-) -> (reqwest::StatusCode, String) {
-    let client = reqwest::Client::new();
-    let mut request = client.request(method, format!("{}{path}", agent.base_url()));
-    if let Some(body) = body {
-        request = request.json(&body);
-    }
-    let response = request.send().await.unwrap();
-    (response.status(), response.text().await.unwrap())
-}
-
-async fn hold(agent: &Agent, holder: &str, ttl_s: u64) {
-    let body = json!({"holder": holder, "reason": "driving to dock 3", "ttl_s": ttl_s});
-    let (status, text) = local_api(reqwest::Method::POST, agent, "/v1/holds", Some(body)).await;
-    assert_eq!(status, 200, "{text}");
 }
 
 /// The device's outcome in the rollout view, once the server has folded `outcome`.

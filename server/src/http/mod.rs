@@ -6,9 +6,12 @@
 //! POST /api/v1/models                        multipart: metadata (JSON) + model (ONNX)
 //! GET  /api/v1/models[/{slot}/{version}]     model records
 //! GET  /artifacts/{sha256}                   model bytes (Range requests answered with 206)
-//! POST /api/v1/rollouts                      {"slot","version","devices"|"selector"}, Idempotency-Key
+//! POST /api/v1/rollouts                      {"slot","version","devices"|"selector"|"channel"}, Idempotency-Key
 //! GET  /api/v1/rollouts[/{id}]               rollouts and their per-device progress
 //! POST /api/v1/rollouts/{id}/{pause|resume|abort|rollback}
+//! GET  /api/v1/channels[/{name}]            channels and the devices that follow them
+//! PUT  /api/v1/channels/{name}              {"selector","priority","pins":{slot: version}}
+//! DELETE /api/v1/channels/{name}
 //! GET  /api/v1/openapi.json                  this API as an OpenAPI 3.1 document
 //! GET  /metrics                              Prometheus text: rollouts, devices, events
 //! GET  /api/v1/devices[/{id}]                devices: status, info, telemetry
@@ -24,6 +27,7 @@
 //! Every error is JSON: `{"error": "<one line>"}`.
 
 mod access;
+mod channels;
 mod dashboard;
 mod devices;
 mod history;
@@ -209,6 +213,13 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/api/v1/rollouts/{id}/resume", post(rollouts::resume))
         .route("/api/v1/rollouts/{id}/abort", post(rollouts::abort))
         .route("/api/v1/rollouts/{id}/rollback", post(rollouts::rollback))
+        .route("/api/v1/channels", get(channels::list))
+        .route(
+            "/api/v1/channels/{name}",
+            get(channels::get)
+                .put(channels::put)
+                .delete(channels::delete),
+        )
         .route("/api/v1/openapi.json", get(openapi::document))
         .route("/metrics", get(metrics::metrics))
         .route("/api/v1/devices", get(devices::list))

@@ -231,11 +231,16 @@ mod requests {
                 parse::<RolloutBody>,
                 json!({
                     "slot": "digits", "version": "1.0.0", "devices": ["robot-1"],
-                    "selector": "site=lab", "strategy": strategy(), "supersede": true,
-                    "sha256": sha
+                    "selector": "site=lab", "channel": "stable", "strategy": strategy(),
+                    "supersede": true, "sha256": sha
                 }),
             ),
             ("Strategy", parse::<Strategy>, strategy()),
+            (
+                "ChannelRequest",
+                parse::<crate::channels::ChannelRequest>,
+                json!({"selector": "site=lab", "priority": 10, "pins": {"digits": "1.0.0"}}),
+            ),
             ("AccuracyGate", parse::<AccuracyGate>, accuracy_gate()),
             (
                 "EvaluationSet",

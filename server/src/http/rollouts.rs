@@ -19,15 +19,20 @@ impl From<CreateError> for ApiError {
     fn from(err: CreateError) -> Self {
         let status = match &err {
             CreateError::Targets(_) | CreateError::Version(_) => StatusCode::BAD_REQUEST,
-            CreateError::UnknownModel { .. } => StatusCode::NOT_FOUND,
+            CreateError::UnknownModel { .. } | CreateError::UnknownChannel(_) => {
+                StatusCode::NOT_FOUND
+            }
             CreateError::NoDevices
             | CreateError::NoMatch { .. }
+            | CreateError::NoFollower { .. }
             | CreateError::KeyReused
             | CreateError::TooManyForEmbeddedBroker { .. }
             | CreateError::Publish(PublishError::TooLarge { .. }) => {
                 StatusCode::UNPROCESSABLE_ENTITY
             }
-            CreateError::Conflict { .. } => StatusCode::CONFLICT,
+            CreateError::Conflict { .. } | CreateError::FollowsChannel { .. } => {
+                StatusCode::CONFLICT
+            }
             CreateError::Publish(PublishError::LinkGone(_) | PublishError::FanOutStopped) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }

@@ -113,6 +113,11 @@ impl Rollouts {
             .collect()
     }
 
+    /// Every rollout, by id.
+    pub fn all(&self) -> impl Iterator<Item = &Rollout> {
+        self.by_id.values()
+    }
+
     pub fn rollout(&self, id: &RolloutId) -> Option<&Rollout> {
         self.by_id.get(id)
     }

@@ -8,17 +8,19 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use botfleet_protocol::messages::{Command, CommandKind, DesiredModel};
+use botfleet_protocol::messages::{Command, CommandKind, DesiredModel, InstallWindow, ShadowSpec};
 use botfleet_protocol::{CommandId, DeviceId, IdError, RolloutId, SlotName};
 use jiff::Timestamp;
 
+use crate::channels::ChannelName;
 use crate::db::{Db, DbError};
 use crate::desired::{DesiredError, DesiredStore};
+use crate::devices::Devices;
 use crate::fleet::Fleet;
 use crate::intake::{IntakeError, ModelVersion};
 use crate::keys;
 use crate::link::{self, PublishError, Publisher};
-use crate::registry::Registry;
+use crate::registry::{ModelRecord, Registry};
 use crate::rollouts::fanout::{self, FanOut, Outbound, Queue};
 use crate::rollouts::{
     Action, CreatedRollout, IdempotencyKey, Presence, Replay, Rollout, RolloutModel,
@@ -42,6 +44,24 @@ pub enum CreateError {
     NoDevices,
     #[error("no known device has the labels {selector}")]
     NoMatch { selector: String },
+    #[error("no channel {0}")]
+    UnknownChannel(ChannelName),
+    #[error(
+        "no known device follows channel {channel} for slot {slot} (its selector matches none, or a channel of higher priority pins the slot for them)"
+    )]
+    NoFollower {
+        channel: ChannelName,
+        slot: SlotName,
+    },
+    #[error(
+        "{devices} of these devices (e.g. {example}) follow channel {channel} for slot {slot}; roll out to the channel (\"channel\": \"{channel}\"), or pin a group channel of higher priority"
+    )]
+    FollowsChannel {
+        channel: ChannelName,
+        slot: SlotName,
+        devices: usize,
+        example: DeviceId,
+    },
     #[error("Idempotency-Key was already used for a different request")]
     KeyReused,
     #[error(transparent)]
@@ -82,9 +102,26 @@ pub struct RolloutService {
     pub(super) publisher: Publisher,
     /// What steps decided, published by [`RolloutService::run_fanout`].
     outbound: Queue,
-    db: Arc<Db>,
+    pub(super) db: Arc<Db>,
     /// With the embedded broker: the most devices one rollout may command.
     max_devices: Option<usize>,
+}
+
+/// What a desired document says of `model` in its slot.
+pub(super) fn desired_model(
+    model: &ModelRecord,
+    rollout_id: Option<RolloutId>,
+    window: Option<InstallWindow>,
+    shadow: &Option<ShadowSpec>,
+) -> DesiredModel {
+    DesiredModel {
+        rollout_id,
+        manifest: model.stored.signed_manifest.clone(),
+        artifact_url: model.artifact_url.clone(),
+        evaluation_url: model.evaluation_url.clone(),
+        window,
+        shadow: shadow.clone(),
+    }
 }
 
 fn new_rollout_id() -> Result<RolloutId, IdError> {
@@ -114,7 +151,7 @@ impl RolloutService {
     }
 
     /// Queues `messages` for the fan-out task, in order.
-    fn send(&self, messages: Vec<Outbound>) -> Result<(), PublishError> {
+    pub(super) fn send(&self, messages: Vec<Outbound>) -> Result<(), PublishError> {
         if messages.is_empty() {
             return Ok(());
         }
@@ -123,15 +160,60 @@ impl RolloutService {
             .map_err(|_| PublishError::FanOutStopped)
     }
 
-    /// The devices a rollout goes to.
-    fn resolve(&self, targets: Targets) -> Result<Vec<DeviceId>, CreateError> {
+    /// The devices a rollout of `slot` goes to.
+    fn resolve(&self, targets: Targets, slot: &SlotName) -> Result<Vec<DeviceId>, CreateError> {
+        let channels = self.fleet.channels();
+        let devices = self.fleet.devices();
+        let resolved = match targets {
+            Targets::Channel(name) => {
+                if channels.get(&name).is_none() {
+                    return Err(CreateError::UnknownChannel(name));
+                }
+                let matched: Vec<DeviceId> = devices
+                    .labels()
+                    .filter(|(_, labels)| {
+                        labels.is_some_and(|l| channels.would_follow(&name, l, slot))
+                    })
+                    .map(|(id, _)| id.clone())
+                    .collect();
+                if matched.is_empty() {
+                    return Err(CreateError::NoFollower {
+                        channel: name,
+                        slot: slot.clone(),
+                    });
+                }
+                return Ok(matched);
+            }
+            other => Self::resolve_plain(other, &devices)?,
+        };
+        // A device that follows a channel for the slot gets its models from the channel.
+        if !channels.is_empty() {
+            let mut following = resolved.iter().filter_map(|id| {
+                let labels = devices.labels_of(id)?;
+                channels
+                    .followed(labels, slot)
+                    .map(|(c, _)| (id, c.name.clone()))
+            });
+            if let Some((example, channel)) = following.next() {
+                return Err(CreateError::FollowsChannel {
+                    channel,
+                    slot: slot.clone(),
+                    devices: 1 + following.count(),
+                    example: example.clone(),
+                });
+            }
+        }
+        Ok(resolved)
+    }
+
+    /// The devices named, or those a selector matches.
+    fn resolve_plain(targets: Targets, devices: &Devices) -> Result<Vec<DeviceId>, CreateError> {
         match targets {
             Targets::Devices(devices) if devices.is_empty() => Err(CreateError::NoDevices),
             Targets::Devices(devices) => Ok(devices.into_iter().collect()),
+            Targets::Channel(name) => Err(CreateError::UnknownChannel(name)),
             Targets::Selector(selector) => {
-                let matched: Vec<DeviceId> = self
-                    .fleet
-                    .devices()
+                let matched: Vec<DeviceId> = devices
                     .labels()
                     .filter(|(_, labels)| labels.is_some_and(|l| selector.matches(l)))
                     .map(|(id, _)| id.clone())
@@ -174,7 +256,8 @@ impl RolloutService {
                 version: request.version.clone(),
             }
         })?;
-        let devices = self.resolve(targets)?;
+        let channel = request.channel.clone();
+        let devices = self.resolve(targets, &request.slot)?;
         if let Some(limit) = self.max_devices
             && devices.len() > limit
         {
@@ -183,14 +266,7 @@ impl RolloutService {
                 limit,
             });
         }
-        let entry = DesiredModel {
-            rollout_id: None,
-            manifest: model.stored.signed_manifest.clone(),
-            artifact_url: model.artifact_url.clone(),
-            evaluation_url: model.evaluation_url.clone(),
-            window: strategy.install_window,
-            shadow: strategy.shadow.clone(),
-        };
+        let entry = desired_model(&model, None, strategy.install_window, &strategy.shadow);
         // Size-checked before anything is recorded.
         for device in &devices {
             link::encode_desired(device, &desired.next(device, &request.slot, entry.clone()))?;
@@ -199,7 +275,7 @@ impl RolloutService {
         // is complete, and no longer owns the slot.
         self.drive_locked(&mut desired, Timestamp::now()).await?;
         let rollout_id = new_rollout_id()?;
-        let rollout = Rollout::new(
+        let mut rollout = Rollout::new(
             rollout_id.clone(),
             RolloutModel {
                 slot: model.stored.slot.clone(),
@@ -211,6 +287,7 @@ impl RolloutService {
             strategy,
             &devices,
         );
+        rollout.channel = channel;
         let response = CreatedRollout {
             rollout_id: rollout_id.clone(),
             devices,
@@ -264,7 +341,8 @@ impl RolloutService {
             }
         };
         let actions = self.fleet.rollouts().step_live(now, presence);
-        self.execute(desired, actions).await
+        self.execute(desired, actions).await?;
+        self.follow_locked(desired, now).await
     }
 
     /// Saves the book, then writes and publishes each action's desired document.
@@ -369,22 +447,28 @@ impl RolloutService {
 
     /// The desired model this rollout puts in its slot.
     fn model_for(&self, rollout: &Rollout) -> Result<DesiredModel, CreateError> {
-        let version = ModelVersion::new(&rollout.model.version)?;
-        let model = self
-            .registry
-            .get(&rollout.model.slot, &version)
+        let model = self.registered(&rollout.model.slot, &rollout.model.version)?;
+        Ok(desired_model(
+            &model,
+            Some(rollout.id.clone()),
+            rollout.strategy.install_window,
+            &rollout.strategy.shadow,
+        ))
+    }
+
+    /// A registered model version.
+    pub(super) fn registered(
+        &self,
+        slot: &SlotName,
+        version: &str,
+    ) -> Result<ModelRecord, CreateError> {
+        let parsed = ModelVersion::new(version)?;
+        self.registry
+            .get(slot, &parsed)
             .ok_or_else(|| CreateError::UnknownModel {
-                slot: rollout.model.slot.clone(),
-                version: rollout.model.version.clone(),
-            })?;
-        Ok(DesiredModel {
-            rollout_id: Some(rollout.id.clone()),
-            manifest: model.stored.signed_manifest.clone(),
-            artifact_url: model.artifact_url.clone(),
-            evaluation_url: model.evaluation_url.clone(),
-            window: rollout.strategy.install_window,
-            shadow: rollout.strategy.shadow.clone(),
-        })
+                slot: slot.clone(),
+                version: version.to_owned(),
+            })
     }
 
     /// Writes every changed rollout and key to the database.

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use super::fold::{DeviceProgress, Outcome};
 use super::strategy::{OnError, Strategy};
 use super::{RolloutId, RolloutModel};
+use crate::channels::ChannelName;
 
 /// Whole-rollout state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -124,6 +125,9 @@ pub struct Rollout {
     /// Waves up to this one were let through by an operator: their errors no longer count.
     pub waived: Option<usize>,
     pub waves: usize,
+    /// The channel it targets: once complete, the channel pins its model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channel: Option<ChannelName>,
     /// Stored as rows of their own (`crate::db`), so a device's event rewrites one small
     /// row, not the rollout; read here too from rows written before that.
     #[serde(default, skip_serializing)]
@@ -166,6 +170,7 @@ impl Rollout {
             success_since: None,
             waived: None,
             waves: planned.len(),
+            channel: None,
             devices: runs,
         }
     }

@@ -16,6 +16,7 @@ pub mod create;
 mod driver;
 pub mod fanout;
 mod fold;
+pub mod follow;
 mod gate;
 mod machine;
 pub mod operate;
@@ -28,6 +29,8 @@ use std::collections::BTreeSet;
 use botfleet_protocol::manifest::Sha256Digest;
 use botfleet_protocol::{DeviceId, RolloutId, SlotName};
 use serde::{Deserialize, Deserializer, Serialize};
+
+use crate::channels::ChannelName;
 
 pub use book::{Applied, Remembered, Rollouts};
 pub use machine::{Action, DeviceRun, Presence, Rollout, RolloutState};
@@ -46,6 +49,9 @@ pub struct RolloutRequest {
     pub devices: Option<Vec<DeviceId>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<String>,
+    /// A channel: the devices that follow it for this slot; its pin once complete.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channel: Option<ChannelName>,
     /// Waves, thresholds, deadline, gate; absent: every device at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub strategy: Option<Strategy>,
@@ -111,14 +117,17 @@ impl RolloutBody {
 pub enum Targets {
     Devices(BTreeSet<DeviceId>),
     Selector(Selector),
+    Channel(ChannelName),
 }
 
 /// Why a request names no valid target.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum TargetError {
-    #[error("pass exactly one of `devices` and `selector`, not both")]
+    #[error("pass exactly one of `devices`, `selector` and `channel`")]
     Both,
-    #[error("pass one of `devices` (a list of device ids) or `selector` (\"key=value,...\")")]
+    #[error(
+        "pass one of `devices` (a list of device ids), `selector` (\"key=value,...\") or `channel` (a channel's name)"
+    )]
     Neither,
     #[error(transparent)]
     Selector(#[from] SelectorError),
@@ -128,11 +137,12 @@ pub enum TargetError {
 
 impl RolloutRequest {
     pub fn targets(&self) -> Result<Targets, TargetError> {
-        match (&self.devices, &self.selector) {
-            (Some(_), Some(_)) => Err(TargetError::Both),
-            (None, None) => Err(TargetError::Neither),
-            (Some(devices), None) => Ok(Targets::Devices(devices.iter().cloned().collect())),
-            (None, Some(selector)) => Ok(Targets::Selector(selector.parse()?)),
+        match (&self.devices, &self.selector, &self.channel) {
+            (None, None, None) => Err(TargetError::Neither),
+            (Some(devices), None, None) => Ok(Targets::Devices(devices.iter().cloned().collect())),
+            (None, Some(selector), None) => Ok(Targets::Selector(selector.parse()?)),
+            (None, None, Some(channel)) => Ok(Targets::Channel(channel.clone())),
+            _ => Err(TargetError::Both),
         }
     }
 

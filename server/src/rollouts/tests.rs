@@ -78,6 +78,7 @@ fn request(version: &str) -> RolloutRequest {
         version: version.into(),
         devices: Some(vec![dev("robot-1")]),
         selector: None,
+        channel: None,
         strategy: None,
         supersede: false,
     }

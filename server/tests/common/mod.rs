@@ -160,6 +160,26 @@ impl TestServer {
         (status, response.json().await.unwrap())
     }
 
+    /// `PUT` with a JSON body.
+    pub async fn put(&self, path: &str, body: &Value) -> (u16, Value) {
+        let response = self
+            .http
+            .put(self.url(path))
+            .json(body)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    /// `DELETE`; the status, and the error's JSON when there is one.
+    pub async fn delete(&self, path: &str) -> (u16, Value) {
+        let response = self.http.delete(self.url(path)).send().await.unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
     /// Uploads the small pnet fixture into `slot` as `version`.
     pub async fn upload_pnet(&self, slot: &str, version: &str) -> Value {
         let meta = serde_json::json!({

@@ -97,3 +97,26 @@ pub async fn assert_matches_onnxruntime(
     }
     answer
 }
+
+/// One request to `agent`'s local API (holds); the status and the body as text.
+pub async fn local_api(
+    method: reqwest::Method,
+    agent: &Agent,
+    path: &str,
+    body: Option<Value>,
+) -> (reqwest::StatusCode, String) {
+    let client = reqwest::Client::new();
+    let mut request = client.request(method, format!("{}{path}", agent.base_url()));
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    let response = request.send().await.unwrap();
+    (response.status(), response.text().await.unwrap())
+}
+
+/// Places (or renews) a hold by `holder` on `agent` for `ttl_s` seconds.
+pub async fn hold(agent: &Agent, holder: &str, ttl_s: u64) {
+    let body = json!({"holder": holder, "reason": "driving to dock 3", "ttl_s": ttl_s});
+    let (status, text) = local_api(reqwest::Method::POST, agent, "/v1/holds", Some(body)).await;
+    assert_eq!(status, 200, "{text}");
+}
