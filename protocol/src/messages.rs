@@ -67,6 +67,9 @@ pub enum Deferral {
         /// When the shadow ends at the latest (judged on what was compared by then).
         until: Timestamp,
     },
+    /// The desired state says "install on command": downloaded and gated, the swap waits
+    /// for a desired document that names the same model without `on_command`.
+    Command,
     /// The robot is too hot, or on a low battery that is not charging, to benchmark a
     /// candidate now (`thermal`, `battery`); download done, gate put off.
     Guard {
@@ -85,6 +88,8 @@ impl Deferral {
             Deferral::Window { opens_at, .. } => *opens_at,
             Deferral::Guard { recheck_at, .. } => *recheck_at,
             Deferral::Shadow { until, .. } => *until,
+            // No deadline: the robot waits for the server's word.
+            Deferral::Command => Timestamp::MAX,
         }
     }
 }
@@ -107,6 +112,9 @@ impl std::fmt::Display for Deferral {
             }
             Deferral::Guard { guard, message, .. } => {
                 write!(f, "benchmark put off by the {guard} guard: {message}")
+            }
+            Deferral::Command => {
+                f.write_str("downloaded and gated; waiting for the install command")
             }
         }
     }
@@ -574,6 +582,10 @@ pub struct DesiredModel {
     /// Shadow it on live requests after its gate, before its swap.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shadow: Option<ShadowSpec>,
+    /// Download and gate at once, then wait: the swap happens once a desired document
+    /// names the same model without this flag (the operator's install command).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub on_command: bool,
 }
 
 /// One step of a rollout on one device.

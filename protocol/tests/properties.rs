@@ -98,6 +98,7 @@ fn desired() -> impl Strategy<Value = Desired> {
                         artifact_url: url,
                         window: None,
                         shadow: None,
+                        on_command: false,
                     };
                     (slot, model)
                 })

@@ -249,6 +249,16 @@ pub enum RolloutCommand {
         #[command(flatten)]
         server: ServerArg,
     },
+    /// Order the install of a rollout whose strategy installs on command: the devices
+    /// (or all) swap the model they downloaded and gated.
+    Install {
+        id: String,
+        /// A device whose install is ordered (repeatable); none: every device.
+        #[arg(long = "device")]
+        devices: Vec<String>,
+        #[command(flatten)]
+        server: ServerArg,
+    },
     /// Show a rollout's progress per device.
     Status {
         id: String,
@@ -434,6 +444,20 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                 server.show(Shown::Rollout, &client.get(&path).await?);
             }
         }
+        Command::Rollout(RolloutCommand::Install {
+            id,
+            devices,
+            server,
+        }) => {
+            let body = if devices.is_empty() {
+                json!({})
+            } else {
+                json!({"devices": devices})
+            };
+            let path = format!("/api/v1/rollouts/{id}/install");
+            let view = server.client()?.post_json(&path, &body).await?;
+            server.show(Shown::Rollout, &view);
+        }
         Command::Rollout(RolloutCommand::List(server)) => {
             server.show(
                 Shown::Rollouts,
@@ -580,7 +604,7 @@ mod tests {
 
     #[test]
     fn rollout_operations_and_device_list_parse() {
-        for op in ["pause", "resume", "abort", "rollback"] {
+        for op in ["pause", "resume", "abort", "rollback", "install"] {
             let cli = Cli::try_parse_from(["botfleet-server", "rollout", op, "r-1"]).unwrap();
             assert!(matches!(cli.command, Command::Rollout(_)), "{op}");
         }

@@ -195,6 +195,13 @@ impl ApiClient {
         self.send(url.clone(), self.http.post(&url)).await
     }
 
+    /// `POST` with a JSON body.
+    pub async fn post_json(&self, path: &str, body: &Value) -> Result<Value, ClientError> {
+        let url = self.url(path);
+        self.send(url.clone(), self.http.post(&url).json(body))
+            .await
+    }
+
     /// `PUT` with a JSON body (a channel).
     pub async fn put(&self, path: &str, body: &Value) -> Result<Value, ClientError> {
         let url = self.url(path);

@@ -220,6 +220,7 @@ mod tests {
             evaluation_url: None,
             window: None,
             shadow: None,
+            on_command: false,
         }
     }
 

@@ -102,6 +102,7 @@ impl Setup {
                     evaluation_url: None,
                     window: None,
                     shadow: None,
+                    on_command: false,
                 },
             )]
             .into(),

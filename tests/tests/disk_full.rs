@@ -223,6 +223,7 @@ async fn a_full_disk_fails_the_download_cleanly_and_the_old_model_keeps_serving(
                 evaluation_url: None,
                 window: None,
                 shadow: None,
+                on_command: false,
             },
         )]
         .into(),

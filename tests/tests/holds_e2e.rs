@@ -421,3 +421,90 @@ async fn a_hot_robot_puts_its_benchmark_off_until_it_cools() {
     assert_eq!(serving(&fleet, &agent).await, "1.0.0");
     fleet.shutdown(vec![agent]).await.unwrap();
 }
+
+#[tokio::test]
+async fn a_model_installed_on_command_waits_gated_until_the_install_is_ordered() {
+    let Serving {
+        fleet,
+        device,
+        agent,
+        mut watch,
+        ..
+    } = serving_float().await;
+    push(&fleet, "1.1.0-int8", true).await;
+    let body = json!({"slot": "orientation", "version": "1.1.0-int8", "devices": [&device],
+                      "strategy": {"install_on_command": true}});
+    let (status, answer) = fleet.post_rollout(&body, None).await.unwrap();
+    assert_eq!(status, 202, "{answer}");
+    let rollout = answer["rollout_id"].as_str().unwrap().to_owned();
+    let event = watch
+        .until_event(ROLLOUT_LIMIT, |e| deferred(e).is_some())
+        .await
+        .unwrap();
+    assert_eq!(
+        deferred(&event),
+        Some(&Deferral::Command),
+        "{}",
+        describe(&watch.seen)
+    );
+    assert_eq!(
+        serving(&fleet, &agent).await,
+        "1.0.0",
+        "the old model answers"
+    );
+    let view = wait_outcome(&fleet, &rollout, &device, "deferred").await;
+    assert_eq!(
+        view["message"], "deferred: downloaded and gated; waiting for the install command",
+        "{view}"
+    );
+
+    // Orders that cannot be carried out are refused, and change nothing.
+    let install = format!("/api/v1/rollouts/{rollout}/install");
+    let (status, answer) = fleet
+        .send(
+            reqwest::Method::POST,
+            &install,
+            &json!({"devices": ["nobody"]}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 400, "{answer}");
+    let (status, answer) = fleet
+        .send(reqwest::Method::POST, &install, &json!({"device": &device}))
+        .await
+        .unwrap();
+    assert_eq!(status, 400, "{answer}");
+    assert_eq!(serving(&fleet, &agent).await, "1.0.0");
+
+    let (status, answer) = fleet
+        .send(
+            reqwest::Method::POST,
+            &install,
+            &json!({"devices": [&device]}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{answer}");
+    let events = watch.until_terminal(&rollout, ROLLOUT_LIMIT).await.unwrap();
+    assert!(
+        events.last().is_some_and(is_active),
+        "{}",
+        describe(&events)
+    );
+    let gates = events
+        .iter()
+        .filter(|e| matches!(e.stage, Stage::Benchmarked(_)))
+        .count();
+    assert_eq!(
+        gates,
+        1,
+        "the swap needs no second gate: {}",
+        describe(&events)
+    );
+    assert_eq!(serving(&fleet, &agent).await, "1.1.0-int8");
+    fleet
+        .wait_rollout(&rollout, ROLLOUT_LIMIT, |v| v["state"] == "completed")
+        .await
+        .unwrap();
+    fleet.shutdown(vec![agent]).await.unwrap();
+}

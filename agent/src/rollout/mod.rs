@@ -143,6 +143,7 @@ fn same_reason(a: &Deferral, b: &Deferral) -> bool {
             x.iter().map(|h| &h.holder).eq(y.iter().map(|h| &h.holder))
         }
         (Deferral::Window { window: x, .. }, Deferral::Window { window: y, .. }) => x == y,
+        (Deferral::Command, Deferral::Command) => true,
         _ => false,
     }
 }
@@ -549,7 +550,7 @@ impl Reconciler {
         }
         let now = jiff::ZonedDateTime::now();
         let holds = self.holds.active(now.timestamp());
-        match plan::deferral(&now, &holds, model.window) {
+        match plan::deferral(&now, &holds, model) {
             None => self.swap(slot, model, manifest, loaded, claims),
             Some(deferral) => {
                 let parked = Parked {
@@ -722,7 +723,7 @@ impl Reconciler {
             if parked.shadowing {
                 continue;
             }
-            match plan::deferral(&now, &holds, parked.model.window) {
+            match plan::deferral(&now, &holds, &parked.model) {
                 Some(deferral) => {
                     let new_reason = !parked.announced || !same_reason(&parked.deferral, &deferral);
                     changed |= parked.deferral != deferral || !parked.announced;

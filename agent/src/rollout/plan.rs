@@ -35,11 +35,11 @@ pub fn changes<'a>(
 }
 
 /// Why the swap of a model that passed its gate must wait at `now` (the robot's local time),
-/// if it must: a standing hold first, then the install window.
+/// if it must: a standing hold first, then the install command, then the install window.
 pub fn deferral(
     now: &jiff::ZonedDateTime,
     holds: &[HoldInfo],
-    window: Option<InstallWindow>,
+    model: &DesiredModel,
 ) -> Option<Deferral> {
     let holds: Vec<HoldInfo> = holds
         .iter()
@@ -49,7 +49,10 @@ pub fn deferral(
     if let Some(until) = holds.iter().map(|h| h.until).max() {
         return Some(Deferral::Held { holds, until });
     }
-    let window = window?;
+    if model.on_command {
+        return Some(Deferral::Command);
+    }
+    let window = model.window?;
     let opens_at = window.opens_after(now)?;
     Some(Deferral::Window { window, opens_at })
 }
@@ -474,15 +477,52 @@ mod tests {
         }
     }
 
+    /// A desired model with `window`, or none.
+    fn wanted(window: Option<InstallWindow>) -> DesiredModel {
+        DesiredModel {
+            rollout_id: None,
+            manifest: botfleet_protocol::manifest::SignedManifest {
+                payload: String::new(),
+                signatures: vec![],
+            },
+            artifact_url: String::new(),
+            evaluation_url: None,
+            window,
+            shadow: None,
+            on_command: false,
+        }
+    }
+
+    #[test]
+    fn on_command_waits_after_the_holds_and_before_the_window() {
+        let night: InstallWindow = "22:00-05:00".parse().unwrap();
+        let ordered = DesiredModel {
+            on_command: true,
+            ..wanted(Some(night))
+        };
+        assert_eq!(
+            deferral(&local(23, 0), &[], &ordered),
+            Some(Deferral::Command)
+        );
+        let held = deferral(&local(23, 0), &[hold("nav", &local(23, 5))], &ordered);
+        assert!(matches!(held, Some(Deferral::Held { .. })), "{held:?}");
+        // The command given (the flag gone), the window decides.
+        assert!(matches!(
+            deferral(&local(12, 0), &[], &wanted(Some(night))),
+            Some(Deferral::Window { .. })
+        ));
+        assert_eq!(Deferral::Command.until(), jiff::Timestamp::MAX);
+    }
+
     #[test]
     fn a_window_defers_outside_and_lets_through_inside_local_time() {
         let night: InstallWindow = "22:00-05:00".parse().unwrap();
         let noon: InstallWindow = "12:00-13:30".parse().unwrap();
-        assert_eq!(deferral(&local(23, 0), &[], Some(night)), None);
-        assert_eq!(deferral(&local(4, 59), &[], Some(night)), None);
-        assert_eq!(deferral(&local(12, 0), &[], Some(noon)), None);
+        assert_eq!(deferral(&local(23, 0), &[], &wanted(Some(night))), None);
+        assert_eq!(deferral(&local(4, 59), &[], &wanted(Some(night))), None);
+        assert_eq!(deferral(&local(12, 0), &[], &wanted(Some(noon))), None);
         assert_eq!(
-            deferral(&local(5, 0), &[], Some(night)),
+            deferral(&local(5, 0), &[], &wanted(Some(night))),
             Some(Deferral::Window {
                 window: night,
                 opens_at: local(22, 0).timestamp()
@@ -491,10 +531,10 @@ mod tests {
         );
         let tomorrow = local(12, 0).tomorrow().unwrap().timestamp();
         assert_eq!(
-            deferral(&local(13, 30), &[], Some(noon)).map(|d| d.until()),
+            deferral(&local(13, 30), &[], &wanted(Some(noon))).map(|d| d.until()),
             Some(tomorrow)
         );
-        assert_eq!(deferral(&local(9, 0), &[], None), None);
+        assert_eq!(deferral(&local(9, 0), &[], &wanted(None)), None);
     }
 
     #[test]
@@ -505,15 +545,20 @@ mod tests {
         let Some(Deferral::Held {
             holds: standing,
             until,
-        }) = deferral(&now, &holds, Some(night))
+        }) = deferral(&now, &holds, &wanted(Some(night)))
         else {
             panic!("held");
         };
         assert_eq!(standing.len(), 2);
         assert_eq!(until, local(23, 5).timestamp(), "until the last one ends");
-        assert_eq!(deferral(&local(23, 5), &holds, Some(night)), None);
+        assert_eq!(deferral(&local(23, 5), &holds, &wanted(Some(night))), None);
         assert_eq!(
-            deferral(&local(21, 0), &[hold("nav", &local(20, 0))], Some(night)).map(|d| d.until()),
+            deferral(
+                &local(21, 0),
+                &[hold("nav", &local(20, 0))],
+                &wanted(Some(night))
+            )
+            .map(|d| d.until()),
             Some(local(22, 0).timestamp()),
             "an expired hold leaves the window to decide"
         );

@@ -9,6 +9,7 @@
 //! POST /api/v1/rollouts                      {"slot","version","devices"|"selector"|"channel"}, Idempotency-Key
 //! GET  /api/v1/rollouts[/{id}]               rollouts and their per-device progress
 //! POST /api/v1/rollouts/{id}/{pause|resume|abort|rollback}
+//! POST /api/v1/rollouts/{id}/install         {"devices":[..]} or nothing: order the install
 //! GET  /api/v1/channels[/{name}]            channels and the devices that follow them
 //! PUT  /api/v1/channels/{name}              {"selector","priority","pins":{slot: version}}
 //! DELETE /api/v1/channels/{name}
@@ -213,6 +214,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/api/v1/rollouts/{id}/resume", post(rollouts::resume))
         .route("/api/v1/rollouts/{id}/abort", post(rollouts::abort))
         .route("/api/v1/rollouts/{id}/rollback", post(rollouts::rollback))
+        .route("/api/v1/rollouts/{id}/install", post(rollouts::install))
         .route("/api/v1/channels", get(channels::list))
         .route(
             "/api/v1/channels/{name}",

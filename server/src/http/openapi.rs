@@ -180,7 +180,7 @@ mod requests {
             "waves": [{"count": 1}, {"percent": 10.0}], "bake_s": 600,
             "success_threshold": 0.95, "error_threshold": 0.05, "on_error": "rollback",
             "deadline_s": 3600, "gate": {"max_p99_regression_percent": 10.0},
-            "install_window": "22:00-05:00",
+            "install_window": "22:00-05:00", "install_on_command": true,
             "shadow": {"requests": 200, "seconds": 600, "min_agreement": 0.95,
                        "metric": "within_tolerance", "tolerance": 0.01, "output": "probs",
                        "sample_every": 4, "max_p99_ratio": 1.2}
@@ -236,6 +236,11 @@ mod requests {
                 }),
             ),
             ("Strategy", parse::<Strategy>, strategy()),
+            (
+                "InstallOrder",
+                parse::<crate::http::rollouts::InstallOrder>,
+                json!({"devices": ["robot-1"]}),
+            ),
             (
                 "ChannelRequest",
                 parse::<crate::channels::ChannelRequest>,

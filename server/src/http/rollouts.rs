@@ -109,7 +109,10 @@ impl From<OperateError> for ApiError {
     fn from(err: OperateError) -> Self {
         match err {
             OperateError::Unknown(_) => ApiError::from_error(StatusCode::NOT_FOUND, &err),
-            OperateError::WrongState { .. } => ApiError::from_error(StatusCode::CONFLICT, &err),
+            OperateError::WrongState { .. } | OperateError::NotOnCommand { .. } => {
+                ApiError::from_error(StatusCode::CONFLICT, &err)
+            }
+            OperateError::NotTargeted { .. } => ApiError::from_error(StatusCode::BAD_REQUEST, &err),
             OperateError::Step(inner) => inner.into(),
         }
     }
@@ -159,4 +162,33 @@ pub async fn rollback(
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<RolloutView>, ApiError> {
     operate(&app, id, Operation::Rollback).await
+}
+
+/// The body of `POST /api/v1/rollouts/{id}/install`: the devices, or none for all.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstallOrder {
+    #[serde(default)]
+    devices: Option<Vec<botfleet_protocol::DeviceId>>,
+}
+
+/// `POST /api/v1/rollouts/{id}/install`: devices of a rollout that installs on command
+/// swap; without a body (or without `devices`), every device, those commanded later too.
+pub async fn install(
+    State(app): AppState,
+    ApiPath(id): ApiPath<String>,
+    body: axum::body::Bytes,
+) -> Result<Json<RolloutView>, ApiError> {
+    let order: InstallOrder = if body.is_empty() {
+        InstallOrder::default()
+    } else {
+        serde_json::from_slice(&body).map_err(ApiError::bad_request)?
+    };
+    let id = RolloutId::new(id).map_err(ApiError::bad_request)?;
+    app.rollouts.order_install(&id, order.devices).await?;
+    app.fleet
+        .rollouts()
+        .get(&id)
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found(format!("no rollout {id}")))
 }

@@ -113,6 +113,7 @@ pub(super) fn desired_model(
     rollout_id: Option<RolloutId>,
     window: Option<InstallWindow>,
     shadow: &Option<ShadowSpec>,
+    on_command: bool,
 ) -> DesiredModel {
     DesiredModel {
         rollout_id,
@@ -121,6 +122,7 @@ pub(super) fn desired_model(
         evaluation_url: model.evaluation_url.clone(),
         window,
         shadow: shadow.clone(),
+        on_command,
     }
 }
 
@@ -266,7 +268,13 @@ impl RolloutService {
                 limit,
             });
         }
-        let entry = desired_model(&model, None, strategy.install_window, &strategy.shadow);
+        let entry = desired_model(
+            &model,
+            None,
+            strategy.install_window,
+            &strategy.shadow,
+            strategy.install_on_command,
+        );
         // Size-checked before anything is recorded.
         for device in &devices {
             link::encode_desired(device, &desired.next(device, &request.slot, entry.clone()))?;
@@ -369,10 +377,15 @@ impl RolloutService {
                     let (device, model) = match action {
                         Action::Command(device) => {
                             let previous = desired.current(&device, &slot).cloned();
-                            let model = self.model_for(rollout)?;
+                            let model = self.model_for(rollout, &device)?;
                             if let Some(run) = rollout.devices.get_mut(&device) {
                                 run.previous = previous;
                             }
+                            (device, Some(model))
+                        }
+                        // The same model, its install now ordered; the previous one stays.
+                        Action::Install(device) => {
+                            let model = self.model_for(rollout, &device)?;
                             (device, Some(model))
                         }
                         Action::Rollback(device) => {
@@ -445,14 +458,21 @@ impl RolloutService {
         Ok(())
     }
 
-    /// The desired model this rollout puts in its slot.
-    fn model_for(&self, rollout: &Rollout) -> Result<DesiredModel, CreateError> {
+    /// The desired model this rollout puts in `device`'s slot: on command until the
+    /// install was ordered (for the rollout or the device), when its strategy says so.
+    fn model_for(&self, rollout: &Rollout, device: &DeviceId) -> Result<DesiredModel, CreateError> {
         let model = self.registered(&rollout.model.slot, &rollout.model.version)?;
+        let ordered = rollout.install_ordered
+            || rollout
+                .devices
+                .get(device)
+                .is_some_and(|r| r.install_ordered);
         Ok(desired_model(
             &model,
             Some(rollout.id.clone()),
             rollout.strategy.install_window,
             &rollout.strategy.shadow,
+            rollout.strategy.install_on_command && !ordered,
         ))
     }
 

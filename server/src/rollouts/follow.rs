@@ -191,7 +191,7 @@ impl RolloutService {
                     {
                         continue;
                     }
-                    let entry = desired_model(&model, None, pin.window, &pin.shadow);
+                    let entry = desired_model(&model, None, pin.window, &pin.shadow, false);
                     let doc = desired.next(device, slot, entry);
                     if let Err(err) = crate::link::encode_desired(device, &doc) {
                         tracing::error!(%device, error = %err, "channel model not sent");

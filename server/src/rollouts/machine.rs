@@ -55,6 +55,8 @@ pub enum Action {
     Restore(DeviceId),
     /// The device serves the new model: tell it to go back, and restore the previous one.
     Rollback(DeviceId),
+    /// Publish the rollout's model again, its install now ordered (it was on command).
+    Install(DeviceId),
 }
 
 /// A server-side verdict on a device, newer than its events.
@@ -84,6 +86,10 @@ pub struct DeviceRun {
     /// The engine that status names for it (while `reported_active`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serving_engine: Option<EngineKind>,
+    /// An operator ordered this device's install (a rollout whose strategy installs on
+    /// command).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub install_ordered: bool,
 }
 
 impl DeviceRun {
@@ -125,6 +131,10 @@ pub struct Rollout {
     /// Waves up to this one were let through by an operator: their errors no longer count.
     pub waived: Option<usize>,
     pub waves: usize,
+    /// An operator ordered the install on every device (its strategy installs on command):
+    /// devices commanded from now on swap as soon as their gate passes.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub install_ordered: bool,
     /// The channel it targets: once complete, the channel pins its model.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub channel: Option<ChannelName>,
@@ -170,6 +180,7 @@ impl Rollout {
             success_since: None,
             waived: None,
             waves: planned.len(),
+            install_ordered: false,
             channel: None,
             devices: runs,
         }
@@ -428,6 +439,33 @@ impl Rollout {
     /// Stops, and devices that took the model go back to their previous one.
     pub fn roll_back(&mut self, _now: Timestamp) -> Vec<Action> {
         self.stop(RolloutState::RolledBack, Mark::Aborted, true)
+    }
+
+    /// Orders the install of a rollout that installs on command, on `devices` or (`None`)
+    /// every device: those already commanded get their document again.
+    pub fn order_install(&mut self, devices: Option<&[DeviceId]>) -> Vec<Action> {
+        if !self.state.is_live() || !self.strategy.install_on_command {
+            return Vec::new();
+        }
+        let mut actions = Vec::new();
+        let before = self.install_ordered;
+        if devices.is_none() {
+            self.install_ordered = true;
+        }
+        for (id, run) in &mut self.devices {
+            if !devices.is_none_or(|d| d.contains(id)) {
+                continue;
+            }
+            let already = before || run.install_ordered;
+            if devices.is_some() {
+                run.install_ordered = true;
+            }
+            let waiting = run.commanded_at.is_some() && !run.outcome().is_terminal();
+            if waiting && !already {
+                actions.push(Action::Install(id.clone()));
+            }
+        }
+        actions
     }
 
     /// A newer rollout takes the devices over; it writes their desired documents itself.

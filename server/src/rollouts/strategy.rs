@@ -79,6 +79,10 @@ pub struct Strategy {
     /// pooled agreement of their devices to meet `min_agreement`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shadow: Option<botfleet_protocol::messages::ShadowSpec>,
+    /// Devices download and gate at once, then wait (reported as `deferred`) until an
+    /// operator orders the install (`POST /api/v1/rollouts/{id}/install`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub install_on_command: bool,
 }
 
 impl Default for Strategy {
@@ -93,6 +97,7 @@ impl Default for Strategy {
             gate: None,
             install_window: None,
             shadow: None,
+            install_on_command: false,
         }
     }
 }

@@ -473,6 +473,49 @@ fn a_request_names_devices_or_a_selector_not_both() {
     assert!(matches!(req.targets(), Ok(Targets::Selector(_))));
     req.selector = None;
     assert_eq!(req.targets(), Err(TargetError::Neither));
+    req.channel = Some(crate::channels::ChannelName::new("stable").unwrap());
+    assert!(matches!(req.targets(), Ok(Targets::Channel(c)) if c.as_str() == "stable"));
+    req.devices = Some(vec![dev("robot-1")]);
+    assert_eq!(req.targets(), Err(TargetError::Both));
+}
+
+#[test]
+fn an_install_ordered_once_per_device_republishes_only_those_waiting() {
+    let strategy = Strategy {
+        waves: vec![WaveSize::Count(2), WaveSize::Percent(100.0)],
+        install_on_command: true,
+        ..Strategy::default()
+    };
+    let devices = names(3);
+    let mut rollout = Rollout::new(rid("r-1"), model(), t(0), strategy, &devices);
+    let first = commanded(&rollout.step(t(0), online));
+    assert_eq!(first.len(), 2);
+    // Nothing to order on a device not commanded yet, nor twice on the same one.
+    let later = devices.iter().find(|d| !first.contains(d)).unwrap().clone();
+    assert!(
+        rollout
+            .order_install(Some(std::slice::from_ref(&later)))
+            .is_empty()
+    );
+    let one = std::slice::from_ref(&first[0]);
+    assert!(
+        matches!(&rollout.order_install(Some(one))[..], [Action::Install(d)] if *d == first[0])
+    );
+    assert!(rollout.order_install(Some(one)).is_empty());
+    // For all: only the other waiting device hears again; the rollout remembers it.
+    let all = rollout.order_install(None);
+    assert!(
+        matches!(&all[..], [Action::Install(d)] if *d == first[1]),
+        "{all:?}"
+    );
+    assert!(rollout.install_ordered);
+    assert!(rollout.order_install(None).is_empty());
+    let mut plain = Rollout::new(rid("r-2"), model(), t(0), Strategy::default(), &devices);
+    plain.step(t(0), online);
+    assert!(
+        plain.order_install(None).is_empty(),
+        "not on command: nothing to order"
+    );
 }
 
 #[test]

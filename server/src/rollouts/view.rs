@@ -90,6 +90,12 @@ pub struct RolloutView {
     /// Shadow agreement pooled over the devices of the waves so far (one more fleet gate).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub shadow: Option<ShadowSummary>,
+    /// The channel it targets (and pins once complete).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub channel: Option<crate::channels::ChannelName>,
+    /// The install was ordered for every device (a strategy that installs on command).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub install_ordered: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub devices: Option<BTreeMap<DeviceId, ProgressView>>,
 }
@@ -114,6 +120,8 @@ impl Rollout {
             strategy: self.strategy.clone(),
             summary,
             shadow: self.shadow_pooled(),
+            channel: self.channel.clone(),
+            install_ordered: self.install_ordered,
             devices: with_devices.then(|| {
                 self.devices
                     .iter()
