@@ -499,7 +499,6 @@ fn every_event_stage_matches_its_fixture() {
             serving_p99_ms: Some(3.9),
             passed: false,
             reason: Some("shadow: top-1 agreement 0.855 on 200 live requests is below 0.95".into()),
-            on_command: false,
         }),
         Stage::Deferred {
             deferral: Deferral::Window {

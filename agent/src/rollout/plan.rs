@@ -7,9 +7,7 @@ use botfleet_engine::BenchStats;
 use botfleet_protocol::engine::{EngineBench, EngineKind, EnginePolicy};
 use botfleet_protocol::evaluation::Agreement;
 use botfleet_protocol::manifest::{Gate, Sha256Digest};
-use botfleet_protocol::messages::{
-    Deferral, Desired, DesiredModel, HoldInfo, InstallWindow, RejectReason,
-};
+use botfleet_protocol::messages::{Deferral, Desired, DesiredModel, HoldInfo, RejectReason};
 use botfleet_protocol::{Manifest, SlotName};
 
 use crate::gate::{EngineResult, EngineRun};
@@ -420,6 +418,7 @@ mod tests {
     }
     use botfleet_protocol::engine::{Candidates, Precision};
     use botfleet_protocol::manifest::Reference;
+    use botfleet_protocol::messages::InstallWindow;
 
     #[test]
     fn the_fastest_engine_wins_and_preference_only_breaks_ties() {
