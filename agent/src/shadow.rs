@@ -16,7 +16,7 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::time::{Duration, Instant};
 
 use botfleet_engine::{Model, Tensor};
-use botfleet_protocol::evaluation::answers_agree;
+use botfleet_protocol::evaluation::{AgreementMetric, Detections, answers_agree, boxes_agree};
 use botfleet_protocol::messages::{ShadowReport, ShadowSpec};
 
 /// Copies waiting for the shadow thread; more are dropped, not queued.
@@ -81,8 +81,48 @@ fn values(outputs: &[Tensor], name: Option<&str>) -> Option<Vec<f32>> {
     Some(tensor.data.to_f32())
 }
 
+/// The output `name` (else the first).
+fn output<'a>(outputs: &'a [Tensor], name: Option<&str>) -> Option<&'a Tensor> {
+    match name {
+        Some(name) => outputs.iter().find(|t| t.name == name),
+        None => outputs.first(),
+    }
+}
+
+/// An answer read as boxes: the values, the row width, the scores.
+type Read = (Vec<f32>, usize, Option<Vec<f32>>);
+
+fn detections((values, width, scores): &Read) -> Detections<'_> {
+    Detections {
+        values,
+        width: *width,
+        scores: scores.as_deref(),
+    }
+}
+
+/// Whether two detectors' answers have the same boxes (`box_iou`).
+fn boxes(spec: &ShadowSpec, serving: &[Tensor], candidate: &[Tensor]) -> bool {
+    let rules = spec.boxes.clone().unwrap_or_default();
+    let read = |outputs: &[Tensor]| -> Option<Read> {
+        let boxes = output(outputs, spec.output.as_deref())?;
+        let width = *boxes.shape.last()?;
+        let scores = match &rules.scores {
+            Some(name) => Some(output(outputs, Some(name))?.data.to_f32()),
+            None => None,
+        };
+        Some((boxes.data.to_f32(), width, scores))
+    };
+    let (Some(want), Some(got)) = (read(serving), read(candidate)) else {
+        return false;
+    };
+    boxes_agree(&rules, detections(&want), detections(&got))
+}
+
 /// Whether two answers agree by `spec`'s metric.
 pub fn agree(spec: &ShadowSpec, serving: &[Tensor], candidate: &[Tensor]) -> bool {
+    if spec.metric == AgreementMetric::BoxIou {
+        return boxes(spec, serving, candidate);
+    }
     let name = spec.output.as_deref();
     let (Some(want), Some(got)) = (values(serving, name), values(candidate, name)) else {
         return false;
@@ -177,7 +217,6 @@ pub fn run(candidate: &Model, spec: &ShadowSpec, rx: &Receiver<Sample>) -> Tally
 mod tests {
     use super::*;
     use botfleet_engine::TensorData;
-    use botfleet_protocol::evaluation::AgreementMetric;
 
     fn spec() -> ShadowSpec {
         serde_json::from_value(serde_json::json!({
@@ -210,6 +249,41 @@ mod tests {
         assert!(!agree(&spec, &out(&[0.1, 0.9]), &out(&[0.2, 0.8])));
         spec.output = Some("missing".into());
         assert!(!agree(&spec, &out(&[0.1, 0.9]), &out(&[0.1, 0.9])));
+    }
+
+    #[test]
+    fn box_iou_reads_the_boxes_output_by_its_rows_and_a_scores_output() {
+        let spec: ShadowSpec = serde_json::from_value(serde_json::json!({
+            "requests": 10, "seconds": 5, "min_agreement": 0.9, "metric": "box_iou",
+            "output": "boxes", "boxes": {"scores": "scores", "min_iou": 0.7}
+        }))
+        .unwrap();
+        spec.validate().unwrap();
+        let answer = |boxes: &[f32], scores: &[f32]| {
+            vec![
+                Tensor {
+                    name: "scores".into(),
+                    shape: vec![1, scores.len()],
+                    data: TensorData::Fp32(scores.to_vec()),
+                },
+                Tensor {
+                    name: "boxes".into(),
+                    shape: vec![1, scores.len(), 4],
+                    data: TensorData::Fp32(boxes.to_vec()),
+                },
+            ]
+        };
+        let serving = answer(&[0.0, 0.0, 10.0, 10.0, 20.0, 20.0, 40.0, 40.0], &[0.9, 0.8]);
+        let close = answer(&[20.0, 21.0, 40.0, 41.0, 0.0, 0.0, 10.0, 9.5], &[0.85, 0.9]);
+        assert!(agree(&spec, &serving, &close));
+        // An IoU of about 0.4 on the second box, under the 0.7 asked for.
+        let loose = answer(&[0.0, 0.0, 10.0, 10.0, 25.0, 25.0, 45.0, 45.0], &[0.9, 0.8]);
+        assert!(!agree(&spec, &serving, &loose));
+        let missing = vec![serving[1].clone()];
+        assert!(!agree(&spec, &serving, &missing), "no scores output");
+        let mut other = spec.clone();
+        other.metric = AgreementMetric::Top1Agreement;
+        assert!(other.validate().is_err(), "boxes without box_iou");
     }
 
     #[test]

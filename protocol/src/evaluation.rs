@@ -27,6 +27,10 @@ pub enum AgreementMetric {
     Top1Agreement,
     /// Every output value is within `tolerance` of the parent's `output`.
     WithinTolerance,
+    /// The same boxes above a score, each matched one to one with an intersection over
+    /// union of at least `min_iou` ([`BoxSpec`]): for detectors, and only between two
+    /// models' answers (a shadow), since it needs the outputs' shapes.
+    BoxIou,
 }
 
 impl AgreementMetric {
@@ -34,6 +38,7 @@ impl AgreementMetric {
         match self {
             Self::Top1Agreement => "top1_agreement",
             Self::WithinTolerance => "within_tolerance",
+            Self::BoxIou => "box_iou",
         }
     }
 
@@ -42,6 +47,7 @@ impl AgreementMetric {
         match self {
             Self::Top1Agreement => "top-1 agreement",
             Self::WithinTolerance => "agreement within tolerance",
+            Self::BoxIou => "box agreement (IoU)",
         }
     }
 }
@@ -202,6 +208,11 @@ impl EvaluationSet {
                     }
                 }
                 AgreementMetric::Top1Agreement => {}
+                AgreementMetric::BoxIou => {
+                    return Err(invalid(
+                        "box_iou compares two models' answers on live requests (a shadow); an evaluation set compares by top1_agreement or within_tolerance".to_owned(),
+                    ));
+                }
             }
         }
         Ok(())
@@ -313,6 +324,8 @@ pub fn agrees(
             .output
             .as_ref()
             .is_some_and(|want| within(tolerance, want, got)),
+        // Refused for sets when they are read (`check`).
+        AgreementMetric::BoxIou => false,
     }
 }
 
@@ -327,7 +340,138 @@ pub fn answers_agree(
     match metric {
         AgreementMetric::Top1Agreement => top1(want).is_some_and(|w| top1(got) == Some(w)),
         AgreementMetric::WithinTolerance => within(tolerance, want, got),
+        // Boxes need the outputs' shapes: compared by `boxes_agree`.
+        AgreementMetric::BoxIou => false,
     }
+}
+
+/// How a detector's boxes are written in its output rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BoxFormat {
+    /// Corners: x1, y1, x2, y2.
+    #[default]
+    Xyxy,
+    /// Top-left corner, width, height.
+    Xywh,
+    /// Centre, width, height.
+    Cxcywh,
+}
+
+fn half() -> f32 {
+    0.5
+}
+
+/// How boxes are read from a detector's answer and matched, for [`AgreementMetric::BoxIou`].
+/// The compared output holds one box per row (its last dimension, at least 4 wide: the
+/// box, then, when 5 or wider and no `scores` output is named, the score).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BoxSpec {
+    #[serde(default)]
+    pub format: BoxFormat,
+    /// An output with one score per box (absent: the 5th value of each row, or every box).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scores: Option<String>,
+    /// Boxes scored below this are not compared.
+    #[serde(default = "half", deserialize_with = "crate::finite::f32")]
+    pub min_score: f32,
+    /// A box matches another when their intersection over union is at least this.
+    #[serde(default = "half", deserialize_with = "crate::finite::f32")]
+    pub min_iou: f32,
+}
+
+impl Default for BoxSpec {
+    fn default() -> Self {
+        Self {
+            format: BoxFormat::Xyxy,
+            scores: None,
+            min_score: half(),
+            min_iou: half(),
+        }
+    }
+}
+
+/// One model's boxes: the compared output's values, its row width, and the scores output
+/// when one is named.
+#[derive(Debug, Clone, Copy)]
+pub struct Detections<'a> {
+    pub values: &'a [f32],
+    pub width: usize,
+    pub scores: Option<&'a [f32]>,
+}
+
+impl Detections<'_> {
+    /// The boxes scored at least `spec.min_score`, as corners, highest score first; `None`
+    /// when the output cannot be read as boxes (a row narrower than 4, a scores output of
+    /// another length, a kept box with a NaN).
+    fn kept(&self, spec: &BoxSpec) -> Option<Vec<[f32; 4]>> {
+        if self.width < 4 || self.values.len() % self.width != 0 {
+            return None;
+        }
+        let rows = self.values.len() / self.width;
+        if self.scores.is_some_and(|s| s.len() != rows) {
+            return None;
+        }
+        let mut kept = Vec::new();
+        for (i, row) in self.values.chunks_exact(self.width).enumerate() {
+            let score = match (self.scores, row.get(4)) {
+                (Some(scores), _) => scores[i],
+                (None, Some(&score)) => score,
+                (None, None) => 1.0,
+            };
+            // A NaN score is not above anything.
+            if !(score >= spec.min_score) {
+                continue;
+            }
+            let (a, b, c, d) = (row[0], row[1], row[2], row[3]);
+            let corners = match spec.format {
+                BoxFormat::Xyxy => [a, b, c, d],
+                BoxFormat::Xywh => [a, b, a + c, b + d],
+                BoxFormat::Cxcywh => [a - c / 2.0, b - d / 2.0, a + c / 2.0, b + d / 2.0],
+            };
+            if corners.iter().any(|v| !v.is_finite()) {
+                return None;
+            }
+            kept.push((score, corners));
+        }
+        kept.sort_by(|x, y| y.0.total_cmp(&x.0));
+        Some(kept.into_iter().map(|(_, b)| b).collect())
+    }
+}
+
+/// Intersection over union of two boxes given as corners (0 when either has no area).
+pub fn iou(a: &[f32; 4], b: &[f32; 4]) -> f32 {
+    let area = |r: &[f32; 4]| (r[2] - r[0]).max(0.0) * (r[3] - r[1]).max(0.0);
+    let w = (a[2].min(b[2]) - a[0].max(b[0])).max(0.0);
+    let h = (a[3].min(b[3]) - a[1].max(b[1])).max(0.0);
+    let inter = w * h;
+    let union = area(a) + area(b) - inter;
+    if union > 0.0 { inter / union } else { 0.0 }
+}
+
+/// Whether two detectors' answers agree: as many boxes above the score each, and each of
+/// `want`'s (highest score first) matched to its own box of `got` with an IoU of at least
+/// `min_iou`.
+pub fn boxes_agree(spec: &BoxSpec, want: Detections<'_>, got: Detections<'_>) -> bool {
+    let (Some(want), Some(got)) = (want.kept(spec), got.kept(spec)) else {
+        return false;
+    };
+    if want.len() != got.len() {
+        return false;
+    }
+    let mut taken = vec![false; got.len()];
+    for w in &want {
+        let best = (got.iter().enumerate())
+            .filter(|(i, _)| !taken[*i])
+            .map(|(i, g)| (i, iou(w, g)))
+            .max_by(|x, y| x.1.total_cmp(&y.1));
+        match best {
+            Some((i, overlap)) if overlap >= spec.min_iou => taken[i] = true,
+            _ => return false,
+        }
+    }
+    true
 }
 
 fn within(tolerance: Option<f32>, want: &[f32], got: &[f32]) -> bool {
@@ -361,6 +505,69 @@ impl Agreement {
 mod tests {
     use super::*;
     use crate::tensor::{DataType, TensorSpec};
+
+    fn dets(values: &[f32], width: usize) -> Detections<'_> {
+        Detections {
+            values,
+            width,
+            scores: None,
+        }
+    }
+
+    #[test]
+    fn boxes_match_one_to_one_above_the_score_in_any_order_and_format() {
+        let spec = BoxSpec::default();
+        // Two boxes and a weak one (score 0.1, not compared), listed in another order.
+        let want = [
+            0.0, 0.0, 10.0, 10.0, 0.9, 20.0, 20.0, 30.0, 30.0, 0.8, 50.0, 50.0, 60.0, 60.0, 0.1,
+        ];
+        let got = [21.0, 21.0, 31.0, 31.0, 0.7, 1.0, 0.0, 11.0, 10.0, 0.95];
+        assert!(boxes_agree(&spec, dets(&want, 5), dets(&got, 5)));
+        // One box moved away: 0 overlap.
+        let moved = [21.0, 21.0, 31.0, 31.0, 0.7, 40.0, 40.0, 50.0, 50.0, 0.95];
+        assert!(!boxes_agree(&spec, dets(&want, 5), dets(&moved, 5)));
+        // A box the other lacks (its score fell under the threshold).
+        let missing = [21.0, 21.0, 31.0, 31.0, 0.7, 1.0, 0.0, 11.0, 10.0, 0.3];
+        assert!(!boxes_agree(&spec, dets(&want, 5), dets(&missing, 5)));
+        // Two boxes on one: a box is matched once.
+        let twice = [0.0, 0.0, 10.0, 10.0, 0.9, 0.0, 0.0, 10.0, 10.0, 0.9];
+        assert!(!boxes_agree(&spec, dets(&want, 5), dets(&twice, 5)));
+        // Centre and size; a separate scores output.
+        let centred = BoxSpec {
+            format: BoxFormat::Cxcywh,
+            ..BoxSpec::default()
+        };
+        let a = [5.0, 5.0, 10.0, 10.0];
+        let b = [5.5, 5.0, 10.0, 10.0];
+        let scores = [0.9];
+        let with = |values| Detections {
+            values,
+            width: 4,
+            scores: Some(&scores),
+        };
+        assert!(boxes_agree(&centred, with(&a), with(&b)));
+        assert!((iou(&[0.0, 0.0, 10.0, 10.0], &[5.0, 0.0, 15.0, 10.0]) - 1.0 / 3.0).abs() < 1e-6);
+        // Unreadable answers never agree: rows under 4 wide, scores of another length, NaN.
+        assert!(!boxes_agree(&spec, dets(&a[..3], 3), dets(&a[..3], 3)));
+        let short = Detections {
+            values: &a,
+            width: 4,
+            scores: Some(&[]),
+        };
+        assert!(!boxes_agree(&spec, short, short));
+        let nan = [f32::NAN, 0.0, 1.0, 1.0, 0.9];
+        assert!(!boxes_agree(&spec, dets(&nan, 5), dets(&nan, 5)));
+        // No box above the score on either side: nothing disagrees.
+        let weak = [0.0, 0.0, 1.0, 1.0, 0.2];
+        assert!(boxes_agree(&spec, dets(&weak, 5), dets(&[], 5)));
+    }
+
+    #[test]
+    fn an_evaluation_set_is_not_compared_by_boxes() {
+        let set = set_json(r#"{"data":[0,0,0,0],"top1":0}"#);
+        let err = EvaluationSet::parse(set.as_bytes(), AgreementMetric::BoxIou).unwrap_err();
+        assert!(err.to_string().contains("box_iou"), "{err}");
+    }
 
     fn set_json(samples: &str) -> String {
         format!(

@@ -131,9 +131,14 @@ pub struct ShadowSpec {
     pub seconds: u64,
     /// Share (0..=1) of compared requests whose answers must agree.
     pub min_agreement: f64,
-    /// `top1_agreement` (the index of the largest value of `output`) or `within_tolerance`.
+    /// `top1_agreement` (the index of the largest value of `output`), `within_tolerance`,
+    /// or `box_iou` (the boxes of a detector's `output`, read and matched by `boxes`).
     #[serde(default)]
     pub metric: crate::evaluation::AgreementMetric,
+    /// For `box_iou`: the box format, scores, and the score and IoU thresholds (absent:
+    /// corners, the 5th value as the score, 0.5 and 0.5).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boxes: Option<crate::evaluation::BoxSpec>,
     /// Largest absolute difference per value, for `within_tolerance`.
     #[serde(
         default,
@@ -178,6 +183,20 @@ impl ShadowSpec {
         }
         if self.max_p99_ratio.is_some_and(|r| r <= 0.0) {
             return Err(ShadowSpecError("max_p99_ratio must be above 0"));
+        }
+        match (&self.metric, &self.boxes) {
+            (crate::evaluation::AgreementMetric::BoxIou, Some(boxes)) => {
+                if !(boxes.min_iou > 0.0 && boxes.min_iou <= 1.0) {
+                    return Err(ShadowSpecError(
+                        "boxes.min_iou must be above 0 and at most 1",
+                    ));
+                }
+            }
+            (crate::evaluation::AgreementMetric::BoxIou, None) => {}
+            (_, Some(_)) => {
+                return Err(ShadowSpecError("boxes applies to the box_iou metric only"));
+            }
+            (_, None) => {}
         }
         Ok(())
     }

@@ -254,6 +254,12 @@ impl ModelMetadata {
                         "`tolerance` must be a finite number ≥ 0",
                     ));
                 }
+                (AgreementMetric::BoxIou, _) => {
+                    return Err(field(
+                        "evaluation",
+                        "`box_iou` compares two models' answers on live requests (`strategy.shadow`); an evaluation set compares by `top1_agreement` or `within_tolerance`",
+                    ));
+                }
                 (AgreementMetric::Top1Agreement, Some(_)) => {
                     return Err(field(
                         "evaluation",

@@ -183,7 +183,9 @@ mod requests {
             "install_window": "22:00-05:00", "install_on_command": true,
             "shadow": {"requests": 200, "seconds": 600, "min_agreement": 0.95,
                        "metric": "within_tolerance", "tolerance": 0.01, "output": "probs",
-                       "sample_every": 4, "max_p99_ratio": 1.2}
+                       "sample_every": 4, "max_p99_ratio": 1.2,
+                       "boxes": {"format": "cxcywh", "scores": "scores", "min_score": 0.3,
+                                 "min_iou": 0.6}}
         })
     }
 
