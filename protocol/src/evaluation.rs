@@ -406,7 +406,7 @@ impl Detections<'_> {
     /// when the output cannot be read as boxes (a row narrower than 4, a scores output of
     /// another length, a kept box with a NaN).
     fn kept(&self, spec: &BoxSpec) -> Option<Vec<[f32; 4]>> {
-        if self.width < 4 || self.values.len() % self.width != 0 {
+        if self.width < 4 || !self.values.len().is_multiple_of(self.width) {
             return None;
         }
         let rows = self.values.len() / self.width;
@@ -421,7 +421,7 @@ impl Detections<'_> {
                 (None, None) => 1.0,
             };
             // A NaN score is not above anything.
-            if !(score >= spec.min_score) {
+            if score.is_nan() || score < spec.min_score {
                 continue;
             }
             let (a, b, c, d) = (row[0], row[1], row[2], row[3]);
