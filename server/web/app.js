@@ -6,6 +6,7 @@ import * as device from './device.js';
 import * as rollouts from './rollouts.js';
 import * as rollout from './rollout.js';
 import * as models from './models.js';
+import * as channels from './channels.js';
 
 const main = document.getElementById('main');
 const state = { role: 'read', page: null, stream: null, pending: null };
@@ -17,6 +18,7 @@ function route() {
     case 'devices': return id ? [device, id] : [fleet, null];
     case 'rollouts': return id ? [rollout, id] : [rollouts, null];
     case 'models': return [models, null];
+    case 'channels': return [channels, null];
     default: return [fleet, null];
   }
 }

@@ -55,12 +55,16 @@ export async function render(root, ctx) {
     const all = Object.entries(r.devices || {});
     const total = all.length;
     const active = all.filter(([, p]) => p.outcome === 'active').length;
+    const verbs = [...(ACTIONS[r.state] || [])];
+    // Download now, install on command: the operator's go-ahead for every device.
+    if (r.strategy.install_on_command && !r.install_ordered && ['in_progress', 'paused'].includes(r.state)) verbs.unshift('install');
     const buttons = ctx.role === 'operator'
-      ? (ACTIONS[r.state] || []).map((verb) => h('button', { 'data-action': verb, onclick: () => act(verb) }, verb))
+      ? verbs.map((verb) => h('button', { 'data-action': verb, onclick: () => act(verb) }, verb))
       : [];
     head.replaceChildren(
       h('h1', {}, `Rollout ${id}`),
       h('p', {}, `${r.slot} ${r.version} (release ${r.release}) · `, h('span', { id: 'state' }, pill(r.state)),
+        r.channel ? ` · to channel ${r.channel}` : '',
         r.reason ? ` · ${r.reason}` : '', ` · created ${time(r.created_at)}`),
       h('p', { id: 'progress', class: 'summary' }, `${active} of ${total} devices active · wave ${Math.min(r.wave + 1, r.waves)} of ${r.waves}`,
         r.shadow ? ` · shadow agreement ${pct(r.shadow.agreement)} on ${r.shadow.samples} live requests (${r.shadow.devices} devices, needs ${pct(r.strategy.shadow.min_agreement)})` : ''),
@@ -85,7 +89,8 @@ export async function render(root, ctx) {
     }
     waves.replaceChildren(table(['Wave', 'Devices', 'Progress by stage', 'Active so far', 'Errors so far'], rows),
       h('p', { class: 'summary' }, `bake ${s.bake_s}s · deadline ${s.deadline_s}s · on error: ${s.on_error}`,
-        s.install_window ? ` · swaps between ${s.install_window} robot time` : ''));
+        s.install_window ? ` · swaps between ${s.install_window} robot time` : '',
+        s.install_on_command ? (r.install_ordered ? ' · install ordered' : ' · installs on command') : ''));
 
     const reports = all.filter(([, p]) => p.bench).map(([d, p]) => [d, p.bench]);
     bench.replaceChildren(reports.length

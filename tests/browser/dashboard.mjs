@@ -117,6 +117,20 @@ try {
   if (!(await page.evaluate(() => window.sameDocument === true))) throw new Error('the page reloaded');
   await page.screenshot({ path: join(outdir, 'fleet-after-restart.png'), fullPage: true });
 
+  // A channel that pins the model the robots serve: the channels page shows it followed.
+  const put = await fetch(`${base}api/v1/channels/lab`, {
+    method: 'PUT',
+    headers: { Authorization: `Bearer ${token}`, 'Content-Type': 'application/json' },
+    body: JSON.stringify({ selector: 'site=lab', priority: 10, pins: { faces: '1.0.0' } }),
+  });
+  if (put.status !== 201) throw new Error(`channel refused: ${put.status} ${await put.text()}`);
+  await page.goto(`${base}#/channels`);
+  await page.waitForSelector('tr[data-channel="lab"] .followers:text("faces: 4 of 4 serving, 4 told")');
+  log('the channel shows its four followers serving its pin');
+  await page.screenshot({ path: join(outdir, 'channels.png'), fullPage: true });
+  await page.goto(`${base}#/devices`);
+  await page.waitForSelector(`tr[data-device="${device}"]`);
+
   // A device page plots its telemetry.
   await page.click(`tr[data-device="${device}"] a`);
   await page.waitForFunction(() => {

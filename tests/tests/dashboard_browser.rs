@@ -214,6 +214,7 @@ async fn an_operator_watches_a_rollout_live_pauses_resumes_and_sees_device_plots
         "rollout-paused.png",
         "rollout-completed.png",
         "fleet-after-restart.png",
+        "channels.png",
         "device.png",
     ] {
         assert!(artifacts.join(shot).is_file(), "no screenshot {shot}");

@@ -37,6 +37,7 @@ static ASSETS: &[Asset] = &[
     asset!("rollouts.js", JS),
     asset!("rollout.js", JS),
     asset!("models.js", JS),
+    asset!("channels.js", JS),
     asset!("vendor/uPlot.esm.js", JS),
     asset!("vendor/uPlot.min.css", "text/css; charset=utf-8"),
     asset!("vendor/LICENSE", "text/plain; charset=utf-8"),
