@@ -146,7 +146,15 @@ impl RolloutService {
     ) -> Result<(), CreateError> {
         let changed = self.sync_pins(now);
         self.save_channels(changed).await?;
-        let pending = self.fleet.channels().take_pending();
+        let pending = {
+            let mut channels = self.fleet.channels();
+            if channels.is_empty() {
+                // Nothing to follow (a fleet without channels pays nothing per tick).
+                channels.take_pending();
+                return Ok(());
+            }
+            channels.take_pending()
+        };
         let devices: Vec<DeviceId> = match pending {
             Pending::Nothing => return Ok(()),
             Pending::Devices(set) => set.into_iter().collect(),
