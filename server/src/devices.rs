@@ -289,14 +289,12 @@ impl Devices {
     /// Devices and their effective labels, for selectors; `None` for a device that has
     /// neither reported an info nor been labelled by an operator.
     pub fn labels(&self) -> impl Iterator<Item = (&DeviceId, Option<&BTreeMap<String, String>>)> {
-        self.by_id.keys().map(|id| (id, self.labels_of(id)))
+        self.by_id.iter().map(|(id, view)| (id, known_labels(view)))
     }
 
     /// The labels selectors see for `id`, once it reported them or an operator set some.
     pub fn labels_of(&self, id: &DeviceId) -> Option<&BTreeMap<String, String>> {
-        let view = self.by_id.get(id)?;
-        let known = view.info.is_some() || !view.operator_labels.is_empty();
-        known.then_some(&view.labels)
+        known_labels(self.by_id.get(id)?)
     }
 
     /// Whether `id` is online, as its retained status and last will say.
@@ -308,6 +306,12 @@ impl Devices {
     pub fn active(&self, id: &DeviceId, slot: &SlotName) -> Option<&ActiveModel> {
         self.by_id.get(id)?.status.as_ref()?.active.get(slot)
     }
+}
+
+/// A device's effective labels, once it reported its own or an operator set some.
+fn known_labels(view: &DeviceView) -> Option<&BTreeMap<String, String>> {
+    let known = view.info.is_some() || !view.operator_labels.is_empty();
+    known.then_some(&view.labels)
 }
 
 #[cfg(test)]

@@ -7,19 +7,10 @@ mod common;
 
 use botfleet_protocol::TopicKind;
 use botfleet_protocol::messages::Desired;
-use common::{MqttClient, TestServer, topic};
+use common::{MqttClient, TestServer, info, topic};
 use serde_json::{Value, json};
 
 const SLOT: &str = "faces";
-
-fn info(labels: Value) -> Vec<u8> {
-    json!({
-        "agent_version": "0.1.0", "hostname": "h", "arch": "x86_64",
-        "cpu_cores": 2, "memory_total_bytes": 1024, "labels": labels
-    })
-    .to_string()
-    .into_bytes()
-}
 
 /// A fleet of played devices: one MQTT session that publishes for any of them, and one
 /// that watches their desired documents.

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use botfleet_protocol::messages::Desired;
 use botfleet_protocol::{ExpiryCheck, TopicKind, TrustedKeys};
-use common::{MqttClient, TestServer, topic};
+use common::{MqttClient, TestServer, info, topic};
 use serde_json::{Value, json};
 
 #[tokio::test]
@@ -218,15 +218,6 @@ async fn a_rollout_naming_200000_devices_by_id_is_read_whole() {
     let error = answer["error"].as_str().unwrap();
     assert!(error.contains("200000 devices"), "{error}");
     server.stop().await;
-}
-
-fn info(labels: Value) -> Vec<u8> {
-    json!({
-        "agent_version": "0.1.0", "hostname": "h", "arch": "x86_64",
-        "cpu_cores": 2, "memory_total_bytes": 1024, "labels": labels
-    })
-    .to_string()
-    .into_bytes()
 }
 
 #[tokio::test]

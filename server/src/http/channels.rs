@@ -11,17 +11,12 @@ use crate::rollouts::follow::ChannelOpError;
 
 impl From<ChannelOpError> for ApiError {
     fn from(err: ChannelOpError) -> Self {
-        let status = match &err {
+        let status = match err {
+            // An unknown version pinned (404), the database, …: as for a rollout.
+            ChannelOpError::Step(inner) => return inner.into(),
             ChannelOpError::Invalid(_) => StatusCode::BAD_REQUEST,
             ChannelOpError::Unknown(_) => StatusCode::NOT_FOUND,
             ChannelOpError::Busy { .. } => StatusCode::CONFLICT,
-            // An unknown version pinned (404), the database, …: as for a rollout.
-            ChannelOpError::Step(_) => {
-                let ChannelOpError::Step(inner) = err else {
-                    return ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "unreachable");
-                };
-                return inner.into();
-            }
         };
         ApiError::from_error(status, &err)
     }

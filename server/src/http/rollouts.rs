@@ -125,9 +125,14 @@ async fn operate(
 ) -> Result<Json<RolloutView>, ApiError> {
     let id = RolloutId::new(id).map_err(ApiError::bad_request)?;
     app.rollouts.operate(&id, op).await?;
+    view_of(app, &id)
+}
+
+/// The rollout's view after an operation on it.
+fn view_of(app: &super::App, id: &RolloutId) -> Result<Json<RolloutView>, ApiError> {
     app.fleet
         .rollouts()
-        .get(&id)
+        .get(id)
         .map(Json)
         .ok_or_else(|| ApiError::not_found(format!("no rollout {id}")))
 }
@@ -186,9 +191,5 @@ pub async fn install(
     };
     let id = RolloutId::new(id).map_err(ApiError::bad_request)?;
     app.rollouts.order_install(&id, order.devices).await?;
-    app.fleet
-        .rollouts()
-        .get(&id)
-        .map(Json)
-        .ok_or_else(|| ApiError::not_found(format!("no rollout {id}")))
+    view_of(&app, &id)
 }

@@ -297,3 +297,13 @@ impl MqttClient {
         .unwrap();
     }
 }
+
+/// A device's retained `info` payload with `labels`.
+pub fn info(labels: Value) -> Vec<u8> {
+    serde_json::json!({
+        "agent_version": "0.1.0", "hostname": "h", "arch": "x86_64",
+        "cpu_cores": 2, "memory_total_bytes": 1024, "labels": labels
+    })
+    .to_string()
+    .into_bytes()
+}
