@@ -495,6 +495,43 @@ pub struct Telemetry {
     /// Messages the agent dropped since it started (outbox full, link backlog full).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dropped_messages: Option<u64>,
+    /// Data capture, the spool and its upload; absent while capture is off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<DataTelemetry>,
+}
+
+/// Data capture counters since the agent started, and the spool as it is now.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DataTelemetry {
+    /// Samples written to the spool, by rule (`sampled`, `low_confidence`, …).
+    #[serde(default)]
+    pub captured: BTreeMap<String, u64>,
+    /// Copies not kept because the rate bound was reached or the writer was busy.
+    #[serde(default)]
+    pub dropped_rate: u64,
+    /// Samples not written because the disk refused them (full, read-only).
+    #[serde(default)]
+    pub dropped_write: u64,
+    /// Spooled samples deleted, oldest first, to stay within the spool's bytes, count or age.
+    #[serde(default)]
+    pub dropped_spool: u64,
+    /// Samples in the spool now, and their bytes.
+    pub spool_samples: u64,
+    pub spool_bytes: u64,
+    /// Samples the server took (stored, or already had), and the bytes sent for them.
+    #[serde(default)]
+    pub uploaded: u64,
+    #[serde(default)]
+    pub uploaded_bytes: u64,
+    /// Samples the server refused (deleted from the spool; the reason is logged).
+    #[serde(default)]
+    pub refused: u64,
+    /// Whether the robot's software said its link is metered (uploads wait).
+    #[serde(default)]
+    pub metered: bool,
+    /// Why uploads wait now, if they do (`metered`, `outside the upload windows`, …).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upload_waiting: Option<String>,
 }
 
 /// Where GPU figures came from.
@@ -796,6 +833,11 @@ pub enum CommandKind {
     /// agent carries out (an unsigned one is refused with an event).
     SignedRollback {
         order: crate::rollback::SignedRollback,
+    },
+    /// Keep copies of the next requests of a slot, as the signed order says (the robot's
+    /// capture policy must allow on-demand capture for the slot).
+    SignedCapture {
+        order: crate::capture::SignedCapture,
     },
 }
 

@@ -342,6 +342,7 @@ fn telemetry_matches_its_fixture() {
             agent_cpu_percent: Some(0.5),
             agent_rss_bytes: Some(12_000_000),
             dropped_messages: Some(0),
+            data: None,
         },
     );
 }
@@ -652,4 +653,73 @@ fn every_k3s_outcome_matches_its_fixture() {
 fn a_k3s_token_never_shows_in_debug_output() {
     let token = K3sToken("K10abc::server:secret".into());
     assert!(!format!("{token:?}").contains("secret"));
+}
+
+fn capture_order() -> botfleet_protocol::CaptureOrder {
+    botfleet_protocol::CaptureOrder {
+        schema: botfleet_protocol::capture::CAPTURE_SCHEMA,
+        device: device(),
+        slot: slot(),
+        capture_requests: 20,
+        reason: Some("operator: night shift at dock 3".into()),
+        issued_at: ts("2026-12-08T10:00:00Z"),
+        expires_at: ts("2026-12-08T11:00:00Z"),
+    }
+}
+
+#[test]
+fn signed_capture_command_matches_its_fixture_and_verifies() {
+    golden("capture_order.json", &capture_order());
+    let order = signer().sign_capture(&capture_order()).unwrap();
+    let command = Command {
+        command_id: CommandId::new("c-9").unwrap(),
+        kind: CommandKind::SignedCapture {
+            order: order.clone(),
+        },
+    };
+    golden("command_signed_capture.json", &command);
+    let trusted = TrustedKeys::new([signer().public_key()]);
+    let verified = order
+        .verify(&trusted, &device(), ts("2026-12-08T10:30:00Z"))
+        .unwrap();
+    assert_eq!(*verified, capture_order());
+}
+
+#[test]
+fn a_sample_header_matches_its_fixture_and_its_file_decodes() {
+    use botfleet_protocol::sample::{self, CaptureRule, SampleHeader, SampleModel, SampleTensor};
+    let header = SampleHeader {
+        schema: sample::SAMPLE_SCHEMA,
+        device: device(),
+        slot: slot(),
+        model: SampleModel {
+            version: "1.2.0".into(),
+            release: 3,
+            sha256: digest(),
+        },
+        engine: EngineKind::OnnxruntimeCpu,
+        captured_at: ts("2026-12-08T10:05:00Z"),
+        rule: CaptureRule::LowConfidence,
+        detail: Some("top-1 0.41 < 0.6".into()),
+        candidate: None,
+        latency_ms: Some(3.25),
+        inputs: vec![SampleTensor {
+            name: "x".into(),
+            datatype: DataType::Uint8,
+            shape: vec![1, 2, 2],
+        }],
+        outputs: vec![SampleTensor {
+            name: "probs".into(),
+            datatype: DataType::Fp32,
+            shape: vec![1, 2],
+        }],
+        candidate_outputs: vec![],
+    };
+    golden("sample_header.json", &header);
+    let probs: Vec<u8> = [0.41f32, 0.59]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    let file = sample::encode(&header, &[&[1, 2, 3, 4], &probs]).unwrap();
+    assert_eq!(sample::decode(&file).unwrap().header, header);
 }

@@ -183,6 +183,7 @@ impl Sampler {
             agent_rss_bytes,
             // Filled in by the link, which does the dropping.
             dropped_messages: None,
+            data: None,
         }
     }
 
