@@ -11,12 +11,18 @@ export const token = {
   clear: () => sessionStorage.removeItem(KEY),
 };
 
-export async function api(path, options = {}) {
+// A request with the token; the caller reads the body (images and downloads are not JSON).
+export async function request(path, options = {}) {
   const headers = { Accept: 'application/json', ...(options.headers || {}) };
   const t = token.get();
   if (t) headers.Authorization = `Bearer ${t}`;
   const response = await fetch(`api/v1/${path}`, { ...options, headers });
   if (response.status === 401) throw new AuthNeeded('token needed');
+  return response;
+}
+
+export async function api(path, options = {}) {
+  const response = await request(path, options);
   const body = await response.json().catch(() => ({}));
   if (!response.ok) throw new Error(body.error || `${response.status} ${response.statusText}`);
   return body;

@@ -7,6 +7,7 @@ import * as rollouts from './rollouts.js';
 import * as rollout from './rollout.js';
 import * as models from './models.js';
 import * as channels from './channels.js';
+import * as data from './data.js';
 
 const main = document.getElementById('main');
 const state = { role: 'read', page: null, stream: null, pending: null };
@@ -19,6 +20,7 @@ function route() {
     case 'rollouts': return id ? [rollout, id] : [rollouts, null];
     case 'models': return [models, null];
     case 'channels': return [channels, null];
+    case 'data': return [data, null];
     default: return [fleet, null];
   }
 }

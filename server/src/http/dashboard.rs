@@ -38,6 +38,7 @@ static ASSETS: &[Asset] = &[
     asset!("rollout.js", JS),
     asset!("models.js", JS),
     asset!("channels.js", JS),
+    asset!("data.js", JS),
     asset!("vendor/uPlot.esm.js", JS),
     asset!("vendor/uPlot.min.css", "text/css; charset=utf-8"),
     asset!("vendor/LICENSE", "text/plain; charset=utf-8"),
