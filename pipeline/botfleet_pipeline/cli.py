@@ -42,6 +42,26 @@ def _parser() -> argparse.ArgumentParser:
         default="cpu",
         help="where to train; auto: CUDA when torch sees a GPU (default cpu)",
     )
+    # An empty value is the same as leaving the flag out (a templated argv, as in the DAG).
+    t.add_argument(
+        "--dataset",
+        type=_path_or_none,
+        default=None,
+        help="a botfleet-server data-set export (tar) whose samples join the training data",
+    )
+    t.add_argument(
+        "--dataset-digest",
+        type=lambda value: value or None,
+        default=None,
+        help="the export's manifest digest (X-Botfleet-Dataset-Digest), hex or sha256:hex; checked",
+    )
+    t.add_argument(
+        "--dataset-labels",
+        type=_path_or_none,
+        default=None,
+        help="labels.csv (columns sha256,label) for the export's samples; "
+        "default: the serving model's top-1 in each sample (pseudo-labels)",
+    )
 
     q = sub.add_parser("quantize", help="write and measure an INT8 QDQ variant of a run's model")
     q.add_argument("--run", type=Path, required=True, help="run directory written by train")
@@ -110,6 +130,10 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("rollout_id")
     _wait_args(w)
     return p
+
+
+def _path_or_none(value: str) -> Path | None:
+    return Path(value) if value else None
 
 
 def _server_args(p: argparse.ArgumentParser) -> None:
@@ -187,15 +211,35 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     agreements: list[float] = []
     if args.command == "train":
+        from .dataset import DatasetError
         from .train import train
 
-        result = train(
-            args.out,
-            seed=args.seed,
-            threads=args.threads,
-            device=args.device,
-            **_kwargs(epochs=args.epochs, lr=args.lr),
-        )
+        if args.dataset is None and (args.dataset_digest is not None or args.dataset_labels is not None):
+            print("--dataset-digest and --dataset-labels need --dataset", file=sys.stderr)
+            return 2
+        # The data set's summary (samples used, labelled how, skipped why) goes to stderr.
+        logger = logging.getLogger("botfleet_pipeline.train")
+        handler = logging.StreamHandler(sys.stderr)
+        level = logger.level
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        try:
+            result = train(
+                args.out,
+                seed=args.seed,
+                threads=args.threads,
+                device=args.device,
+                dataset=args.dataset,
+                dataset_digest=args.dataset_digest,
+                dataset_labels=args.dataset_labels,
+                **_kwargs(epochs=args.epochs, lr=args.lr),
+            )
+        except DatasetError as err:
+            print(f"data set refused: {err}", file=sys.stderr)
+            return 1
+        finally:
+            logger.removeHandler(handler)
+            logger.setLevel(level)
     elif args.command == "quantize":
         from . import quantize
 

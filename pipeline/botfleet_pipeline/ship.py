@@ -106,6 +106,7 @@ def measurements(run_dir: Path, model_path: Path) -> dict:
             f"{model_path} has SHA-256 {sha256}, but its measurements are of {measured['sha256']}"
         )
     measured["dataset_digest"] = metrics["dataset"]["digest"]
+    measured["snapshot"] = metrics["dataset"].get("snapshot")
     return measured
 
 
@@ -138,6 +139,14 @@ def model_metadata(
             "eval_count": measured["eval_count"],
         },
     }
+    snapshot = measured["snapshot"]
+    if snapshot is not None:
+        # Trained on a botfleet-server data set as well: the model names that snapshot (its
+        # manifest digest) and how many of its samples it learned from, how many of them
+        # labelled with the fleet's own answers.
+        provenance["dataset"] = f"sha256:{snapshot['digest']}"
+        provenance["metrics"]["dataset_samples"] = snapshot["used"]
+        provenance["metrics"]["dataset_pseudo_labelled"] = snapshot["labelled"].get("pseudo", 0)
     if measured["parent_sha256"] is not None:
         provenance["parent_sha256"] = measured["parent_sha256"]
     if commit:
