@@ -241,3 +241,12 @@ def test_snapshot_labels_come_from_labels_csv_when_given(run_dir, tmp_path):
         "first input shape [1, 3, 8, 8] is not [N, 1, 8, 8]": 1,
         "no label in labels.csv": 2,
     }
+
+
+def test_empty_dataset_flags_are_no_flags():
+    # The DAG's argv always carries them, rendered empty when its params are null.
+    from botfleet_pipeline import cli
+
+    argv = ["train", "--out", "r", "--dataset", "", "--dataset-digest", "", "--dataset-labels", ""]
+    args = cli._parser().parse_args(argv)
+    assert (args.dataset, args.dataset_digest, args.dataset_labels) == (None, None, None)

@@ -28,6 +28,12 @@ in both modes, chosen by ``BOTFLEET_PIPELINE_MODE`` (else the Airflow Variable
 the bearer token). In local mode this file puts ``pipeline/`` on ``sys.path``; in the
 cluster, install the package on the workers with ``pip install --no-deps ./pipeline``.
 
+``dataset`` (with ``dataset_digest`` and ``dataset_labels``, all optional) names a data-set
+export of botfleet-server (``botfleet-server dataset export ID --output FILE``) where the
+train step can read it (in the cluster, on the ``botfleet-models`` volume): ``train
+--dataset`` checks it and adds its samples to the training data, and the registered model's
+provenance names its digest (``dataset``: ``sha256:<digest>``).
+
 The fleet has the last word: ``evaluate`` can stop a model whose top-1 agreement with its
 float parent is below ``min_agreement`` (``offline_check``), and the robots run the same
 check on the evaluation set that travels with the model before they serve it.
@@ -77,6 +83,8 @@ MODEL_FILE = "model.int8.onnx"
 EVALUATION_FILE = "evaluation.json"
 
 # --device auto: CUDA on the cluster's training node, the CPU on a machine without a GPU.
+# --dataset*: a botfleet-server data-set export to train on as well; an empty value (the
+# params' default, null) is the same as no flag.
 TRAIN = [
     "train",
     "--out",
@@ -87,6 +95,12 @@ TRAIN = [
     "{{ params.epochs }}",
     "--device",
     "auto",
+    "--dataset",
+    '{{ params.dataset or "" }}',
+    "--dataset-digest",
+    '{{ params.dataset_digest or "" }}',
+    "--dataset-labels",
+    '{{ params.dataset_labels or "" }}',
 ]
 QUANTIZE = [
     "quantize",
@@ -301,6 +315,22 @@ with DAG(
         "version": Param(None, type=["null", "string"], description="model version; default: the run time"),
         "seed": Param(0, type="integer", minimum=0),
         "epochs": Param(15, type="integer", minimum=1),
+        "dataset": Param(
+            None,
+            type=["null", "string"],
+            description="a botfleet-server data-set export (tar) the train step reads, e.g. under "
+            "/models; its samples join the training data and its digest goes into the provenance",
+        ),
+        "dataset_digest": Param(
+            None,
+            type=["null", "string"],
+            description="the export's digest (X-Botfleet-Dataset-Digest); train refuses another",
+        ),
+        "dataset_labels": Param(
+            None,
+            type=["null", "string"],
+            description="labels.csv (sha256,label) for the export; default: the fleet model's top-1",
+        ),
         "method": Param("ptq", enum=["ptq", "qat"]),
         "calibration": Param(
             "data",
