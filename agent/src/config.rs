@@ -42,6 +42,8 @@ pub enum ConfigError {
     Zero { key: &'static str },
     #[error("mqtt: {0}")]
     Tls(#[from] crate::tls::TlsError),
+    #[error("{key}: {message}")]
+    Invalid { key: String, message: String },
 }
 
 /// The agent's configuration as written in TOML.
@@ -66,7 +68,11 @@ pub struct Config {
     pub k3s: K3sConfig,
     pub holds: HoldsConfig,
     pub guards: GuardsConfig,
+    pub capture: CaptureConfig,
+    pub upload: UploadConfig,
 }
+
+pub use crate::capture::settings::{CaptureConfig, CaptureSlotConfig, UploadConfig};
 
 /// When a robot is in no state to benchmark a new model (`crate::guards`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -237,6 +243,8 @@ impl Default for Config {
             k3s: K3sConfig::default(),
             holds: HoldsConfig::default(),
             guards: GuardsConfig::default(),
+            capture: CaptureConfig::default(),
+            upload: UploadConfig::default(),
         }
     }
 }
@@ -334,12 +342,15 @@ impl Config {
                 return Err(ConfigError::Zero { key });
             }
         }
+        let data =
+            crate::capture::settings::validate(&self.capture, &self.upload, &self.server_url)?;
         Ok(Settings {
             device_id,
             trusted,
             topics,
             broker,
             mqtt_security,
+            data,
             config: self.clone(),
         })
     }
@@ -393,6 +404,8 @@ pub struct Settings {
     pub broker: BrokerAddr,
     /// TLS and credentials for the broker, loaded at validation.
     pub mqtt_security: crate::tls::MqttSecurity,
+    /// Capture, spool and upload; `None` while no slot captures.
+    pub data: Option<crate::capture::DataSettings>,
     pub config: Config,
 }
 

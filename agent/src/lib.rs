@@ -12,6 +12,7 @@
 
 pub mod backoff;
 pub mod bench;
+pub mod capture;
 pub mod config;
 pub mod engines;
 pub mod failpoint;
@@ -275,6 +276,7 @@ pub async fn start(config: Config) -> Result<Running, AgentError> {
         parked: Default::default(),
         shadow_refused: Default::default(),
         deferred: deferred_tx,
+        capture: None,
     };
     let c = cancel.clone();
     tasks.spawn(async move {
@@ -464,6 +466,9 @@ impl Reporter {
                             if self.requests.send(request).await.is_err() {
                                 return;
                             }
+                        }
+                        CommandKind::SignedCapture { .. } => {
+                            warn!(command_id = %command.command_id, "capture order ignored: capture is not wired into the agent yet");
                         }
                         ref kind @ (CommandKind::K3sJoin { .. }
                         | CommandKind::K3sLeave

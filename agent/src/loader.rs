@@ -38,9 +38,9 @@ where
     rx.await.map_err(|_| LoaderError::Panicked)
 }
 
-/// Lowers this thread's priority; a refusal (a seccomp filter, say) only costs the
+/// Lowers the calling thread's priority; a refusal (a seccomp filter, say) only costs the
 /// benefit, so it is logged and the load goes on.
-fn lower_priority() {
+pub(crate) fn lower_priority() {
     let tid = rustix::thread::gettid();
     if let Err(e) = rustix::process::setpriority_process(Some(tid), LOADER_NICE) {
         debug!(error = %e, "could not lower the loader thread's priority");

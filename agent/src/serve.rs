@@ -21,8 +21,13 @@ use futures_util::StreamExt;
 use serde::Serialize;
 use serde_json::json;
 
+use crate::capture::{Capture, Served};
 use crate::slots::{ServingModel, Slot, Slots};
 use tensors::{InferRequest, OutputTensor, input_to_engine, to_output};
+
+/// A tensor's values as little-endian bytes (the binary extension's layout, and a sample
+/// file's).
+pub(crate) use binary::encode as encode_tensor;
 
 /// An API error: status plus one clear sentence, as `{"error": "..."}`.
 #[derive(Debug)]
@@ -47,6 +52,8 @@ struct Api {
     slots: Arc<Slots>,
     /// The largest request body taken, in bytes (413 beyond).
     max_request_bytes: usize,
+    /// Where requests the robot's capture policy keeps are copied (`None`: capture off).
+    capture: Option<Arc<Capture>>,
 }
 
 /// Listens on the Unix socket `path`, mode 0660 (the agent's group may connect). A socket
@@ -69,8 +76,17 @@ pub fn bind_unix(path: &std::path::Path) -> std::io::Result<tokio::net::UnixList
     Ok(listener)
 }
 
-/// The router, ready to serve.
+/// The router, ready to serve, capturing nothing.
 pub fn router(slots: Arc<Slots>, max_request_bytes: usize) -> Router {
+    router_capturing(slots, max_request_bytes, None)
+}
+
+/// The router, copying the requests `capture`'s policy keeps.
+pub fn router_capturing(
+    slots: Arc<Slots>,
+    max_request_bytes: usize,
+    capture: Option<Arc<Capture>>,
+) -> Router {
     Router::new()
         .route("/v2", get(server_metadata))
         .route(
@@ -99,6 +115,7 @@ pub fn router(slots: Arc<Slots>, max_request_bytes: usize) -> Router {
         .with_state(Api {
             slots,
             max_request_bytes,
+            capture,
         })
 }
 
@@ -252,7 +269,8 @@ async fn run_inference(
 ) -> Result<Response, ApiError> {
     let (slot, model) = serving(&api, &name, version.as_deref())?;
     let body = read_body(headers, body, api.max_request_bytes).await?;
-    let result = infer_on(&model, slot.tap(), headers, body).await;
+    let capture = api.capture.as_ref().map(|c| (c, name.as_str()));
+    let result = infer_on(&model, slot.tap(), capture, headers, body).await;
     // Latency as the robot's caller sees the engine, not including JSON decoding.
     match &result {
         Ok((_, ms)) => slot.record(&model, Some(*ms)),
@@ -341,6 +359,7 @@ async fn read_body(
 async fn infer_on(
     model: &Arc<ServingModel>,
     tap: Option<Arc<crate::shadow::Tap>>,
+    capture: Option<(&Arc<Capture>, &str)>,
     headers: &HeaderMap,
     body: binary::Chunks,
 ) -> Result<(Answer, f64), ApiError> {
@@ -381,17 +400,31 @@ async fn infer_on(
     let engine = model.model.clone();
     // A sampled request is copied for a shadowed candidate: its inputs before the run, the
     // serving model's outputs after; the copy is handed over without waiting.
-    let shadow = tap.filter(|t| t.wants()).map(|t| (t, inputs.clone()));
+    let shadow = tap
+        .filter(|t| t.wants())
+        .map(|t| (t, inputs.clone(), Served::of(model)));
+    // Capture decides before the run whether the inputs are copied (the run consumes them),
+    // and checks its output rules after it; its copy too is handed over without waiting.
+    let capture = capture.and_then(|(c, slot)| c.plan(slot)).map(|plan| {
+        let copy = plan.copies_inputs().then(|| inputs.clone());
+        (plan, copy, Served::of(model))
+    });
     let (outputs, ms) = tokio::task::spawn_blocking(move || {
         let started = Instant::now();
         let out = engine.run(inputs);
         let ms = started.elapsed().as_secs_f64() * 1e3;
-        if let (Some((tap, inputs)), Ok(outputs)) = (shadow, &out) {
-            tap.offer(crate::shadow::Sample {
-                inputs,
-                outputs: outputs.clone(),
-                serving_ms: ms,
-            });
+        if let Ok(outputs) = &out {
+            if let Some((tap, inputs, served)) = shadow {
+                tap.offer(crate::shadow::Sample {
+                    inputs,
+                    outputs: outputs.clone(),
+                    serving_ms: ms,
+                    served: Some(served),
+                });
+            }
+            if let Some((plan, inputs, served)) = capture {
+                plan.finish(inputs, outputs, served, ms);
+            }
         }
         (out, ms)
     })

@@ -9,7 +9,8 @@
 //! answer with the serving model's ([`ShadowSpec::metric`]) until it has compared
 //! [`ShadowSpec::requests`] or [`ShadowSpec::seconds`] ran out, then judges
 //! ([`judge`]): agreement, and optionally the candidate's p99 against the serving model's
-//! on the same requests.
+//! on the same requests. Where the slot's capture policy keeps disagreements, a request the
+//! candidate answered otherwise is offered to capture ([`run_capturing`]).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
@@ -28,6 +29,8 @@ pub struct Sample {
     pub inputs: Vec<Tensor>,
     pub outputs: Vec<Tensor>,
     pub serving_ms: f64,
+    /// The model that answered (named by a captured disagreement).
+    pub served: Option<crate::capture::Served>,
 }
 
 /// The serving path's end of a shadow: which requests to copy, and where to.
@@ -192,6 +195,17 @@ pub fn judge(spec: &ShadowSpec, tally: &Tally, dropped: u64) -> ShadowReport {
 /// Runs `candidate` on the copies from `rx` until `spec` is satisfied, the time is up or
 /// the tap is gone. Blocking: run it on the loader thread.
 pub fn run(candidate: &Model, spec: &ShadowSpec, rx: &Receiver<Sample>) -> Tally {
+    run_capturing(candidate, spec, rx, None)
+}
+
+/// [`run`], offering each disagreement to `capture` (the serving model's outputs, the
+/// candidate's, and the inputs when the slot's rate bound has room).
+pub fn run_capturing(
+    candidate: &Model,
+    spec: &ShadowSpec,
+    rx: &Receiver<Sample>,
+    capture: Option<&crate::capture::Disagreements>,
+) -> Tally {
     let deadline = Instant::now() + Duration::from_secs(spec.seconds);
     let mut tally = Tally::default();
     while tally.samples < spec.requests {
@@ -200,17 +214,61 @@ pub fn run(candidate: &Model, spec: &ShadowSpec, rx: &Receiver<Sample>) -> Tally
             Ok(sample) => sample,
             Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
         };
+        // Copied before the candidate takes them, only while a disagreement could be kept.
+        let kept_inputs = capture
+            .filter(|c| c.has_room())
+            .map(|_| sample.inputs.clone());
         let started = Instant::now();
         let answer = candidate.run(sample.inputs);
         let ms = started.elapsed().as_secs_f64() * 1e3;
         tally.samples += 1;
-        if answer.is_ok_and(|out| agree(spec, &sample.outputs, &out)) {
-            tally.agreed += 1;
-        }
         tally.candidate_ms.push(ms);
         tally.serving_ms.push(sample.serving_ms);
+        if answer
+            .as_ref()
+            .is_ok_and(|out| agree(spec, &sample.outputs, out))
+        {
+            tally.agreed += 1;
+            continue;
+        }
+        let (Some(capture), Some(served)) = (capture, sample.served) else {
+            continue;
+        };
+        let (candidate_outputs, detail) = match answer {
+            Ok(out) => {
+                let detail = disagreement(spec, &sample.outputs, &out);
+                (out, detail)
+            }
+            Err(e) => (Vec::new(), format!("the candidate failed: {e}")),
+        };
+        capture.offer(
+            served,
+            kept_inputs,
+            sample.outputs,
+            candidate_outputs,
+            detail,
+            sample.serving_ms,
+        );
     }
     tally
+}
+
+/// A disagreement in words: the two top-1 classes where the metric compares them.
+fn disagreement(spec: &ShadowSpec, serving: &[Tensor], candidate: &[Tensor]) -> String {
+    let top1 = |outputs: &[Tensor]| {
+        let values = values(outputs, spec.output.as_deref())?;
+        values
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map(|(i, _)| i)
+    };
+    match (spec.metric, top1(serving), top1(candidate)) {
+        (AgreementMetric::Top1Agreement, Some(want), Some(got)) => {
+            format!("top-1 {want}, the candidate's {got}")
+        }
+        _ => format!("the candidate failed {}", spec.metric.describe()),
+    }
 }
 
 #[cfg(test)]
@@ -327,6 +385,7 @@ mod tests {
                 inputs: vec![],
                 outputs: vec![],
                 serving_ms: 1.0,
+                served: None,
             });
         }
         assert_eq!(tap.dropped(), 3);

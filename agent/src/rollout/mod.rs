@@ -101,6 +101,8 @@ pub struct Reconciler {
     pub shadow_refused: HashSet<Sha256Digest>,
     /// What `parked` holds, as the status reports it.
     pub deferred: watch::Sender<BTreeMap<SlotName, DeferredModel>>,
+    /// Where a shadow's disagreements go, when the slot's capture policy keeps them.
+    pub capture: Option<Arc<crate::capture::Capture>>,
 }
 
 /// The longest the reconciler waits before it looks at a deferral again (a clock or time
@@ -590,10 +592,19 @@ impl Reconciler {
         let (slot_name, sha256) = (slot.clone(), manifest.artifact.sha256);
         let (requests_wanted, seconds) = (spec.requests, spec.seconds);
         let judged = spec.clone();
+        let disagreements = self.capture.as_ref().and_then(|c| {
+            let model = botfleet_protocol::sample::SampleModel {
+                version: manifest.version.clone(),
+                release: manifest.release,
+                sha256,
+            };
+            c.disagreements(slot, model)
+        });
         self.watchers.spawn(async move {
-            let tally =
-                crate::loader::in_background(move || crate::shadow::run(&candidate, &spec, &rx))
-                    .await;
+            let tally = crate::loader::in_background(move || {
+                crate::shadow::run_capturing(&candidate, &spec, &rx, disagreements.as_ref())
+            })
+            .await;
             let dropped = weak.upgrade().map_or(0, |t| t.dropped());
             let report = match tally {
                 Ok(tally) => crate::shadow::judge(&judged, &tally, dropped),
