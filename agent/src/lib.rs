@@ -6,7 +6,8 @@
 //! streaming ([`fetch`]), stored crash-safely ([`store`]), loaded and benchmarked against
 //! its gate with tract (`botfleet-engine`), then swapped in atomically ([`slots`]) behind
 //! the local inference API ([`serve`], KServe Open Inference Protocol v2). The last good
-//! model keeps serving through every failure.
+//! model keeps serving through every failure. Where the robot's own policy says so,
+//! [`capture`] keeps copies of live requests in a spool and uploads them to the server.
 //!
 //! [`start`] runs it all on the current tokio runtime; [`run`] is what `main` calls.
 
@@ -83,6 +84,8 @@ pub enum AgentError {
     TaskDied(&'static str),
     #[error("outbox: {0}")]
     Outbox(#[from] outbox::OutboxError),
+    #[error("cannot start the capture writer: {0}")]
+    Capture(#[source] std::io::Error),
 }
 
 /// A started agent.
@@ -226,6 +229,31 @@ pub async fn start(config: Config) -> Result<Running, AgentError> {
     let (heartbeat_tx, heartbeat) = watch::channel(tokio::time::Instant::now());
     let (requests_tx, requests_rx) = tokio::sync::mpsc::channel(16);
     let holds = holds::Holds::open(&settings.config.data_dir, settings.config.holds.max_ttl_s);
+    let metered = capture::Metered::open(&settings.config.data_dir);
+    let capture = match &settings.data {
+        None => None,
+        Some(data) => {
+            let http = reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(10))
+                .build()?;
+            let started = capture::start(
+                &settings.device_id,
+                &settings.config.data_dir,
+                data,
+                metered.clone(),
+                http,
+            )
+            .map_err(AgentError::Capture)?;
+            let c = cancel.clone();
+            let uploader = started.uploader;
+            tasks.spawn(async move {
+                uploader.run(c).await;
+                "uploader"
+            });
+            info!(slots = data.slots.len(), upload = %data.upload.base_url, "data capture on");
+            Some(started.capture)
+        }
+    };
     let (deferred_tx, deferred) = watch::channel(Default::default());
     let reporter = Reporter {
         deferred,
@@ -239,6 +267,9 @@ pub async fn start(config: Config) -> Result<Running, AgentError> {
         k3s: k3s::helper::Handoff::new(&settings.config.data_dir),
         k3s_limit: Duration::from_secs(settings.config.k3s.join_timeout_s) + K3S_HELPER_MARGIN,
         k3s_jobs: JoinSet::new(),
+        capture: capture.clone(),
+        device: settings.device_id.clone(),
+        trusted: settings.trusted.clone(),
     };
     let c = cancel.clone();
     tasks.spawn(async move {
@@ -276,7 +307,7 @@ pub async fn start(config: Config) -> Result<Running, AgentError> {
         parked: Default::default(),
         shadow_refused: Default::default(),
         deferred: deferred_tx,
-        capture: None,
+        capture: capture.clone(),
     };
     let c = cancel.clone();
     tasks.spawn(async move {
@@ -284,13 +315,17 @@ pub async fn start(config: Config) -> Result<Running, AgentError> {
         "reconciler"
     });
 
-    let app = serve::router(
+    let app = serve::router_capturing(
         Arc::clone(&slots),
         settings.config.inference.max_request_bytes,
+        capture,
     );
-    // Holds are for the robot's own processes: on the Unix socket, and on TCP only when it
-    // listens on loopback.
-    let local = app.clone().merge(holds::router(holds));
+    // Holds and the link's metering are for the robot's own processes: on the Unix socket,
+    // and on TCP only when it listens on loopback.
+    let local = app
+        .clone()
+        .merge(holds::router(holds))
+        .merge(capture::metered::router(metered));
     let app = if listen.ip().is_loopback() {
         local.clone()
     } else {
@@ -381,6 +416,12 @@ struct Reporter {
     k3s: k3s::helper::Handoff,
     k3s_limit: Duration,
     k3s_jobs: JoinSet<botfleet_protocol::messages::K3sNode>,
+    /// Data capture, when a slot captures: its counters go into telemetry, capture orders
+    /// to it.
+    capture: Option<Arc<capture::Capture>>,
+    device: botfleet_protocol::DeviceId,
+    /// Capture orders are verified with the manifest keys, as rollback orders are.
+    trusted: botfleet_protocol::TrustedKeys,
 }
 
 impl Reporter {
@@ -393,6 +434,38 @@ impl Reporter {
             at: Timestamp::now(),
             k3s: self.k3s.last(),
             deferred: self.deferred.borrow().clone(),
+        }
+    }
+
+    /// One telemetry message, with the data capture counters when capture is on.
+    fn telemetry(&mut self) {
+        let mut sample = self.sampler.sample(&self.slots);
+        sample.data = self.capture.as_ref().map(|c| c.telemetry());
+        self.publisher.telemetry(&sample);
+    }
+
+    /// Puts a signed capture order into effect, or reports its refusal as a rejected
+    /// command (the event names no rollout, as a refused rollback order's does not).
+    fn capture_order(
+        &self,
+        command_id: &botfleet_protocol::CommandId,
+        order: &botfleet_protocol::SignedCapture,
+    ) {
+        let accepted = capture::accept_order(
+            self.capture.as_deref(),
+            order,
+            &self.trusted,
+            &self.device,
+            Timestamp::now(),
+        );
+        let Err(refusal) = accepted else {
+            return;
+        };
+        warn!(%command_id, slot = ?refusal.slot, why = %refusal.message, "capture command refused");
+        let serving =
+            |slot: &botfleet_protocol::SlotName| self.slots.current(slot).map(|m| m.sha256());
+        if let Some(event) = refusal.event(&self.device, command_id, serving) {
+            self.publisher.event(&event);
         }
     }
 
@@ -434,10 +507,7 @@ impl Reporter {
                     self.deferred.borrow_and_update();
                     self.publisher.status(&self.status(*processed.borrow()));
                 }
-                _ = ticker.tick() => {
-                    let sample = self.sampler.sample(&self.slots);
-                    self.publisher.telemetry(&sample);
-                }
+                _ = ticker.tick() => self.telemetry(),
                 command = commands.recv() => {
                     let Some(command) = command else { return };
                     info!(command_id = %command.command_id, "command received");
@@ -445,8 +515,7 @@ impl Reporter {
                         CommandKind::ReportNow => {
                             self.publisher.info(&self.sampler.info(&self.labels));
                             self.publisher.status(&self.status(*processed.borrow()));
-                            let sample = self.sampler.sample(&self.slots);
-                            self.publisher.telemetry(&sample);
+                            self.telemetry();
                         }
                         CommandKind::Rollback { slot, .. } => {
                             // Only a signed order may take a model out of service.
@@ -467,8 +536,8 @@ impl Reporter {
                                 return;
                             }
                         }
-                        CommandKind::SignedCapture { .. } => {
-                            warn!(command_id = %command.command_id, "capture order ignored: capture is not wired into the agent yet");
+                        CommandKind::SignedCapture { order } => {
+                            self.capture_order(&command.command_id, &order);
                         }
                         ref kind @ (CommandKind::K3sJoin { .. }
                         | CommandKind::K3sLeave

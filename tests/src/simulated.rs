@@ -126,6 +126,8 @@ impl SimAgent {
                     let slot = match command.kind {
                         CommandKind::Rollback { slot, .. } => Some(slot),
                         CommandKind::SignedRollback { order } => order.claims().map(|o| o.slot),
+                        // A simulated robot captures nothing: capture orders are ignored.
+                        CommandKind::SignedCapture { .. } => None,
                         _ => None,
                     };
                     if let Some(slot) = slot
