@@ -8,11 +8,13 @@
 //!   hands the copy over with [`Plan::finish`] after it, through a bounded queue, never
 //!   waiting: a full queue or the rate bound drops the copy (counted as `dropped_rate`).
 //!   A shadow offers disagreements through [`Disagreements`].
+//! - [`order`]: the signed capture order (`on_demand`), verified and put into effect.
 //! - [`writer`]: the thread that encodes copies and writes them to the [`spool`].
 //! - [`upload`]: the task that sends the spool to the server, oldest first, throttled, only
 //!   inside the upload windows and never while the link is [`metered`].
 
 pub mod metered;
+pub mod order;
 pub mod rules;
 pub mod settings;
 pub mod spool;
@@ -28,17 +30,14 @@ use std::time::Instant;
 
 use botfleet_engine::Tensor;
 use botfleet_protocol::engine::EngineKind;
-use botfleet_protocol::manifest::Sha256Digest;
-use botfleet_protocol::messages::{DataTelemetry, Event, RejectReason, Stage};
+use botfleet_protocol::messages::DataTelemetry;
 use botfleet_protocol::sample::{CaptureRule, SampleModel};
-use botfleet_protocol::{
-    CaptureError, CaptureOrder, DeviceId, ManifestError, SignedCapture, SlotName, TrustedKeys,
-};
+use botfleet_protocol::{CaptureOrder, DeviceId, SlotName};
 use jiff::Timestamp;
 use tokio::sync::watch;
-use tracing::info;
 
 pub use metered::Metered;
+pub use order::{OrderRefusal, accept_order};
 pub use rules::Fired;
 pub use settings::{CaptureConfig, CaptureSlotConfig, DataSettings, SlotPolicy, UploadConfig};
 
@@ -438,86 +437,6 @@ impl Disagreements {
             candidate_outputs,
         });
     }
-}
-
-/// Why a signed capture order was refused, for the refusal event.
-#[derive(Debug, Clone, PartialEq)]
-pub struct OrderRefusal {
-    /// The slot the order names, as far as it can be read.
-    pub slot: Option<SlotName>,
-    pub reason: RejectReason,
-    pub message: String,
-}
-
-impl OrderRefusal {
-    /// The refusal as a rejected command's event (no rollout named, as a refused rollback
-    /// order's names none), about the slot's serving model (`serving`); `None` when the
-    /// order names no readable slot.
-    pub fn event(
-        &self,
-        device: &DeviceId,
-        command_id: &botfleet_protocol::CommandId,
-        serving: impl FnOnce(&SlotName) -> Option<Sha256Digest>,
-    ) -> Option<Event> {
-        let slot = self.slot.clone()?;
-        let sha256 = serving(&slot).unwrap_or_else(|| Sha256Digest::of(b""));
-        Some(Event {
-            id: Some(crate::outbox::event_id()),
-            device: device.clone(),
-            rollout_id: None,
-            slot,
-            sha256,
-            release: None,
-            at: Timestamp::now(),
-            stage: Stage::Rejected {
-                reason: self.reason,
-                message: format!("capture command {command_id} refused: {}", self.message),
-            },
-        })
-    }
-}
-
-/// Verifies a signed capture order for `me` at `now` and puts it into effect, or says why
-/// not: a bad signature, another device, an expired order, or a slot whose policy does not
-/// allow capture on demand (capture off entirely included).
-pub fn accept_order(
-    capture: Option<&Capture>,
-    signed: &SignedCapture,
-    trusted: &TrustedKeys,
-    me: &DeviceId,
-    now: Timestamp,
-) -> Result<CaptureOrder, OrderRefusal> {
-    let claimed = signed.claims().map(|o| o.slot);
-    let order = signed.verify(trusted, me, now).map_err(|err| {
-        let reason = match &err {
-            CaptureError::Signature(ManifestError::Untrusted { .. }) => RejectReason::Untrusted,
-            CaptureError::Expired { .. } => RejectReason::Expired,
-            CaptureError::OtherDevice { .. } => RejectReason::Incompatible,
-            CaptureError::Signature(_)
-            | CaptureError::Malformed(_)
-            | CaptureError::Schema(_)
-            | CaptureError::Requests(_) => RejectReason::BadManifest,
-        };
-        OrderRefusal {
-            slot: claimed.clone(),
-            reason,
-            message: err.to_string(),
-        }
-    })?;
-    let order = order.into_inner();
-    let refuse = |message: String| OrderRefusal {
-        slot: Some(order.slot.clone()),
-        reason: RejectReason::Incompatible,
-        message,
-    };
-    let Some(capture) = capture else {
-        return Err(refuse(
-            "capture is off on this robot (no [capture.slots])".into(),
-        ));
-    };
-    capture.stand(&order).map_err(refuse)?;
-    info!(slot = %order.slot, requests = order.capture_requests, reason = ?order.reason, "capture order accepted");
-    Ok(order)
 }
 
 /// An HTTP client for tests (reqwest is built without a default TLS provider).
