@@ -265,11 +265,14 @@ impl Spool {
         self.index().entries.first().copied()
     }
 
-    /// Deletes `entry` (uploaded, refused or unreadable).
-    pub fn remove(&self, entry: &Entry) {
+    /// Deletes `entry` (uploaded, refused or unreadable); `false` when the spool no longer
+    /// had it (a bound took it meanwhile).
+    pub fn remove(&self, entry: &Entry) -> bool {
         let mut index = self.index();
+        let had = index.entries.contains(entry);
         self.delete(&mut index, entry);
         self.stats.send_replace(index.stats());
+        had
     }
 
     /// Counts a sample lost from the spool other than by its bounds (unreadable, corrupt).
@@ -338,8 +341,9 @@ mod tests {
         );
         assert_eq!(std::fs::read(spool.path(&early)).unwrap(), b"first");
         assert_eq!(early.sha256, Sha256Digest::of(b"first"));
-        spool.remove(&early);
+        assert!(spool.remove(&early));
         assert!(!spool.path(&early).exists());
+        assert!(!spool.remove(&early), "gone already");
         assert_eq!(spool.oldest(), Some(late));
         assert_eq!(spool.dropped(), 0);
     }
@@ -420,7 +424,7 @@ mod tests {
                 bytes: 7
             }
         );
-        spool.remove(&a);
+        assert!(spool.remove(&a));
         assert_eq!(spool.oldest(), Some(b));
         assert!(!dir.path().join("00000000000000000003-abc.tmp").exists());
         assert!(

@@ -317,7 +317,7 @@ impl Uploader {
         let sha = entry.sha256.short();
         match outcome {
             Outcome::Taken { bytes } => {
-                self.spool.remove(entry);
+                let _ = self.spool.remove(entry);
                 self.backoff.reset();
                 debug!(sample = %sha, bytes, "sample uploaded");
                 self.state.send_modify(|s| {
@@ -328,7 +328,7 @@ impl Uploader {
                 });
             }
             Outcome::Refused(reason) => {
-                self.spool.remove(entry);
+                let _ = self.spool.remove(entry);
                 warn!(sample = %sha, %reason, "the server refused a sample; deleted");
                 self.state.send_modify(|s| {
                     s.attempts += 1;
@@ -336,9 +336,11 @@ impl Uploader {
                 });
             }
             Outcome::Lost(reason) => {
-                self.spool.remove(entry);
-                self.spool.count_lost();
-                warn!(sample = %sha, %reason, "a spooled sample could not be read; deleted");
+                // A sample a spool bound took meanwhile was counted when it went.
+                if self.spool.remove(entry) {
+                    self.spool.count_lost();
+                    warn!(sample = %sha, %reason, "a spooled sample could not be read; deleted");
+                }
             }
             Outcome::Interrupted => {
                 info!(sample = %sha, "upload stopped: the link is metered; it is sent again later");
@@ -430,9 +432,16 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     text
 }
 
-/// The status and the server's `{"error"}` (or the start of its body).
-async fn reason(status: StatusCode, response: reqwest::Response) -> String {
-    let body = response.bytes().await.unwrap_or_default();
+/// The status and the server's `{"error"}` (or the start of its body; at most a few KiB of
+/// it are read).
+async fn reason(status: StatusCode, mut response: reqwest::Response) -> String {
+    let mut body = Vec::new();
+    while body.len() < 4 * MAX_REASON {
+        match response.chunk().await {
+            Ok(Some(chunk)) => body.extend_from_slice(&chunk),
+            Ok(None) | Err(_) => break,
+        }
+    }
     let said = serde_json::from_slice::<serde_json::Value>(&body)
         .ok()
         .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_owned))
