@@ -193,13 +193,20 @@ impl Spool {
         self.dir.join(entry.file_name())
     }
 
-    /// Writes one sample file captured at `captured_ns`, then enforces the bounds at `now`.
+    /// Writes one sample file captured at `captured_ns`, then adds it ([`Spool::add`]).
     pub fn write(
         &self,
         captured_ns: u64,
         file: &[u8],
         now: Timestamp,
     ) -> Result<Entry, SpoolError> {
+        let entry = self.store(captured_ns, file)?;
+        self.add(entry, now);
+        Ok(entry)
+    }
+
+    /// Writes one sample file, crash-safe, without indexing it yet.
+    pub fn store(&self, captured_ns: u64, file: &[u8]) -> Result<Entry, SpoolError> {
         let bytes = file.len() as u64;
         if bytes > self.bounds.max_bytes {
             self.dropped.fetch_add(1, Ordering::Relaxed);
@@ -219,10 +226,14 @@ impl Spool {
             let _ = std::fs::remove_file(path.with_extension(TEMP_EXTENSION));
             return Err(e.into());
         }
+        Ok(entry)
+    }
+
+    /// Indexes a stored sample, enforces the bounds at `now` and wakes the uploader.
+    pub fn add(&self, entry: Entry, now: Timestamp) {
         self.index().insert(entry);
         self.enforce(now);
         self.added.notify_one();
-        Ok(entry)
     }
 
     /// Deletes the oldest samples until the spool is within its bounds at `now`.

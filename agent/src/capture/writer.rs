@@ -109,11 +109,13 @@ impl Writer {
                 return;
             }
         };
-        match self
-            .spool
-            .write(unix_ns(pending.captured_at), &file, Timestamp::now())
-        {
-            Ok(_) => self.counters.captured(pending.fired.rule),
+        match self.spool.store(unix_ns(pending.captured_at), &file) {
+            // Counted before the spool shows it, so telemetry never shows a sample it
+            // has not counted.
+            Ok(entry) => {
+                self.counters.captured(pending.fired.rule);
+                self.spool.add(entry, Timestamp::now());
+            }
             // Counted by the spool, as its bounds' drops are.
             Err(e @ SpoolError::TooLarge { .. }) => {
                 if self.log.allow(Instant::now()).is_some() {
