@@ -46,7 +46,14 @@ pub enum ConfigError {
     IntakeEngines(String),
     #[error("mqtt TLS or credentials")]
     Tls(#[from] crate::tls::TlsError),
+    #[error("data.store_url {url:?} is not valid: {reason}")]
+    StoreUrl { url: String, reason: &'static str },
+    #[error("data.max_sample_bytes must be between 1 and {MAX_SAMPLE_BYTES_LIMIT}, not {0}")]
+    MaxSampleBytes(u64),
 }
+
+/// The largest `data.max_sample_bytes`: an upload is held in memory while it is checked.
+pub const MAX_SAMPLE_BYTES_LIMIT: u64 = 256 * 1024 * 1024;
 
 /// The whole server configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -68,6 +75,89 @@ pub struct Config {
     pub intake: IntakeConfig,
     /// API tokens and roles; none: the API is open.
     pub auth: crate::auth::AuthConfig,
+    /// Captured samples: where they are stored, how large one may be, the device secret.
+    pub data: DataConfig,
+}
+
+/// `[data]`: the sample store and the robots' upload tokens.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataConfig {
+    /// Empty: `{data_dir}/samples` on the local disk; else `s3://bucket[/prefix]`.
+    pub store_url: String,
+    /// An S3-compatible server instead of AWS (`http://127.0.0.1:9000`); empty: AWS.
+    pub s3_endpoint: String,
+    /// Empty: `AWS_REGION` / `AWS_DEFAULT_REGION`, else `us-east-1`.
+    pub s3_region: String,
+    /// Allow a plain `http://` endpoint.
+    pub s3_allow_http: bool,
+    /// A file of `AWS_ACCESS_KEY_ID=…` / `AWS_SECRET_ACCESS_KEY=…` / `AWS_SESSION_TOKEN=…`
+    /// lines, read over the environment's; empty: the environment only.
+    pub s3_credentials_file: PathBuf,
+    /// Largest sample file accepted, in bytes.
+    pub max_sample_bytes: u64,
+    /// The secret the device upload tokens derive from. Empty: `{data_dir}/device-secret`.
+    pub device_secret_file: PathBuf,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        Self {
+            store_url: String::new(),
+            s3_endpoint: String::new(),
+            s3_region: String::new(),
+            s3_allow_http: false,
+            s3_credentials_file: PathBuf::new(),
+            max_sample_bytes: 8 * 1024 * 1024,
+            device_secret_file: PathBuf::new(),
+        }
+    }
+}
+
+/// Where sample blobs (and data set manifests) are kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreTarget {
+    /// A directory on the local disk.
+    Local(PathBuf),
+    /// An S3 bucket, with an optional key prefix (no leading or trailing `/`).
+    S3 { bucket: String, prefix: String },
+}
+
+/// Parses `data.store_url`: empty for the local `dir`, else `s3://bucket[/prefix]`.
+pub fn parse_store_url(url: &str, dir: &Path) -> Result<StoreTarget, ConfigError> {
+    let bad = |reason| ConfigError::StoreUrl {
+        url: url.to_owned(),
+        reason,
+    };
+    let url = url.trim();
+    if url.is_empty() {
+        return Ok(StoreTarget::Local(dir.to_owned()));
+    }
+    let rest = url
+        .strip_prefix("s3://")
+        .ok_or_else(|| bad("only s3://bucket/prefix is supported (empty: the local disk)"))?;
+    let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+    let bucket_ok = (3..=63).contains(&bucket.len())
+        && bucket
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
+    if !bucket_ok {
+        return Err(bad(
+            "the bucket must be 3 to 63 characters of a-z, 0-9, '-' and '.'",
+        ));
+    }
+    let prefix = prefix.trim_matches('/');
+    if prefix
+        .split('/')
+        .any(|part| matches!(part, "." | "..") || (part.is_empty() && !prefix.is_empty()))
+        || prefix.contains(['?', '#', '\\'])
+    {
+        return Err(bad("the prefix must be plain path segments"));
+    }
+    Ok(StoreTarget::S3 {
+        bucket: bucket.to_owned(),
+        prefix: prefix.to_owned(),
+    })
 }
 
 /// What the server puts in the manifests of uploads that leave it open.
@@ -184,6 +274,7 @@ impl Default for Config {
             metrics: MetricsConfig::default(),
             intake: IntakeConfig::default(),
             auth: crate::auth::AuthConfig::default(),
+            data: DataConfig::default(),
         }
     }
 }
@@ -246,6 +337,10 @@ pub struct Settings {
     pub connect_timeout: Duration,
     /// TLS and credentials for an external broker, loaded at validation.
     pub mqtt_security: crate::tls::MqttSecurity,
+    /// Where samples are stored.
+    pub store: StoreTarget,
+    /// The device secret's file.
+    pub device_secret_file: PathBuf,
 }
 
 impl Config {
@@ -309,6 +404,10 @@ impl Config {
         } else {
             self.signing.key_file.clone()
         };
+        let store = parse_store_url(&self.data.store_url, &self.data_dir.join("samples"))?;
+        if !(1..=MAX_SAMPLE_BYTES_LIMIT).contains(&self.data.max_sample_bytes) {
+            return Err(ConfigError::MaxSampleBytes(self.data.max_sample_bytes));
+        }
         Ok(Settings {
             config: self.clone(),
             topics,
@@ -318,7 +417,18 @@ impl Config {
             keep_alive: Duration::from_secs(self.mqtt.keep_alive_s),
             connect_timeout: Duration::from_secs(self.mqtt.connect_timeout_s),
             mqtt_security,
+            store,
+            device_secret_file: self.device_secret_file(),
         })
+    }
+
+    /// The device secret's file: `data.device_secret_file`, else `{data_dir}/device-secret`.
+    pub fn device_secret_file(&self) -> PathBuf {
+        if self.data.device_secret_file.as_os_str().is_empty() {
+            self.data_dir.join("device-secret")
+        } else {
+            self.data.device_secret_file.clone()
+        }
     }
 }
 
@@ -450,6 +560,58 @@ mod tests {
             config.validate().unwrap().key_file,
             Path::new("/srv/bf/signing.key")
         );
+    }
+
+    #[test]
+    fn the_sample_store_is_local_by_default_or_an_s3_bucket() {
+        let dir = Path::new("/srv/bf/samples");
+        assert_eq!(
+            parse_store_url("", dir).unwrap(),
+            StoreTarget::Local(dir.to_owned())
+        );
+        assert_eq!(
+            parse_store_url("s3://fleet-data/botfleet/samples/", dir).unwrap(),
+            StoreTarget::S3 {
+                bucket: "fleet-data".into(),
+                prefix: "botfleet/samples".into()
+            }
+        );
+        assert_eq!(
+            parse_store_url("s3://fleet-data", dir).unwrap(),
+            StoreTarget::S3 {
+                bucket: "fleet-data".into(),
+                prefix: String::new()
+            }
+        );
+        for bad in [
+            "file:///tmp",
+            "s3://",
+            "s3://Bucket",
+            "s3://ab",
+            "s3://b-1/a/../c",
+            "s3://b-1/a//c",
+        ] {
+            assert!(
+                matches!(parse_store_url(bad, dir), Err(ConfigError::StoreUrl { .. })),
+                "{bad}"
+            );
+        }
+        let config = Config {
+            data_dir: "/srv/bf".into(),
+            ..Config::default()
+        };
+        let settings = config.validate().unwrap();
+        assert_eq!(settings.store, StoreTarget::Local("/srv/bf/samples".into()));
+        assert_eq!(
+            settings.device_secret_file,
+            Path::new("/srv/bf/device-secret")
+        );
+        let mut config = Config::default();
+        config.data.max_sample_bytes = 0;
+        assert!(matches!(
+            config.validate(),
+            Err(ConfigError::MaxSampleBytes(0))
+        ));
     }
 
     #[test]
