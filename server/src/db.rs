@@ -12,16 +12,22 @@
 //!
 //! Models (metadata and signed manifest; the artifact bytes stay content-addressed files)
 //! are keyed `{slot}/{version}`; devices (last status, info, telemetry, presence, operator
-//! labels) by device id; channels by name. Tables a database lacks are created when it is opened, so a file
+//! labels) by device id; channels by name. Captured samples (the record of each file the
+//! blob store holds) are keyed (capture time, digest), so a time range is one range read,
+//! with an index by digest; data sets by id. Tables a database lacks are created when it is opened, so a file
 //! written by an older server of this schema opens as it is.
 
+use std::ops::{Bound, ControlFlow};
 use std::path::{Path, PathBuf};
 
+use botfleet_protocol::manifest::Sha256Digest;
+use jiff::Timestamp;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::channels::Channel;
+use crate::data::{Dataset, SampleRecord};
 use crate::devices::DeviceView;
 use crate::registry::StoredModel;
 use botfleet_protocol::{DeviceId, RolloutId};
@@ -38,6 +44,13 @@ const IDEMPOTENCY: Table = TableDefinition::new("idempotency_keys");
 const MODELS: Table = TableDefinition::new("models");
 const DEVICES: Table = TableDefinition::new("devices");
 const CHANNELS: Table = TableDefinition::new("channels");
+/// Sample records keyed (captured_at in nanoseconds since the epoch, SHA-256 hex).
+const SAMPLES: TableDefinition<'static, (i128, &'static str), &'static [u8]> =
+    TableDefinition::new("samples");
+/// Each stored sample's capture time, by SHA-256 hex: the key of its `samples` row.
+const SAMPLE_DIGESTS: TableDefinition<'static, &'static str, i128> =
+    TableDefinition::new("sample_digests");
+const DATASETS: Table = TableDefinition::new("datasets");
 
 /// redb's page cache (reads and the write buffer together). Its default, 1 GiB, would let
 /// the cache grow with every page a busy fleet rewrites (a rollout of 10,000 devices is one
@@ -165,11 +178,15 @@ impl Db {
                 source: Box::new(e.into()),
             })?;
         let txn = db.begin_write().map_err(|e| storage("begin")(e.into()))?;
-        for table in [ROLLOUTS, IDEMPOTENCY, MODELS, DEVICES, CHANNELS] {
+        for table in [ROLLOUTS, IDEMPOTENCY, MODELS, DEVICES, CHANNELS, DATASETS] {
             txn.open_table(table)
                 .map_err(|e| storage("create table")(e.into()))?;
         }
         txn.open_table(ROLLOUT_DEVICES)
+            .map_err(|e| storage("create table")(e.into()))?;
+        txn.open_table(SAMPLES)
+            .map_err(|e| storage("create table")(e.into()))?;
+        txn.open_table(SAMPLE_DIGESTS)
             .map_err(|e| storage("create table")(e.into()))?;
         txn.commit().map_err(|e| storage("commit")(e.into()))?;
         Ok(Self {
@@ -411,6 +428,155 @@ impl Db {
     }
 }
 
+impl Db {
+    /// Records a stored sample (durable when this returns); `false` when a sample of that
+    /// digest was recorded already (the first record stays).
+    pub fn insert_sample(&self, record: &SampleRecord) -> Result<bool, DbError> {
+        let sha = record.sha256.to_hex();
+        let at = record.captured_at.as_nanosecond();
+        let bytes = serde_json::to_vec(record).map_err(DbError::Encode)?;
+        let txn = self
+            .db
+            .begin_write()
+            .map_err(|e| storage("begin")(e.into()))?;
+        {
+            let mut digests = txn
+                .open_table(SAMPLE_DIGESTS)
+                .map_err(|e| storage("open")(e.into()))?;
+            let known = digests
+                .get(sha.as_str())
+                .map_err(|e| storage("read")(e.into()))?
+                .is_some();
+            if known {
+                return Ok(false);
+            }
+            digests
+                .insert(sha.as_str(), at)
+                .map_err(|e| storage("write")(e.into()))?;
+            txn.open_table(SAMPLES)
+                .map_err(|e| storage("open")(e.into()))?
+                .insert((at, sha.as_str()), bytes.as_slice())
+                .map_err(|e| storage("write")(e.into()))?;
+        }
+        txn.commit().map_err(|e| storage("commit")(e.into()))?;
+        Ok(true)
+    }
+
+    /// The record of the sample with digest `sha256`.
+    pub fn sample(&self, sha256: &Sha256Digest) -> Result<Option<SampleRecord>, DbError> {
+        let sha = sha256.to_hex();
+        let txn = self
+            .db
+            .begin_read()
+            .map_err(|e| storage("begin")(e.into()))?;
+        let at = txn
+            .open_table(SAMPLE_DIGESTS)
+            .map_err(|e| storage("open")(e.into()))?
+            .get(sha.as_str())
+            .map_err(|e| storage("read")(e.into()))?
+            .map(|v| v.value());
+        let Some(at) = at else {
+            return Ok(None);
+        };
+        let table = txn
+            .open_table(SAMPLES)
+            .map_err(|e| storage("open")(e.into()))?;
+        let row = table
+            .get((at, sha.as_str()))
+            .map_err(|e| storage("read")(e.into()))?;
+        row.map(|value| decode_sample(at, &sha, value.value()))
+            .transpose()
+    }
+
+    /// Visits sample records captured in `[since, until)`, oldest or newest first, until
+    /// `visit` says stop.
+    pub fn scan_samples(
+        &self,
+        since: Option<Timestamp>,
+        until: Option<Timestamp>,
+        newest_first: bool,
+        mut visit: impl FnMut(SampleRecord) -> ControlFlow<()>,
+    ) -> Result<(), DbError> {
+        let txn = self
+            .db
+            .begin_read()
+            .map_err(|e| storage("begin")(e.into()))?;
+        let table = txn
+            .open_table(SAMPLES)
+            .map_err(|e| storage("open")(e.into()))?;
+        // "" sorts before every digest: (t, "") is the first key at time t.
+        let low = since.map_or(Bound::Unbounded, |t| {
+            Bound::Included((t.as_nanosecond(), ""))
+        });
+        let high = until.map_or(Bound::Unbounded, |t| {
+            Bound::Excluded((t.as_nanosecond(), ""))
+        });
+        let range = table
+            .range::<(i128, &str)>((low, high))
+            .map_err(|e| storage("read")(e.into()))?;
+        let mut step = |row: Result<_, redb::StorageError>| -> Result<ControlFlow<()>, DbError> {
+            let (key, value): (
+                redb::AccessGuard<'_, (i128, &str)>,
+                redb::AccessGuard<'_, &[u8]>,
+            ) = row.map_err(|e| storage("read")(e.into()))?;
+            let (at, sha) = key.value();
+            Ok(visit(decode_sample(at, sha, value.value())?))
+        };
+        if newest_first {
+            for row in range.rev() {
+                if step(row)?.is_break() {
+                    break;
+                }
+            }
+        } else {
+            for row in range {
+                if step(row)?.is_break() {
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Stores a data set's record (durable when this returns).
+    pub fn save_dataset(&self, dataset: &Dataset) -> Result<(), DbError> {
+        self.put(DATASETS, [(dataset.id.clone(), dataset)])
+    }
+
+    /// Every data set's record.
+    pub fn load_datasets(&self) -> Result<Vec<Dataset>, DbError> {
+        self.rows(DATASETS, "datasets")
+    }
+
+    /// One data set's record.
+    pub fn dataset(&self, id: &str) -> Result<Option<Dataset>, DbError> {
+        let txn = self
+            .db
+            .begin_read()
+            .map_err(|e| storage("begin")(e.into()))?;
+        let table = txn
+            .open_table(DATASETS)
+            .map_err(|e| storage("open")(e.into()))?;
+        let row = table.get(id).map_err(|e| storage("read")(e.into()))?;
+        row.map(|value| {
+            serde_json::from_slice(value.value()).map_err(|source| DbError::Decode {
+                table: "datasets",
+                key: id.to_owned(),
+                source,
+            })
+        })
+        .transpose()
+    }
+}
+
+fn decode_sample(at: i128, sha: &str, bytes: &[u8]) -> Result<SampleRecord, DbError> {
+    serde_json::from_slice(bytes).map_err(|source| DbError::Decode {
+        table: "samples",
+        key: format!("{at}/{sha}"),
+        source,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use botfleet_protocol::manifest::Sha256Digest;
@@ -531,6 +697,54 @@ mod tests {
         assert_eq!(
             again.rollouts[0].devices, rollout.devices,
             "read from their rows"
+        );
+    }
+
+    #[test]
+    fn samples_are_recorded_once_and_scanned_by_time_either_way() {
+        use crate::data::record::tests::record;
+        use botfleet_protocol::sample::CaptureRule;
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("botfleet.redb")).unwrap();
+        let a = record("robot-1", CaptureRule::Sampled, "2026-01-01T10:00:00Z");
+        let b = record("robot-2", CaptureRule::Sampled, "2026-01-01T11:00:00Z");
+        let c = record("robot-1", CaptureRule::OnDemand, "2026-01-01T12:00:00Z");
+        for r in [&b, &a, &c] {
+            assert!(db.insert_sample(r).unwrap());
+        }
+        let mut again = a.clone();
+        again.received_at = Timestamp::now();
+        assert!(!db.insert_sample(&again).unwrap(), "recorded once");
+        assert_eq!(db.sample(&a.sha256).unwrap().unwrap(), a);
+        assert!(db.sample(&Sha256Digest::of(b"none")).unwrap().is_none());
+        let scan = |since: Option<&str>, until: Option<&str>, newest: bool, limit: usize| {
+            let mut seen = Vec::new();
+            db.scan_samples(
+                since.map(|s| s.parse().unwrap()),
+                until.map(|s| s.parse().unwrap()),
+                newest,
+                |r| {
+                    seen.push(r.sha256);
+                    if seen.len() == limit {
+                        ControlFlow::Break(())
+                    } else {
+                        ControlFlow::Continue(())
+                    }
+                },
+            )
+            .unwrap();
+            seen
+        };
+        assert_eq!(scan(None, None, false, 9), [a.sha256, b.sha256, c.sha256]);
+        assert_eq!(scan(None, None, true, 2), [c.sha256, b.sha256]);
+        assert_eq!(
+            scan(
+                Some("2026-01-01T11:00:00Z"),
+                Some("2026-01-01T12:00:00Z"),
+                false,
+                9
+            ),
+            [b.sha256]
         );
     }
 

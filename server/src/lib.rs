@@ -18,6 +18,9 @@
 //!   and the service that drives them; `db`: the embedded database (redb) they survive in.
 //! - `devices` + `fleet`: what the server knows about each robot (kept in `db`); `labels`:
 //!   the operator labels set on the server next to the ones a robot reports.
+//! - `data`: the fleet data loop's server half: robots' sample uploads (device tokens), the
+//!   blob store (disk or S3), data sets frozen from samples and exported as tar, capture
+//!   orders.
 //! - `http`: the REST API; [`cli`] drives the same API from a shell.
 //!
 //! [`start`] brings everything up and returns a [`Running`] server once HTTP listens and the
@@ -31,6 +34,7 @@ mod channels;
 pub mod cli;
 mod client;
 pub mod config;
+pub mod data;
 mod db;
 mod desired;
 mod devices;

@@ -50,6 +50,10 @@ pub enum Error {
     Desired(#[from] DesiredError),
     #[error(transparent)]
     Db(#[from] DbError),
+    #[error(transparent)]
+    DeviceSecret(#[from] crate::data::SecretError),
+    #[error(transparent)]
+    Store(#[from] crate::data::StoreError),
     #[error("rollouts cannot go on")]
     Rollouts(#[source] CreateError),
     #[error("cannot listen on {addr} for HTTP")]
@@ -211,6 +215,9 @@ pub async fn start(config: Config) -> Result<Running, Error> {
     });
 
     let access = Arc::new(crate::auth::Access::new(&settings.config.auth)?);
+    let device_secret = crate::data::DeviceSecret::load_or_generate(&settings.device_secret_file)?;
+    let store = crate::data::BlobStore::open(&settings.store, &settings.config.data)?;
+    let store_url = store.url().to_owned();
     let db = Arc::new(Db::open(&data_dir.join("botfleet.redb"))?);
     let db_released = Box::pin(db.released());
     let registry = Arc::new(Registry::open(
@@ -248,6 +255,15 @@ pub async fn start(config: Config) -> Result<Running, Error> {
     ));
     let (link, publisher, mut link_state) =
         Link::new(&link_options, settings.topics.clone(), fleet.clone());
+    let data = Arc::new(crate::data::DataService::new(
+        store,
+        db.clone(),
+        device_secret,
+        settings.config.data.max_sample_bytes,
+        fleet.clone(),
+        signer.clone(),
+        publisher.clone(),
+    ));
     let (rollouts, fanout) = RolloutService::new(
         desired,
         fleet.clone(),
@@ -269,6 +285,7 @@ pub async fn start(config: Config) -> Result<Running, Error> {
         max_model_bytes: settings.config.max_model_bytes,
         metrics: settings.config.metrics,
         access,
+        data,
         stop: tasks.cancel_token().clone(),
     });
 
@@ -334,7 +351,7 @@ pub async fn start(config: Config) -> Result<Running, Error> {
     }
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"), http = %running.http_addr, mqtt = %running.mqtt_url,
-        %public_url, key_id = %signer.key_id(), "botfleet-server started"
+        %public_url, key_id = %signer.key_id(), samples = %store_url, "botfleet-server started"
     );
     Ok(running)
 }

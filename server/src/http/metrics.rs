@@ -17,6 +17,7 @@ pub async fn metrics(State(app): AppState) -> Response {
     let mut body = String::new();
     rollout_families(&app, &mut body);
     device_families(&app, &mut body);
+    sample_families(&app, &mut body);
     (
         [(
             header::CONTENT_TYPE,
@@ -90,6 +91,51 @@ fn rollout_families(app: &App, body: &mut String) {
     ] {
         let _ = writeln!(body, "botfleet_events_total{{result=\"{result}\"}} {n}");
     }
+}
+
+/// Sample uploads: stored, refused by reason, bytes stored.
+fn sample_families(app: &App, body: &mut String) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let counters = &app.data.counters;
+    family(
+        body,
+        "botfleet_samples_received_total",
+        "counter",
+        "Sample uploads taken: stored now, or stored already (the same digest).",
+    );
+    for (result, n) in [
+        ("stored", counters.stored.load(Relaxed)),
+        ("duplicate", counters.duplicate.load(Relaxed)),
+    ] {
+        let _ = writeln!(
+            body,
+            "botfleet_samples_received_total{{result=\"{result}\"}} {n}"
+        );
+    }
+    family(
+        body,
+        "botfleet_samples_refused_total",
+        "counter",
+        "Sample uploads refused, by reason.",
+    );
+    for (reason, n) in counters.refused() {
+        let _ = writeln!(
+            body,
+            "botfleet_samples_refused_total{{reason=\"{}\"}} {n}",
+            reason.as_str()
+        );
+    }
+    family(
+        body,
+        "botfleet_sample_bytes_total",
+        "counter",
+        "Bytes of the sample files stored.",
+    );
+    let _ = writeln!(
+        body,
+        "botfleet_sample_bytes_total {}",
+        counters.stored_bytes.load(Relaxed)
+    );
 }
 
 /// Devices by presence, and per-device CPU, memory, GPU and temperature gauges.

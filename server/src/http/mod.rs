@@ -19,6 +19,11 @@
 //! PUT  /api/v1/devices/{id}/labels          {"labels":{..}}: replace the operator labels
 //! PATCH /api/v1/devices/{id}/labels         {"set":{..},"remove":[..]}: edit them
 //! GET  /api/v1/devices/{id}/telemetry        the last hour of telemetry (`?since=`)
+//! PUT|HEAD /api/v1/devices/{id}/samples/{sha256}   a robot's sample upload (device token)
+//! POST /api/v1/devices/{id}/capture          {"slot","requests"}: a signed capture order
+//! GET  /api/v1/samples[/summary|/{sha256}[/file|/thumbnail.png]]   samples and their files
+//! POST /api/v1/datasets                      {"name", devices?, selector?, slots?, rules?, …}
+//! GET  /api/v1/datasets[/{id}[/manifest|/export]]   data sets, manifests, tar exports
 //! GET  /api/v1/events/stream                 server-sent change notices (`?ticket=`)
 //! POST /api/v1/events/ticket                 a 60 s ticket to open the stream with
 //! GET  /api/v1/session                       the caller's role
@@ -30,12 +35,14 @@
 mod access;
 mod channels;
 mod dashboard;
+pub mod datasets;
 mod devices;
 mod history;
 mod metrics;
 mod models;
 mod openapi;
 mod rollouts;
+pub mod samples;
 mod stream;
 
 use std::error::Error as StdError;
@@ -73,6 +80,8 @@ pub struct App {
     pub metrics: crate::config::MetricsConfig,
     /// API tokens and stream tickets.
     pub access: Arc<crate::auth::Access>,
+    /// Samples, data sets and capture orders.
+    pub data: Arc<crate::data::DataService>,
     /// Cancelled when the server stops: long-lived responses (the event stream) end then.
     pub stop: tokio_util::sync::CancellationToken,
 }
@@ -231,6 +240,26 @@ pub fn router(app: Arc<App>) -> Router {
             put(devices::replace_labels).patch(devices::patch_labels),
         )
         .route("/api/v1/devices/{id}/telemetry", get(history::telemetry))
+        .route(
+            "/api/v1/devices/{id}/samples/{sha256}",
+            put(samples::upload).head(samples::head),
+        )
+        .route("/api/v1/devices/{id}/capture", post(samples::capture))
+        .route("/api/v1/samples", get(samples::list))
+        .route("/api/v1/samples/summary", get(samples::summary))
+        .route("/api/v1/samples/{sha256}", get(samples::get))
+        .route("/api/v1/samples/{sha256}/file", get(samples::file))
+        .route(
+            "/api/v1/samples/{sha256}/thumbnail.png",
+            get(samples::thumbnail),
+        )
+        .route(
+            "/api/v1/datasets",
+            get(datasets::list).post(datasets::create),
+        )
+        .route("/api/v1/datasets/{id}", get(datasets::get))
+        .route("/api/v1/datasets/{id}/manifest", get(datasets::manifest))
+        .route("/api/v1/datasets/{id}/export", get(datasets::export))
         .route(access::STREAM_PATH, get(stream::stream))
         .route("/api/v1/events/ticket", post(access::new_ticket))
         .route("/api/v1/session", get(access::session))

@@ -141,6 +141,67 @@ mod tests {
     }
 
     #[test]
+    fn every_field_of_a_sample_and_a_data_set_is_documented() {
+        use crate::data::dataset::{Selection, freeze};
+        use crate::data::{SampleRecord, Summarizer};
+        use botfleet_protocol::manifest::Sha256Digest;
+        use botfleet_protocol::sample::{CaptureRule, SampleHeader};
+
+        let doc = doc();
+        let header: SampleHeader = serde_json::from_value(serde_json::json!({
+            "schema": 1, "device": "robot-1", "slot": "digits",
+            "model": {"version": "1", "release": 1, "sha256": "ab".repeat(32)},
+            "engine": "tract", "captured_at": "2026-01-01T00:00:00Z", "rule": "disagreement",
+            "detail": "top-1 3 vs 5", "latency_ms": 1.5,
+            "candidate": {"version": "2", "release": 2, "sha256": "cd".repeat(32)},
+            "inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 2]}],
+            "outputs": [{"name": "y", "datatype": "FP32", "shape": [1, 2]}],
+            "candidate_outputs": [{"name": "y", "datatype": "FP32", "shape": [1, 2]}]
+        }))
+        .unwrap();
+        let record = SampleRecord::new(Sha256Digest::of(b"s"), header, 100, jiff::Timestamp::now());
+        let json = serde_json::to_value(&record).unwrap();
+        documented(&doc, "Sample", &json);
+        documented(&doc, "SampleModel", &json["model"]);
+        documented(&doc, "SampleTensor", &json["inputs"][0]);
+        let selection = Selection {
+            devices: Some(vec!["robot-1".parse().unwrap()]),
+            selector: Some("site=lab".into()),
+            slots: Some(vec!["digits".parse().unwrap()]),
+            rules: Some(vec![CaptureRule::Sampled]),
+            models: Some(vec!["1".into()]),
+            since: Some(jiff::Timestamp::UNIX_EPOCH),
+            until: Some(jiff::Timestamp::now()),
+        };
+        let (dataset, bytes) = freeze(
+            "ds-1".into(),
+            "n".into(),
+            selection,
+            vec![record.clone()],
+            jiff::Timestamp::now(),
+        )
+        .unwrap();
+        let json = serde_json::to_value(&dataset).unwrap();
+        documented(&doc, "Dataset", &json);
+        documented(&doc, "Selection", &json["selection"]);
+        let manifest: Value = serde_json::from_slice(&bytes).unwrap();
+        documented(&doc, "DatasetManifest", &manifest);
+        let mut summary = Summarizer::new(60);
+        summary.add(&record);
+        let json = serde_json::to_value(summary.finish()).unwrap();
+        documented(&doc, "SampleSummary", &json);
+        let row = &json["buckets"][0];
+        let properties = &doc["components"]["schemas"]["SampleSummary"]["properties"]["buckets"]["items"]
+            ["properties"];
+        for key in row.as_object().unwrap().keys() {
+            assert!(
+                properties.get(key).is_some(),
+                "summary bucket {key} is not documented"
+            );
+        }
+    }
+
+    #[test]
     fn the_document_is_json_and_names_every_route() {
         let doc: serde_json::Value = serde_json::from_str(DOCUMENT).unwrap();
         assert_eq!(doc["openapi"], "3.1.0");
@@ -249,6 +310,20 @@ mod requests {
                 json!({"selector": "site=lab", "priority": 10, "pins": {"digits": "1.0.0"}}),
             ),
             ("AccuracyGate", parse::<AccuracyGate>, accuracy_gate()),
+            (
+                "DatasetRequest",
+                parse::<crate::data::DatasetRequest>,
+                json!({
+                    "name": "night shift", "devices": ["robot-1"], "selector": "site=lab",
+                    "slots": ["digits"], "rules": ["low_confidence"], "models": ["1.0.0"],
+                    "since": "2026-01-01T00:00:00Z", "until": "2026-01-02T00:00:00Z"
+                }),
+            ),
+            (
+                "CaptureRequest",
+                parse::<crate::data::CaptureRequest>,
+                json!({"slot": "digits", "requests": 20, "reason": "night shift"}),
+            ),
             (
                 "EvaluationSet",
                 parse::<botfleet_protocol::evaluation::EvaluationSet>,
