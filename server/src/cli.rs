@@ -11,6 +11,7 @@ use serde_json::{Value, json};
 
 use crate::client::{ApiClient, ClientError, PushMetadata};
 use crate::config::{Config, ConfigError, DEFAULT_TOML};
+pub use crate::data_cli::{DatasetCommand, SamplesCommand, SelectionArgs};
 use crate::keys::{self, KeyFileError};
 use crate::progress::Shown;
 
@@ -58,6 +59,38 @@ pub enum Command {
     /// selects (robots that join later too).
     #[command(subcommand)]
     Channel(ChannelCommand),
+    /// Data sets: samples frozen into an immutable manifest, exported as tar for training.
+    #[command(subcommand)]
+    Dataset(DatasetCommand),
+    /// Samples the robots uploaded.
+    #[command(subcommand)]
+    Samples(SamplesCommand),
+    /// Print a robot's sample upload token (offline: from the configured device secret).
+    DeviceToken {
+        /// The robot's device id.
+        id: String,
+        /// The device secret file (default: the configured one).
+        #[arg(long)]
+        secret: Option<PathBuf>,
+        /// Config file naming the secret (when --secret is not given).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Order a robot to keep copies of the next requests one of its slots answers (a signed
+    /// capture order; the robot's capture policy must allow on-demand capture).
+    Capture {
+        device: String,
+        #[arg(long)]
+        slot: String,
+        /// How many of the next requests (1 to 10,000).
+        #[arg(long)]
+        requests: u32,
+        /// Why, for the robot's log.
+        #[arg(long)]
+        reason: Option<String>,
+        #[command(flatten)]
+        server: ServerArg,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -147,7 +180,7 @@ pub enum Output {
 }
 
 impl ServerArg {
-    fn client(&self) -> Result<ApiClient, ClientError> {
+    pub(crate) fn client(&self) -> Result<ApiClient, ClientError> {
         let mut client = ApiClient::new(&self.server, self.token.as_deref())?;
         client.progress = self.output == Output::Text && std::io::stderr().is_terminal();
         Ok(client)
@@ -287,6 +320,10 @@ pub enum CliError {
     Labels(#[from] crate::labels::LabelError),
     #[error("--pin {0:?} is not slot=version")]
     Pin(String),
+    #[error(transparent)]
+    Secret(#[from] crate::data::SecretError),
+    #[error("{0}")]
+    Id(#[from] botfleet_protocol::IdError),
 }
 
 /// Resolves when SIGINT or SIGTERM arrives.
@@ -314,13 +351,13 @@ pub async fn shutdown_signal() {
     }
 }
 
-fn print_json(value: &Value) {
+pub(crate) fn print_json(value: &Value) {
     let text = serde_json::to_string_pretty(value).unwrap_or_else(|_| value.to_string());
     print_line(&text);
 }
 
 /// Prints to stdout; a closed pipe (`| head`) is not an error worth a panic.
-fn print_line(text: &str) {
+pub(crate) fn print_line(text: &str) {
     use std::io::Write as _;
     let _ = writeln!(std::io::stdout().lock(), "{text}");
 }
@@ -521,6 +558,25 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                 print_line(&format!("channel {name} removed"));
             }
         }
+        Command::Dataset(command) => crate::data_cli::dataset(command).await?,
+        Command::Samples(command) => crate::data_cli::samples(command).await?,
+        Command::DeviceToken { id, secret, config } => {
+            let path = match (secret, config) {
+                (Some(secret), _) => secret,
+                (None, Some(config)) => Config::from_file(&config)?.device_secret_file(),
+                (None, None) => Config::default().device_secret_file(),
+            };
+            let id = botfleet_protocol::DeviceId::new(id)?;
+            let secret = crate::data::DeviceSecret::load(&path)?;
+            print_line(&secret.token(&id));
+        }
+        Command::Capture {
+            device,
+            slot,
+            requests,
+            reason,
+            server,
+        } => crate::data_cli::capture(&device, &slot, requests, reason, &server).await?,
         Command::Devices(server) | Command::Device(DeviceCommand::List(server)) => {
             server.show(
                 Shown::Devices,
@@ -648,6 +704,65 @@ mod tests {
                 if id == "r1" && edits.len() == 2
         ));
         assert!(Cli::try_parse_from(["botfleet-server", "device", "label", "r1"]).is_err());
+    }
+
+    #[test]
+    fn data_commands_parse() {
+        for args in [
+            &["botfleet-server", "dataset", "list"][..],
+            &["botfleet-server", "dataset", "show", "ds-1"],
+            &[
+                "botfleet-server",
+                "dataset",
+                "export",
+                "ds-1",
+                "--output",
+                "x.tar",
+            ],
+            &[
+                "botfleet-server",
+                "dataset",
+                "create",
+                "night",
+                "--device",
+                "r1",
+                "--device",
+                "r2",
+                "--rule",
+                "low_confidence",
+                "--since",
+                "2026-01-01T00:00:00Z",
+            ],
+            &[
+                "botfleet-server",
+                "samples",
+                "list",
+                "--device",
+                "r1",
+                "--limit",
+                "5",
+            ],
+            &[
+                "botfleet-server",
+                "device-token",
+                "r1",
+                "--config",
+                "/etc/botfleet/server.toml",
+            ],
+            &[
+                "botfleet-server",
+                "capture",
+                "r1",
+                "--slot",
+                "digits",
+                "--requests",
+                "20",
+            ],
+        ] {
+            assert!(Cli::try_parse_from(args).is_ok(), "{args:?}");
+        }
+        assert!(Cli::try_parse_from(["botfleet-server", "dataset", "export", "ds-1"]).is_err());
+        assert!(Cli::try_parse_from(["botfleet-server", "capture", "r1", "--slot", "d"]).is_err());
     }
 
     #[test]

@@ -39,6 +39,20 @@ pub enum ClientError {
         #[source]
         source: reqwest::Error,
     },
+    #[error("the server sent no {0} header with the export")]
+    NoDigest(&'static str),
+    #[error("the export of {path} did not check out; nothing was kept")]
+    Export {
+        path: PathBuf,
+        #[source]
+        source: crate::data::check::ExportError,
+    },
+    #[error("cannot write {path}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     /// The server's own one-line error, and what to do about it where that is clear.
     #[error("{message} (HTTP {status}){}", hint(*status))]
     Server { status: StatusCode, message: String },
@@ -162,9 +176,15 @@ impl ApiClient {
         format!("{}{path}", self.base)
     }
 
-    async fn send(&self, url: String, request: RequestBuilder) -> Result<Value, ClientError> {
+    /// Sends `request`: a success's response as it came (its body unread), else the
+    /// server's error.
+    async fn respond(
+        &self,
+        url: &str,
+        request: RequestBuilder,
+    ) -> Result<reqwest::Response, ClientError> {
         let http = |source| ClientError::Http {
-            url: url.clone(),
+            url: url.to_owned(),
             source,
         };
         let request = match &self.token {
@@ -173,15 +193,34 @@ impl ApiClient {
         };
         let response = request.send().await.map_err(http)?;
         let status = response.status();
-        let body = response.bytes().await.map_err(http)?;
-        if !status.is_success() {
-            let message = serde_json::from_slice::<Value>(&body)
-                .ok()
-                .and_then(|v| v.get("error").and_then(Value::as_str).map(str::to_owned))
-                .unwrap_or_else(|| String::from_utf8_lossy(&body).trim().to_owned());
-            return Err(ClientError::Server { status, message });
+        if status.is_success() {
+            return Ok(response);
         }
+        let body = response.bytes().await.map_err(http)?;
+        let message = serde_json::from_slice::<Value>(&body)
+            .ok()
+            .and_then(|v| v.get("error").and_then(Value::as_str).map(str::to_owned))
+            .unwrap_or_else(|| String::from_utf8_lossy(&body).trim().to_owned());
+        Err(ClientError::Server { status, message })
+    }
+
+    async fn send(&self, url: String, request: RequestBuilder) -> Result<Value, ClientError> {
+        let response = self.respond(&url, request).await?;
+        let body = response.bytes().await.map_err(|source| ClientError::Http {
+            url: url.clone(),
+            source,
+        })?;
         Ok(serde_json::from_slice(&body).unwrap_or(Value::Null))
+    }
+
+    /// `GET` whose body the caller reads (a download); its URL for errors.
+    pub async fn get_response(
+        &self,
+        path: &str,
+    ) -> Result<(reqwest::Response, String), ClientError> {
+        let url = self.url(path);
+        let response = self.respond(&url, self.http.get(&url)).await?;
+        Ok((response, url))
     }
 
     pub async fn get(&self, path: &str) -> Result<Value, ClientError> {

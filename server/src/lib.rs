@@ -35,6 +35,7 @@ pub mod cli;
 mod client;
 pub mod config;
 pub mod data;
+mod data_cli;
 mod db;
 mod desired;
 mod devices;
