@@ -6,6 +6,8 @@
 // set-up should panic right here.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod moto;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
