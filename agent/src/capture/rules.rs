@@ -106,17 +106,18 @@ pub fn sampled(every: u64, seen: u64) -> Option<Fired> {
     })
 }
 
-/// The first rule that fires names a sample: `sampled` (decided before the run), the
-/// output rules, then `on_demand` (decided before the run).
+/// The first rule that fires names a sample: `on_demand` while an order stands (so an
+/// order's requests all carry its name), `sampled` (both decided before the run), then the
+/// output rules.
 pub fn first(
     policy: &SlotPolicy,
     sampled: Option<Fired>,
     on_demand: Option<Fired>,
     outputs: &[Tensor],
 ) -> Option<Fired> {
-    sampled
+    on_demand
+        .or(sampled)
         .or_else(|| on_outputs(policy, outputs))
-        .or(on_demand)
 }
 
 /// At most `per_minute` samples a minute: a token bucket that holds a minute's worth and
@@ -254,29 +255,32 @@ mod tests {
         let low = probs(&[0.41, 0.2]);
         let on_demand = Some(Fired::new(CaptureRule::OnDemand, None));
         let sampled = sampled(1, 0);
+        let rule = |s: Option<Fired>, o: Option<Fired>, out: &[Tensor]| {
+            first(&p, s, o, out).map(|f| f.rule)
+        };
         assert_eq!(
-            first(&p, sampled.clone(), on_demand.clone(), &low)
-                .unwrap()
-                .rule,
-            CaptureRule::Sampled
+            rule(sampled.clone(), on_demand.clone(), &low),
+            Some(CaptureRule::OnDemand)
         );
         assert_eq!(
-            first(&p, None, on_demand.clone(), &low).unwrap().rule,
-            CaptureRule::LowConfidence
+            rule(sampled.clone(), None, &low),
+            Some(CaptureRule::Sampled)
         );
+        assert_eq!(rule(None, None, &low), Some(CaptureRule::LowConfidence));
         let confident_but_far = probs(&[0.9, 0.1]);
         assert_eq!(
-            first(&p, None, on_demand.clone(), &confident_but_far)
-                .unwrap()
-                .rule,
-            CaptureRule::OutOfRange
+            rule(None, None, &confident_but_far),
+            Some(CaptureRule::OutOfRange)
         );
         p.range = None;
+        let rule = |s: Option<Fired>, o: Option<Fired>, out: &[Tensor]| {
+            first(&p, s, o, out).map(|f| f.rule)
+        };
         assert_eq!(
-            first(&p, None, on_demand, &confident_but_far).unwrap().rule,
-            CaptureRule::OnDemand
+            rule(None, on_demand, &confident_but_far),
+            Some(CaptureRule::OnDemand)
         );
-        assert!(first(&p, None, None, &confident_but_far).is_none());
+        assert_eq!(rule(None, None, &confident_but_far), None);
     }
 
     #[test]

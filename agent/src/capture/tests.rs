@@ -408,24 +408,39 @@ async fn a_signed_capture_order_keeps_the_next_requests_of_the_slot() {
     let trusted = TrustedKeys::new([signer.public_key()]);
     let (_dir, capture) = started(SlotPolicy {
         on_demand: true,
+        sample_every: 4,
         ..policy()
     });
-    assert!(capture.plan("digits").is_none(), "nothing asked for yet");
     let signed = signer.sign_capture(&order("robot-1", 3)).unwrap();
     let accepted = accept_order(Some(&capture), &signed, &trusted, &me(), Timestamp::now());
     assert_eq!(accepted.unwrap().capture_requests, 3);
     let outputs = probs(&[0.9]);
     let copied: Vec<Option<bool>> = (0..5).map(|_| request(&capture, &outputs)).collect();
-    assert_eq!(copied, [Some(true), Some(true), Some(true), None, None]);
-    let files = spooled(&capture, 3).await;
-    assert_eq!(files.len(), 3);
-    for (_, sample) in &files {
-        assert_eq!(sample.header.rule, CaptureRule::OnDemand);
-        assert_eq!(
-            sample.header.detail.as_deref(),
-            Some("capture order for 3 requests: night shift")
-        );
-    }
+    // Requests 0 to 2 for the order (0 was one to sample too), 4 sampled.
+    assert_eq!(
+        copied,
+        [Some(true), Some(true), Some(true), None, Some(true)]
+    );
+    let files = spooled(&capture, 4).await;
+    let mut named: Vec<CaptureRule> = files.iter().map(|(_, s)| s.header.rule).collect();
+    named.sort();
+    assert_eq!(
+        named,
+        [
+            CaptureRule::Sampled,
+            CaptureRule::OnDemand,
+            CaptureRule::OnDemand,
+            CaptureRule::OnDemand
+        ]
+    );
+    let ordered = files
+        .iter()
+        .find(|(_, s)| s.header.rule == CaptureRule::OnDemand)
+        .unwrap();
+    assert_eq!(
+        ordered.1.header.detail.as_deref(),
+        Some("capture order for 3 requests: night shift")
+    );
     assert_eq!(capture.telemetry().captured["on_demand"], 3);
 }
 
