@@ -723,6 +723,7 @@ mod tests {
                 "botfleet-server",
                 "dataset",
                 "create",
+                "--name",
                 "night",
                 "--device",
                 "r1",

@@ -17,6 +17,8 @@ use crate::http::datasets::DIGEST_HEADER;
 pub enum DatasetCommand {
     /// Freeze the samples a selection names into a data set (an immutable manifest).
     Create {
+        /// What the data set is called (it need not be unique; its id is).
+        #[arg(long)]
         name: String,
         #[command(flatten)]
         selection: SelectionArgs,
