@@ -94,6 +94,8 @@ pub struct Running {
     http_addr: SocketAddr,
     mqtt_url: String,
     public_key: String,
+    /// What the robots' upload tokens derive from.
+    device_secret: crate::data::DeviceSecret,
     tasks: Tasks,
     /// Resolves once the database file is closed (the last task or request holding it gone).
     db_released: std::pin::Pin<Box<dyn Future<Output = ()> + Send>>,
@@ -128,6 +130,11 @@ impl Running {
     /// The manifest signing key, `ed25519:<base64>`: what agents must trust.
     pub fn public_key(&self) -> String {
         self.public_key.clone()
+    }
+
+    /// The sample upload token of `device`, as `botfleet-server device-token` prints it.
+    pub fn device_token(&self, device: &str) -> String {
+        self.device_secret.token(device)
     }
 
     /// Waits until a task fails; the server should then be shut down.
@@ -258,7 +265,7 @@ pub async fn start(config: Config) -> Result<Running, Error> {
     let data = Arc::new(crate::data::DataService::new(
         store,
         db.clone(),
-        device_secret,
+        device_secret.clone(),
         settings.config.data.max_sample_bytes,
         fleet.clone(),
         signer.clone(),
@@ -340,6 +347,7 @@ pub async fn start(config: Config) -> Result<Running, Error> {
         http_addr,
         mqtt_url,
         public_key,
+        device_secret,
         tasks,
         db_released,
     };

@@ -906,6 +906,7 @@ async fn the_device_token_command_prints_the_token_the_server_takes(backend: Bac
     let printed = String::from_utf8(output.stdout).unwrap();
     let token = printed.trim();
     assert_eq!(token.len(), 64);
+    assert_eq!(token, data.server.running.device_token("robot-7"));
     let file = small("robot-7", CaptureRule::Sampled, "2026-01-01T10:00:00Z", 1);
     let (status, body) = data.put_as("robot-7", &sha(&file), Some(token), file).await;
     assert_eq!(status, 201, "{body}");

@@ -63,16 +63,17 @@ impl DeviceSecret {
         Some(Self { keyed })
     }
 
-    fn mac(&self, device: &DeviceId) -> Hmac<Sha256> {
+    fn mac(&self, device: &str) -> Hmac<Sha256> {
         let mut mac = self.keyed.clone();
         mac.update(TOKEN_CONTEXT);
-        mac.update(device.as_str().as_bytes());
+        mac.update(device.as_bytes());
         mac
     }
 
-    /// The upload token of `device` (64 lowercase hex characters).
-    pub fn token(&self, device: &DeviceId) -> String {
-        hex::encode(self.mac(device).finalize().into_bytes())
+    /// The upload token of `device` (64 lowercase hex characters). Any text has one; only
+    /// a valid device id's can be used, as only those name an upload path.
+    pub fn token(&self, device: &(impl AsRef<str> + ?Sized)) -> String {
+        hex::encode(self.mac(device.as_ref()).finalize().into_bytes())
     }
 
     /// Whether `token` is `device`'s, compared in constant time.
@@ -80,7 +81,7 @@ impl DeviceSecret {
         let Ok(tag) = hex::decode(token.trim()) else {
             return false;
         };
-        self.mac(device).verify_slice(&tag).is_ok()
+        self.mac(device.as_str()).verify_slice(&tag).is_ok()
     }
 
     /// Reads the secret at `path` (hex).
@@ -139,6 +140,7 @@ mod tests {
         let mut mac = Hmac::<Sha256>::new_from_slice(&[7; 32]).unwrap();
         mac.update(b"botfleet-device-token-v1:robot-1");
         assert_eq!(token, hex::encode(mac.finalize().into_bytes()));
+        assert_eq!(secret.token("robot-1"), token);
         assert!(secret.verify(&id("robot-1"), &token));
         assert!(secret.verify(&id("robot-1"), &token.to_uppercase()));
         assert!(!secret.verify(&id("robot-2"), &token));
