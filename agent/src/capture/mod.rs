@@ -23,7 +23,7 @@ pub mod writer;
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
@@ -45,8 +45,10 @@ use rules::TokenBucket;
 use spool::Spool;
 use upload::{UploadState, Uploader};
 
-/// Copies waiting for the writer thread; more are dropped, not queued.
-const QUEUE: usize = 16;
+/// Copies waiting for the writer thread, at most; more are dropped, not queued.
+const QUEUE: usize = 1024;
+/// Tensor bytes waiting for the writer thread, at most (camera frames are large).
+const QUEUE_BYTES: usize = 64 * 1024 * 1024;
 
 /// The model that answered a request, as a sample names it.
 #[derive(Debug, Clone, PartialEq)]
@@ -81,6 +83,48 @@ pub struct Pending {
     pub outputs: Vec<Tensor>,
     pub candidate: Option<SampleModel>,
     pub candidate_outputs: Vec<Tensor>,
+}
+
+impl Pending {
+    /// The bytes its tensors take.
+    fn size(&self) -> usize {
+        self.inputs
+            .iter()
+            .chain(&self.outputs)
+            .chain(&self.candidate_outputs)
+            .map(|t| t.data.len() * botfleet_protocol::sample::element_bytes(t.data.datatype()))
+            .sum()
+    }
+}
+
+/// The serving path's end of the writer's queue: bounded by count and by bytes, and never
+/// waited on.
+#[derive(Debug)]
+struct Queue {
+    tx: SyncSender<Pending>,
+    /// Tensor bytes queued now; the writer takes back what it is done with.
+    bytes: Arc<AtomicUsize>,
+    max_bytes: usize,
+}
+
+impl Queue {
+    /// Queues `pending` unless the queue is full; `false` when it was dropped.
+    fn offer(&self, pending: Pending) -> bool {
+        let size = pending.size();
+        let before = self.bytes.fetch_add(size, Ordering::Relaxed);
+        // One copy larger than the whole budget still goes when nothing else waits.
+        if before > 0 && before + size > self.max_bytes {
+            self.bytes.fetch_sub(size, Ordering::Relaxed);
+            return false;
+        }
+        match self.tx.try_send(pending) {
+            Ok(()) => true,
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                self.bytes.fetch_sub(size, Ordering::Relaxed);
+                false
+            }
+        }
+    }
 }
 
 /// What capture counted since the agent started.
@@ -165,7 +209,7 @@ impl SlotState {
 #[derive(Debug)]
 pub struct Capture {
     slots: BTreeMap<String, Arc<SlotState>>,
-    tx: SyncSender<Pending>,
+    queue: Queue,
     counters: Arc<Counters>,
     spool: Arc<Spool>,
     uploads: watch::Receiver<UploadState>,
@@ -195,11 +239,17 @@ pub fn start(
     ));
     let counters = Arc::new(Counters::default());
     let (tx, rx) = std::sync::mpsc::sync_channel(QUEUE);
+    let queue = Queue {
+        tx,
+        bytes: Arc::default(),
+        max_bytes: QUEUE_BYTES,
+    };
     let writer = writer::Writer {
         device: device.clone(),
         spool: Arc::clone(&spool),
         counters: Arc::clone(&counters),
         log: writer::LogLimit::default(),
+        queued: Arc::clone(&queue.bytes),
     };
     std::thread::Builder::new()
         .name("botfleet-capture".into())
@@ -228,7 +278,7 @@ pub fn start(
         .collect();
     let capture = Arc::new(Capture {
         slots,
-        tx,
+        queue,
         counters,
         spool,
         uploads,
@@ -271,11 +321,8 @@ impl Capture {
 
     /// Hands a copy to the writer without waiting; a full queue drops it.
     fn offer(&self, pending: Pending) {
-        match self.tx.try_send(pending) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
-                self.counters.dropped_rate();
-            }
+        if !self.queue.offer(pending) {
+            self.counters.dropped_rate();
         }
     }
 

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
 use std::time::Duration;
 
 use botfleet_engine::{Model, Tensor, TensorData};
@@ -205,27 +206,6 @@ async fn the_rate_bound_drops_copies_before_they_are_made_and_counts_them() {
     assert_eq!(data.captured["sampled"], 2);
 }
 
-#[test]
-fn a_full_writer_queue_drops_copies_and_never_waits() {
-    let dir = tempfile::tempdir().unwrap();
-    let bounds = settings(policy()).spool;
-    // A writer that never reads: the queue fills.
-    let (tx, _rx) = std::sync::mpsc::sync_channel(1);
-    let (_state, uploads) = watch::channel(UploadState::default());
-    let capture = Capture {
-        slots: BTreeMap::new(),
-        tx,
-        counters: Arc::default(),
-        spool: Arc::new(Spool::open(dir.path(), bounds, Timestamp::now())),
-        uploads,
-        metered: Metered::open(dir.path()),
-    };
-    for _ in 0..3 {
-        capture.offer(pending());
-    }
-    assert_eq!(capture.telemetry().dropped_rate, 2);
-}
-
 fn pending() -> Pending {
     Pending {
         served: served(),
@@ -237,6 +217,74 @@ fn pending() -> Pending {
         candidate: None,
         candidate_outputs: vec![],
     }
+}
+
+fn idle_capture(dir: &std::path::Path, queue: Queue) -> Capture {
+    let (_state, uploads) = watch::channel(UploadState::default());
+    Capture {
+        slots: BTreeMap::new(),
+        queue,
+        counters: Arc::default(),
+        spool: Arc::new(Spool::open(dir, settings(policy()).spool, Timestamp::now())),
+        uploads,
+        metered: Metered::open(dir),
+    }
+}
+
+#[test]
+fn a_full_writer_queue_drops_copies_and_never_waits() {
+    let dir = tempfile::tempdir().unwrap();
+    // A writer that never reads: the queue fills.
+    let (tx, _rx) = std::sync::mpsc::sync_channel(1);
+    let queue = Queue {
+        tx,
+        bytes: Arc::default(),
+        max_bytes: 1 << 20,
+    };
+    let capture = idle_capture(dir.path(), queue);
+    for _ in 0..3 {
+        capture.offer(pending());
+    }
+    assert_eq!(capture.telemetry().dropped_rate, 2);
+    assert_eq!(
+        capture.queue.bytes.load(Ordering::Relaxed),
+        8,
+        "one copy's bytes"
+    );
+}
+
+#[test]
+fn the_writer_queue_is_bounded_by_bytes_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let (tx, rx) = std::sync::mpsc::sync_channel(100);
+    // Room for two copies of 8 bytes of inputs.
+    let bytes = Arc::new(AtomicUsize::new(0));
+    let queue = Queue {
+        tx,
+        bytes: Arc::clone(&bytes),
+        max_bytes: 20,
+    };
+    let capture = idle_capture(dir.path(), queue);
+    for _ in 0..4 {
+        capture.offer(pending());
+    }
+    assert_eq!(capture.telemetry().dropped_rate, 2);
+    // The writer gives back what it took: room again.
+    let mut writer = writer::Writer {
+        device: me(),
+        spool: Arc::new(Spool::open(
+            dir.path(),
+            settings(policy()).spool,
+            Timestamp::now(),
+        )),
+        counters: Arc::default(),
+        log: writer::LogLimit::default(),
+        queued: Arc::clone(&bytes),
+    };
+    drop(capture);
+    writer.drain(&rx);
+    assert_eq!(bytes.load(Ordering::Relaxed), 0);
+    assert_eq!(writer.spool.stats().samples, 2);
 }
 
 #[test]
@@ -255,6 +303,7 @@ fn a_write_the_disk_refuses_is_counted_and_the_writer_goes_on() {
         )),
         counters: Arc::clone(&counters),
         log: writer::LogLimit::default(),
+        queued: Arc::default(),
     };
     writer.write(&pending());
     writer.write(&pending());

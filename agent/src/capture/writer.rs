@@ -3,6 +3,7 @@
 //! is counted and logged (at most once a minute), never more.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
@@ -89,14 +90,23 @@ pub struct Writer {
     pub spool: Arc<Spool>,
     pub counters: Arc<Counters>,
     pub log: LogLimit,
+    /// The queue's byte count, given back as each copy is done with.
+    pub queued: Arc<AtomicUsize>,
 }
 
 impl Writer {
     /// Spools every copy from `rx` until the serving path's end is gone. Blocking.
     pub fn run(mut self, rx: &Receiver<Pending>) {
         crate::loader::lower_priority();
+        self.drain(rx);
+    }
+
+    /// Spools every copy from `rx`, giving its bytes back to the queue, until the serving
+    /// path's end is gone.
+    pub fn drain(&mut self, rx: &Receiver<Pending>) {
         for pending in rx {
             self.write(&pending);
+            self.queued.fetch_sub(pending.size(), Ordering::Relaxed);
         }
     }
 
