@@ -413,6 +413,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(config.capture.slots[&slot("digits")].sample_every, 100);
+        // Written back (as the test harness hands a configuration to the binary), it reads
+        // the same.
+        let again: crate::Config = toml::from_str(&toml::to_string(&config).unwrap()).unwrap();
+        assert_eq!(again, config);
         assert_eq!(config.upload.windows[0].to_string(), "22:00-05:00");
         let bad: Result<crate::Config, _> = toml::from_str("[upload]\nwindows = [\"25:00-05:00\"]");
         assert!(bad.unwrap_err().to_string().contains("HH:MM"));
