@@ -716,23 +716,56 @@ async fn a_data_set_exports_exactly_the_samples_its_selection_names(backend: Bac
     data.stop().await;
 }
 
-async fn the_cli_export_checks_every_digest_and_keeps_nothing_that_fails(backend: Backend) {
+/// Runs the `botfleet-server` binary with `args` against the test server; its JSON answer.
+async fn cli_json(data: &Data, args: &[&str]) -> Value {
+    let base = data.server.running.base_url();
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_botfleet-server"));
+    command
+        .args(args)
+        .args(["--server", &base, "--token", OPERATOR, "--output", "json"]);
+    let output = command.output().await.unwrap();
+    assert!(output.status.success(), "{args:?}: {output:?}");
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+async fn the_cli_makes_lists_and_exports_data_sets_checking_every_digest(backend: Backend) {
     let data = Data::start(backend).await;
     let files = [
         small("robot-1", CaptureRule::OnDemand, "2026-01-01T10:00:00Z", 1),
         small("robot-1", CaptureRule::OnDemand, "2026-01-01T10:05:00Z", 2),
+        small("robot-1", CaptureRule::Sampled, "2026-01-01T10:06:00Z", 3),
     ];
     for file in &files {
         data.upload(file).await;
     }
-    let (status, dataset) = data
-        .post(
-            "/api/v1/datasets",
-            &json!({"name": "on demand", "rules": ["on_demand"]}),
-        )
-        .await;
-    assert_eq!(status, 201, "{dataset}");
+    let listed = cli_json(&data, &["samples", "list", "--rule", "on_demand"]).await;
+    let listed: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["sha256"].as_str().unwrap())
+        .collect();
+    assert_eq!(listed, [sha(&files[1]), sha(&files[0])]);
+    let dataset = cli_json(
+        &data,
+        &[
+            "dataset",
+            "create",
+            "--name",
+            "on demand",
+            "--rule",
+            "on_demand",
+            "--device",
+            "robot-1",
+        ],
+    )
+    .await;
+    assert_eq!(dataset["samples"], 2, "{dataset}");
     let id = dataset["id"].as_str().unwrap();
+    let shown = cli_json(&data, &["dataset", "show", id]).await;
+    assert_eq!(shown, dataset);
+    let all = cli_json(&data, &["dataset", "list"]).await;
+    assert_eq!(all, json!([dataset]));
     let out = data.server.dir.path().join("export.tar");
     let base = data.server.running.base_url();
     let export = |output: &std::path::Path| {
@@ -934,7 +967,7 @@ on_both_backends!(
     uploads_are_stored_once_and_bad_ones_are_refused_without_losing_others,
     samples_are_listed_newest_first_and_summarised_by_filter,
     a_data_set_exports_exactly_the_samples_its_selection_names,
-    the_cli_export_checks_every_digest_and_keeps_nothing_that_fails,
+    the_cli_makes_lists_and_exports_data_sets_checking_every_digest,
     a_thumbnail_of_an_image_input_is_a_png,
     a_capture_order_reaches_the_device_signed_by_the_server,
     the_device_token_command_prints_the_token_the_server_takes,
