@@ -198,14 +198,13 @@ export async function render(root, ctx) {
   const refresh = async () => {
     const query = new URLSearchParams(Object.entries(filter).filter(([, v]) => v));
     query.set('limit', String(LATEST));
-    const [sum, list, datasets] = await Promise.all([
+    const [sum, samples, datasets] = await Promise.all([
       api(`samples/summary?bucket_s=${BUCKET_S}`), api(`samples?${query}`), api('datasets'),
     ]);
     const all = counts(sum);
     summary.replaceChildren(summaryTable(all, sum.bucket_s),
       all.length ? h('p', { class: 'summary' }, `${sum.samples} samples, ${bytes(sum.bytes)}`) : '');
     if (!form.firstChild) form.replaceChildren(filterForm(filter, all));
-    const samples = list.samples || [];
     forgetThumbs(new Set(samples.map((s) => s.sha256)));
     const chosen = FILTERS.filter((k) => filter[k]).map((k) => `${k}=${filter[k]}`).join(', ');
     latest.replaceChildren(
@@ -213,7 +212,7 @@ export async function render(root, ctx) {
         ? `the ${samples.length} newest samples${chosen ? ` with ${chosen}` : ''}`
         : `no sample${chosen ? ` with ${chosen}` : ''}`),
       samples.length ? h('div', { class: 'samples' }, samples.map((s) => card(s, status))) : '');
-    sets.replaceChildren(datasetTable(datasets.datasets || [], status));
+    sets.replaceChildren(datasetTable(datasets, status));
   };
   await refresh();
   return { refresh, wants: (c) => c.kind === 'device', every: 5000 };
