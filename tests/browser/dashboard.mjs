@@ -1,18 +1,14 @@
 // Drives the dashboard in headless Chromium: node dashboard.mjs <url> <token> <outdir> <device>
 // Exits non-zero with a message on the first check that fails.
-import { mkdtempSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
-import { chromium } from 'playwright-core';
+import { launch, logIn } from './chromium.mjs';
 
 const [base, token, outdir, device] = process.argv.slice(2);
 if (!device) {
   console.error('usage: node dashboard.mjs <url> <token> <outdir> <device>');
   process.exit(2);
 }
-const STEP = 60_000;
-const profile = mkdtempSync(join(tmpdir(), 'botfleet-chromium-'));
 const log = (...a) => console.log('dashboard:', ...a);
 // The test answers on stdin when it has done what a line of ours asked for.
 const stdin = createInterface({ input: process.stdin });
@@ -25,25 +21,11 @@ const ask = async (what) => {
 };
 const streams = () => page.evaluate(() => Number(document.getElementById('live').dataset.streams || 0));
 
-const context = await chromium.launchPersistentContext(profile, {
-  executablePath: '/usr/bin/chromium',
-  headless: true,
-  args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--disable-background-networking',
-    '--disable-component-update', '--no-first-run', '--disable-sync'],
-  viewport: { width: 1280, height: 900 },
-});
-context.setDefaultTimeout(STEP);
-const page = context.pages()[0] || (await context.newPage());
-page.on('console', (m) => { if (m.type() === 'error') log('browser console:', m.text()); });
-page.on('pageerror', (e) => log('page error:', e.message));
+const { page, close } = await launch(log);
 
 try {
   // Log in: the page has no token and must ask for one.
-  await page.goto(base);
-  await page.waitForSelector('#login:not([hidden])');
-  await page.fill('#token', token);
-  await page.click('#login button[type=submit]');
-  await page.waitForFunction(() => document.getElementById('live').textContent === 'live');
+  await logIn(page, base, token);
   log('logged in, live stream up');
   // Marks this document: a reload would lose it.
   await page.evaluate(() => { window.sameDocument = true; });
@@ -148,6 +130,5 @@ try {
   process.exitCode = 1;
 } finally {
   stdin.close(); // an open stdin would keep node running
-  await context.close();
-  rmSync(profile, { recursive: true, force: true });
+  await close();
 }
