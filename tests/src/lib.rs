@@ -4,9 +4,11 @@
 
 #![allow(missing_debug_implementations)] // test harness handles, never logged
 
+pub mod disk;
 pub mod hostile;
 pub mod mosquitto;
 pub mod process;
+pub mod proxy;
 pub mod secure_broker;
 pub mod sim_fleet;
 pub mod simulated;
@@ -62,6 +64,13 @@ pub fn sibling_binary(name: &str) -> Option<PathBuf> {
         .take(2)
         .map(|dir| dir.join(&file))
         .find(|candidate| candidate.is_file())
+}
+
+/// A loopback port free a moment ago (for a process that must be told its address).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_or(0, |a| a.port())
 }
 
 /// Which broker the fleet talks through.
@@ -223,6 +232,37 @@ impl Fleet {
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect::<BTreeMap<_, _>>();
         config
+    }
+
+    /// `config` with a capture policy (`[capture]`) and upload settings (`[upload]`, over
+    /// the defaults: this fleet's server, with the device's token in a file next to its data).
+    pub fn with_capture(
+        &self,
+        config: botfleet_agent::Config,
+        capture: Value,
+        upload: Value,
+    ) -> Result<botfleet_agent::Config> {
+        let token_file = config.data_dir.with_extension("token");
+        if let Some(dir) = token_file.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::write(&token_file, self.device_token(&config.device_id))?;
+        let mut value = serde_json::to_value(&config)?;
+        value["capture"] = capture;
+        let mut defaults = json!({
+            "url": self.server.base_url(),
+            "token_file": token_file,
+        });
+        if let (Some(defaults), Some(upload)) = (defaults.as_object_mut(), upload.as_object()) {
+            defaults.extend(upload.clone());
+        }
+        value["upload"] = defaults;
+        serde_json::from_value(value).context("the capture or upload settings")
+    }
+
+    /// The upload token of `device`, as `botfleet-server device-token` prints it.
+    pub fn device_token(&self, device: &str) -> String {
+        self.server.device_token(device)
     }
 
     /// Starts an agent for `device` with the fleet's defaults.

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use botfleet_e2e::process::AgentProcess;
 use botfleet_e2e::watch::StatusWatch;
-use botfleet_e2e::{BrokerKind, Fleet, fixture};
+use botfleet_e2e::{BrokerKind, Fleet, fixture, free_port};
 use common::ROLLOUT_LIMIT;
 use serde_json::{Value, json};
 use tokio::sync::watch;
@@ -28,14 +28,6 @@ const STAGES: [&str; 6] = [
     "benchmarked",
     "active",
 ];
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// A fleet on its own Mosquitto, two versions of the slot pushed.
 async fn fleet_with_models(persistence: bool) -> Fleet {

@@ -7,7 +7,9 @@ mod common;
 
 use botfleet_e2e::process::AgentProcess;
 use botfleet_e2e::watch::StatusWatch;
-use botfleet_e2e::{BrokerKind, Fleet, benchmark_of, describe, fixture, onnxruntime_library};
+use botfleet_e2e::{
+    BrokerKind, Fleet, benchmark_of, describe, fixture, free_port, onnxruntime_library,
+};
 use botfleet_protocol::engine::EngineKind;
 use botfleet_protocol::messages::Stage;
 use common::ROLLOUT_LIMIT;
@@ -15,14 +17,6 @@ use serde_json::json;
 
 const SLOT: &str = "textline";
 const ROUNDS: usize = 2;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 async fn crash_at(point: &str) {
     for round in 0..ROUNDS {

@@ -7,12 +7,10 @@
 
 mod common;
 
-use std::io::Write as _;
-use std::os::unix::fs::MetadataExt as _;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::time::Duration;
 
+use botfleet_e2e::disk::{Tmpfs, fill, is_root};
 use botfleet_e2e::watch::publish_once;
 use botfleet_e2e::{BrokerKind, Fleet, describe, fixture};
 use botfleet_protocol::manifest::reference_input;
@@ -28,46 +26,6 @@ use tokio::net::TcpListener;
 const SLOT: &str = "textline";
 /// Room for the serving model (572 KiB), the agent's state and its outbox, not much more.
 const DISK: &str = "2m";
-
-/// A tmpfs mounted for the test; unmounted (lazily, so a file still open cannot block it)
-/// when dropped.
-struct Tmpfs {
-    dir: PathBuf,
-}
-
-impl Tmpfs {
-    fn mount(dir: &Path, size: &str) -> Option<Self> {
-        std::fs::create_dir_all(dir).unwrap();
-        let status = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir)
-            .status()
-            .ok()?;
-        status.success().then(|| Self {
-            dir: dir.to_owned(),
-        })
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
-    }
-}
-
-fn is_root() -> bool {
-    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
-}
-
-/// Writes `path` until the filesystem has no page left.
-fn fill(path: &Path) {
-    let mut file = std::fs::File::create(path).unwrap();
-    for chunk in [64 * 1024, 4096, 1] {
-        let block = vec![0xeeu8; chunk];
-        while file.write_all(&block).is_ok() {}
-    }
-    let _ = file.sync_all();
-}
 
 /// Serves `body` with its full length announced, but sends only `first` bytes until `go`
 /// turns true: a server in the middle of a download, held there while the disk fills.
@@ -243,7 +201,7 @@ async fn a_full_disk_fails_the_download_cleanly_and_the_old_model_keeps_serving(
         .join("partial")
         .join(manifest.artifact.sha256.to_hex());
     until_file_has(&partial, first as u64, ROLLOUT_LIMIT).await;
-    fill(&data_dir.join("filler"));
+    fill(&data_dir.join("filler")).unwrap();
     go.send_replace(true);
     let events = watch.until_terminal(rollout, ROLLOUT_LIMIT).await.unwrap();
     let message = failure(&events);

@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use botfleet_e2e::process::AgentProcess;
-use botfleet_e2e::{BrokerKind, EventWatch, Fleet, describe, fixture};
+use botfleet_e2e::{BrokerKind, EventWatch, Fleet, describe, fixture, free_port};
 use botfleet_protocol::manifest::reference_input;
 use botfleet_protocol::messages::{Event, Stage};
 use common::{ROLLOUT_LIMIT, ort_reference};
@@ -19,14 +19,6 @@ use serde_json::{Value, json};
 
 const SLOT: &str = "orientation";
 const WAVES: &str = r#"{"waves": [{"count": 1}, {"percent": 100}], "deadline_s": 240}"#;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 struct Robot {
     id: String,
