@@ -246,7 +246,8 @@ async fn each_rule_captures_and_a_data_set_exports_exactly_what_its_selector_nam
         .to_str()
         .unwrap()
         .to_owned();
-    let (manifest, files) = read_export(&response.bytes().await.unwrap());
+    let export = response.bytes().await.unwrap();
+    let (manifest, files) = read_export(&export);
     assert_eq!(Sha256Digest::of(&manifest).to_hex(), digest);
     assert_eq!(set["digest"], digest.as_str());
     let low: BTreeSet<String> = records
@@ -270,6 +271,58 @@ async fn each_rule_captures_and_a_data_set_exports_exactly_what_its_selector_nam
         assert_eq!(decoded.header.device.as_str(), device);
         assert_eq!(decoded.header.inputs[0].shape, [1, 1, 8, 8]);
     }
+
+    // 3b. The pipeline trains on the export and registers its model, whose signed
+    //     provenance names the data set's digest.
+    let work = tempfile::tempdir().unwrap();
+    let tar = work.path().join("unsure-digits.tar");
+    let run = work.path().join("run");
+    std::fs::write(&tar, &export).unwrap();
+    let trained = pipeline(&[
+        "train",
+        "--out",
+        &path(&run),
+        "--epochs",
+        "2",
+        "--threads",
+        "1",
+        "--dataset",
+        &path(&tar),
+        "--dataset-digest",
+        &digest,
+    ])
+    .await;
+    assert!(
+        trained.contains(&format!("{} of {}", low.len(), low.len())),
+        "{trained}"
+    );
+    pipeline(&[
+        "register",
+        "--server",
+        &fleet.server.base_url(),
+        "--run",
+        &path(&run),
+        "--model",
+        &path(&run.join("model.onnx")),
+        "--slot",
+        SLOT,
+        "--name",
+        "digits-cnn",
+        "--version",
+        "1.2.0-fleet",
+        "--pipeline-run",
+        "data-e2e",
+    ])
+    .await;
+    let registered = fleet
+        .get(&format!("/api/v1/models/{SLOT}/1.2.0-fleet"))
+        .await
+        .unwrap();
+    assert_eq!(
+        registered["manifest"]["provenance"]["dataset"],
+        format!("sha256:{digest}"),
+        "{registered}"
+    );
 
     // 4. A shadowed candidate that changes answers (calibrated on constant images): the
     //    requests it disagrees on are kept with both models' answers.
@@ -326,6 +379,36 @@ async fn each_rule_captures_and_a_data_set_exports_exactly_what_its_selector_nam
         assert_eq!(header.candidate_outputs.len(), header.outputs.len());
     }
     fleet.shutdown(vec![agent]).await.unwrap();
+}
+
+fn path(p: &Path) -> String {
+    p.to_string_lossy().into_owned()
+}
+
+/// Runs `python -m botfleet_pipeline ARGS` in the pipeline's venv (`.ci/pipeline-check`
+/// makes it); fails with its output unless it succeeds. Returns what it wrote to stderr.
+async fn pipeline(args: &[&str]) -> String {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../pipeline");
+    let python = dir.join(".venv/bin/python");
+    assert!(
+        python.is_file(),
+        "{} is missing: run .ci/pipeline-check --venv-only",
+        python.display()
+    );
+    let out = tokio::process::Command::new(&python)
+        .args(["-m", "botfleet_pipeline"])
+        .args(args)
+        .current_dir(&dir)
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        out.status.success(),
+        "botfleet_pipeline {args:?}: {}\n{stderr}",
+        out.status
+    );
+    stderr
 }
 
 /// The names in a robot's spool folder.
