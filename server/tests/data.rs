@@ -300,7 +300,7 @@ async fn uploads_are_stored_once_and_bad_ones_are_refused_without_losing_others(
         (DataType::Fp32, vec![1, n], vec![0; n * 4]),
     );
     let of_robot_2 = small("robot-2", CaptureRule::Sampled, "2026-01-01T10:04:00Z", 5);
-    // robot-2 is known to the server (it reported over MQTT), so its token is recognised.
+    // robot-2's token names robot-2: genuine, but not robot-1's (403, not 401).
     let mut robot = MqttClient::connect(data.server.mqtt_addr(), "robots").await;
     robot
         .publish(&topic("robot-2", TopicKind::Info), true, info(json!({})))
@@ -938,7 +938,8 @@ async fn the_device_token_command_prints_the_token_the_server_takes(backend: Bac
     assert!(output.status.success(), "{output:?}");
     let printed = String::from_utf8(output.stdout).unwrap();
     let token = printed.trim();
-    assert_eq!(token.len(), 64);
+    assert!(token.starts_with("robot-7:"), "{token}");
+    assert_eq!(token.len(), "robot-7:".len() + 64);
     assert_eq!(token, data.server.running.device_token("robot-7"));
     let file = small("robot-7", CaptureRule::Sampled, "2026-01-01T10:00:00Z", 1);
     let (status, body) = data.put_as("robot-7", &sha(&file), Some(token), file).await;

@@ -1,8 +1,9 @@
-//! Device upload tokens: `hex(HMAC-SHA256(device secret, "botfleet-device-token-v1:" + id))`.
+//! Device upload tokens: `{id}:{hex(HMAC-SHA256(device secret, "botfleet-device-token-v1:" + id))}`.
 //!
-//! A token is good for its own device id only, so a robot can write only its own samples.
-//! The server keeps no list of tokens: it derives a robot's token from the secret when the
-//! robot uploads, and compares in constant time.
+//! A token names the device it was made for and is good for that device id only, so a robot
+//! can write only its own samples, and a genuine token of another device is told apart from a
+//! forged one (403, not 401) with one MAC. The server keeps no list of tokens: it checks the
+//! MAC of the named device from the secret, in constant time.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -73,15 +74,22 @@ impl DeviceSecret {
     /// The upload token of `device` (64 lowercase hex characters). Any text has one; only
     /// a valid device id's can be used, as only those name an upload path.
     pub fn token(&self, device: &(impl AsRef<str> + ?Sized)) -> String {
-        hex::encode(self.mac(device.as_ref()).finalize().into_bytes())
+        let device = device.as_ref();
+        let tag = hex::encode(self.mac(device).finalize().into_bytes());
+        format!("{device}:{tag}")
     }
 
     /// Whether `token` is `device`'s, compared in constant time.
     pub fn verify(&self, device: &DeviceId, token: &str) -> bool {
-        let Ok(tag) = hex::decode(token.trim()) else {
-            return false;
-        };
-        self.mac(device.as_str()).verify_slice(&tag).is_ok()
+        self.holder(token).as_ref() == Some(device)
+    }
+
+    /// The device a genuine token was made for; `None` for anything else.
+    pub fn holder(&self, token: &str) -> Option<DeviceId> {
+        let (device, tag) = token.trim().rsplit_once(':')?;
+        let tag = hex::decode(tag).ok()?;
+        self.mac(device).verify_slice(&tag).ok()?;
+        DeviceId::new(device).ok()
     }
 
     /// Reads the secret at `path` (hex).
@@ -139,19 +147,27 @@ mod tests {
         let token = secret.token(&id("robot-1"));
         let mut mac = Hmac::<Sha256>::new_from_slice(&[7; 32]).unwrap();
         mac.update(b"botfleet-device-token-v1:robot-1");
-        assert_eq!(token, hex::encode(mac.finalize().into_bytes()));
+        let tag = hex::encode(mac.finalize().into_bytes());
+        assert_eq!(token, format!("robot-1:{tag}"));
         assert_eq!(secret.token("robot-1"), token);
         assert!(secret.verify(&id("robot-1"), &token));
-        assert!(secret.verify(&id("robot-1"), &token.to_uppercase()));
+        assert!(secret.verify(&id("robot-1"), &format!("robot-1:{}", tag.to_uppercase())));
+        assert_eq!(secret.holder(&token), Some(id("robot-1")));
         assert!(!secret.verify(&id("robot-2"), &token));
-        assert!(!secret.verify(&id("robot-1"), &token[..62]));
-        assert!(!secret.verify(&id("robot-1"), "not hex"));
+        assert_eq!(
+            secret.holder(&format!("robot-2:{tag}")),
+            None,
+            "another id, same MAC"
+        );
+        assert!(!secret.verify(&id("robot-1"), &token[..token.len() - 2]));
+        assert!(!secret.verify(&id("robot-1"), &tag), "no device named");
+        assert!(!secret.verify(&id("robot-1"), "robot-1:not hex"));
         assert!(
             !DeviceSecret::from_bytes(&[8; 32])
                 .unwrap()
                 .verify(&id("robot-1"), &token)
         );
-        assert!(!format!("{secret:?}").contains(&token[..8]));
+        assert!(!format!("{secret:?}").contains(&tag[..8]));
         assert!(DeviceSecret::from_bytes(&[1; 15]).is_none());
     }
 
