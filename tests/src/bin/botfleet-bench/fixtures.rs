@@ -120,17 +120,22 @@ pub fn load() -> Result<(Vec<Fixture>, Vec<String>)> {
             missing.push(format!("{} ({})", e.name, e.file.display()));
             continue;
         }
-        let bytes = std::fs::read(&path).with_context(|| path.display().to_string())?;
-        let model = Model::load(&bytes, &e.inputs).with_context(|| e.name.clone())?;
-        let input = reference_inputs(&model, 42)?;
-        out.push(Fixture {
-            name: e.name,
-            path,
-            bytes,
-            specs: e.inputs,
-            model,
-            input,
-        });
+        out.push(load_file(e.name, path, e.inputs)?);
     }
     Ok((out, missing))
+}
+
+/// One model file loaded as a fixture, with its reference input (seed 42).
+pub fn load_file(name: String, path: PathBuf, specs: Vec<TensorSpec>) -> Result<Fixture> {
+    let bytes = std::fs::read(&path).with_context(|| path.display().to_string())?;
+    let model = Model::load(&bytes, &specs).with_context(|| name.clone())?;
+    let input = reference_inputs(&model, 42)?;
+    Ok(Fixture {
+        name,
+        path,
+        bytes,
+        specs,
+        model,
+        input,
+    })
 }

@@ -57,9 +57,13 @@ pub fn bodies(input: &[Tensor]) -> Result<Bodies> {
 
 /// A loopback server with `slots`; returns its base URL.
 pub async fn serve(slots: Arc<Slots>) -> Result<String> {
+    serve_app(router(slots, 256 << 20)).await
+}
+
+/// `app` served on loopback; returns its base URL.
+pub async fn serve_app(app: axum::Router) -> Result<String> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let url = format!("http://{}", listener.local_addr()?);
-    let app = router(slots, 256 << 20);
     tokio::spawn(async move { axum::serve(listener, app).await });
     Ok(url)
 }

@@ -15,7 +15,7 @@ use botfleet_agent::slots::Slots;
 use botfleet_engine::Model;
 use botfleet_protocol::SlotName;
 use serde_json::{Value, json};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use crate::fixtures::Fixture;
 use crate::serving::{Bodies, bodies, post, serve};
@@ -74,7 +74,21 @@ pub fn open_loop(
     stop: &tokio_util::sync::CancellationToken,
     tx: mpsc::UnboundedSender<Answer>,
 ) -> tokio::task::JoinHandle<()> {
-    let (stop, url, b, http) = (stop.clone(), url.to_owned(), Arc::clone(b), http.clone());
+    let (_, urls) = watch::channel(url.to_owned());
+    open_loop_to(urls, b, http, rate, stop, tx)
+}
+
+/// [`open_loop`] to whichever URL `urls` holds when each request is due (a benchmark
+/// switches the client between two servers without a gap in its ticks).
+pub fn open_loop_to(
+    urls: watch::Receiver<String>,
+    b: &Arc<Bodies>,
+    http: &reqwest::Client,
+    rate: f64,
+    stop: &tokio_util::sync::CancellationToken,
+    tx: mpsc::UnboundedSender<Answer>,
+) -> tokio::task::JoinHandle<()> {
+    let (stop, b, http) = (stop.clone(), Arc::clone(b), http.clone());
     tokio::spawn(async move {
         let period = Duration::from_secs_f64(1.0 / rate);
         let mut ticks = tokio::time::interval(period);
@@ -83,7 +97,8 @@ pub fn open_loop(
             tokio::select! {
                 _ = stop.cancelled() => break,
                 due = ticks.tick() => {
-                    let (tx, url, b, http) = (tx.clone(), url.clone(), Arc::clone(&b), http.clone());
+                    let url = urls.borrow().clone();
+                    let (tx, b, http) = (tx.clone(), Arc::clone(&b), http.clone());
                     tokio::spawn(async move {
                         let version = async {
                             let r = post(&http, &url, &b.binary, Some(b.header_len)).await?;
