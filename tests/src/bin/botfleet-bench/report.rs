@@ -183,7 +183,11 @@ fn keep_unmeasured(parts: &mut [Part], existing: &str) {
     let (sections, old_heads) = existing_sections(existing);
     let (date, command) = existing_run(existing);
     for part in parts.iter_mut().filter(|p| !p.measured) {
-        let Some((_, text)) = sections.iter().find(|(h, _)| h.starts_with(part.heading)) else {
+        // `## 1.` is not `## 10.`: the heading is followed by a space.
+        let Some((_, text)) = sections.iter().find(|(h, _)| {
+            h.strip_prefix(part.heading)
+                .is_some_and(|rest| rest.starts_with(' '))
+        }) else {
             continue;
         };
         let mut text = text.trim_end().to_owned();
@@ -246,6 +250,8 @@ pub fn write(out: &Path, criterion_dir: &Path, file: &Path) -> Result<()> {
     let serving = load(out, "serving");
     let swap = load(out, "swap");
     let shadow = load(out, "shadow");
+    let capture = load(out, "capture");
+    let upload = load(out, "upload");
     let footprint = load(out, "footprint");
     let download = load(out, "download");
     let gpu = load(out, "gpu");
@@ -292,6 +298,12 @@ pub fn write(out: &Path, criterion_dir: &Path, file: &Path) -> Result<()> {
         ),
         Part::new("## 9.", &["Shadow"], !shadow.is_null(), |md, h| {
             sections::shadow(md, &shadow, h)
+        }),
+        Part::new("## 10.", &["Data capture"], !capture.is_null(), |md, h| {
+            sections::capture(md, &capture, h)
+        }),
+        Part::new("## 11.", &["Sample upload"], !upload.is_null(), |md, h| {
+            sections::upload(md, &upload, h)
         }),
         Part::new("## Criterion", &[], !crit.is_empty(), |md, _| {
             sections::micro(md, &crit)

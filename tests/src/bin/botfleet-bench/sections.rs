@@ -1,6 +1,6 @@
 //! The report's sections, one function each: a table, the goal, and what a miss would take.
 //! Serving, engine and GPU are in `engine_sections`; footprint, download, fleet and cold
-//! start in `system_sections`.
+//! start in `system_sections`; capture and upload in `data_sections`.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -176,6 +176,14 @@ pub fn fleet(md: &mut String, runs: &[Value], heads: &mut Vec<String>) {
 
 pub fn cold_start(md: &mut String, v: &Value, heads: &mut Vec<String>) {
     crate::system_sections::cold_start(md, v, heads);
+}
+
+pub fn capture(md: &mut String, v: &Value, heads: &mut Vec<String>) {
+    crate::data_sections::capture(md, v, heads);
+}
+
+pub fn upload(md: &mut String, v: &Value, heads: &mut Vec<String>) {
+    crate::data_sections::upload(md, v, heads);
 }
 
 pub fn micro(md: &mut String, crit: &Crit) {
