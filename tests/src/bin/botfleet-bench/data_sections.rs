@@ -151,6 +151,22 @@ fn cap(bytes_per_s: u64) -> String {
     }
 }
 
+/// The throttle's chunk at each cap (1/20 s of it, 64 B to 16 KiB), said once when alike.
+fn chunks(capped: &[(u64, f64)]) -> String {
+    let of = |c: u64| size((c / 20).clamp(64, 16 * 1024));
+    let all: Vec<String> = capped.iter().map(|(c, _)| of(*c)).collect();
+    if all.windows(2).all(|w| w[0] == w[1]) {
+        let at = if all.len() > 1 { " at every cap" } else { "" };
+        format!("{}{at}", all.first().map_or("", String::as_str))
+    } else {
+        capped
+            .iter()
+            .map(|(c, _)| format!("{} at {}", of(*c), cap(*c)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
 pub fn upload(md: &mut String, v: &Value, heads: &mut Vec<String>) {
     let first = runs(v).first().unwrap_or(&Value::Null);
     let _ = writeln!(
@@ -238,15 +254,11 @@ pub fn upload(md: &mut String, v: &Value, heads: &mut Vec<String>) {
                  uploader's, not the request's, so the round trip between two samples (the \
                  server checks, stores and records one before it answers) refills it by up \
                  to one chunk, which the next body spends at once; over a run the bytes sent \
-                 stay under the cap's plus one chunk ({}), so the figure can sit a hair \
-                 above 1 and the cap still holds.",
+                 stay under the cap's plus one chunk ({}), so the figure can sit a \
+                 hair above 1 and the cap still holds.",
                 lowest,
                 highest,
-                capped
-                    .iter()
-                    .map(|(c, _)| format!("{} at {}", size((c / 20).clamp(64, 16 * 1024)), cap(*c)))
-                    .collect::<Vec<_>>()
-                    .join(", "),
+                chunks(&capped),
             )
         },
         uncapped.map_or(String::new(), |(b, s)| format!(

@@ -160,8 +160,9 @@ fn existing_sections(md: &str) -> (Vec<(String, String)>, Vec<String>) {
     (sections, heads)
 }
 
-/// The date and command of an existing report's header, for the note on kept sections.
-fn existing_run(md: &str) -> (String, String) {
+/// The date, command and machine of an existing report's header, for the note on kept
+/// sections.
+fn existing_run(md: &str) -> (String, String, Option<String>) {
     let date = md
         .split("; date ")
         .nth(1)
@@ -172,7 +173,16 @@ fn existing_run(md: &str) -> (String, String) {
         .nth(1)
         .and_then(|r| r.split('`').next())
         .unwrap_or("bench/run.sh");
-    (date.to_owned(), command.to_owned())
+    let machine = md
+        .split("- Machine: ")
+        .nth(1)
+        .and_then(|r| r.split("; date ").next())
+        .filter(|m| !m.contains('\n'));
+    (
+        date.to_owned(),
+        command.to_owned(),
+        machine.map(str::to_owned),
+    )
 }
 
 const KEPT: &str = "_Kept from the run of ";
@@ -181,7 +191,9 @@ const KEPT: &str = "_Kept from the run of ";
 /// marked with the run they come from.
 fn keep_unmeasured(parts: &mut [Part], existing: &str) {
     let (sections, old_heads) = existing_sections(existing);
-    let (date, command) = existing_run(existing);
+    let (date, command, machine) = existing_run(existing);
+    // The machine too: a later run may be on another one.
+    let on = machine.map_or(String::new(), |m| format!(", on {m}"));
     for part in parts.iter_mut().filter(|p| !p.measured) {
         // `## 1.` is not `## 10.`: the heading is followed by a space.
         let Some((_, text)) = sections.iter().find(|(h, _)| {
@@ -197,7 +209,7 @@ fn keep_unmeasured(parts: &mut [Part], existing: &str) {
             && let Some((heading, rest)) = text.split_once("\n\n")
         {
             text = format!(
-                "{heading}\n\n{KEPT}{date} (`{command}`): this run did not measure this section._\n\n{rest}"
+                "{heading}\n\n{KEPT}{date} (`{command}`{on}): this run did not measure this section._\n\n{rest}"
             );
         }
         part.text = text;
