@@ -50,10 +50,16 @@ pub enum ConfigError {
     StoreUrl { url: String, reason: &'static str },
     #[error("data.max_sample_bytes must be between 1 and {MAX_SAMPLE_BYTES_LIMIT}, not {0}")]
     MaxSampleBytes(u64),
+    #[error(
+        "data.max_upload_buffer_bytes ({buffer}) must be at least data.max_sample_bytes ({sample}) and at most {MAX_UPLOAD_BUFFER_LIMIT}"
+    )]
+    UploadBuffer { buffer: u64, sample: u64 },
 }
 
 /// The largest `data.max_sample_bytes`: an upload is held in memory while it is checked.
 pub const MAX_SAMPLE_BYTES_LIMIT: u64 = 256 * 1024 * 1024;
+/// The largest `data.max_upload_buffer_bytes`.
+pub const MAX_UPLOAD_BUFFER_LIMIT: u64 = 64 * 1024 * 1024 * 1024;
 
 /// The whole server configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -96,6 +102,9 @@ pub struct DataConfig {
     pub s3_credentials_file: PathBuf,
     /// Largest sample file accepted, in bytes.
     pub max_sample_bytes: u64,
+    /// Bytes of uploads held in memory at once, all robots together (each is checked whole
+    /// before it is stored); an upload that would pass it gets 429 and is sent again later.
+    pub max_upload_buffer_bytes: u64,
     /// The secret the device upload tokens derive from. Empty: `{data_dir}/device-secret`.
     pub device_secret_file: PathBuf,
 }
@@ -109,6 +118,7 @@ impl Default for DataConfig {
             s3_allow_http: false,
             s3_credentials_file: PathBuf::new(),
             max_sample_bytes: 8 * 1024 * 1024,
+            max_upload_buffer_bytes: 256 * 1024 * 1024,
             device_secret_file: PathBuf::new(),
         }
     }
@@ -408,6 +418,13 @@ impl Config {
         if !(1..=MAX_SAMPLE_BYTES_LIMIT).contains(&self.data.max_sample_bytes) {
             return Err(ConfigError::MaxSampleBytes(self.data.max_sample_bytes));
         }
+        let (buffer, sample) = (
+            self.data.max_upload_buffer_bytes,
+            self.data.max_sample_bytes,
+        );
+        if buffer < sample || buffer > MAX_UPLOAD_BUFFER_LIMIT {
+            return Err(ConfigError::UploadBuffer { buffer, sample });
+        }
         Ok(Settings {
             config: self.clone(),
             topics,
@@ -612,6 +629,13 @@ mod tests {
             config.validate(),
             Err(ConfigError::MaxSampleBytes(0))
         ));
+        let mut config = Config::default();
+        config.data.max_upload_buffer_bytes = config.data.max_sample_bytes - 1;
+        let err = config.validate().unwrap_err();
+        assert!(
+            err.to_string().contains("at least data.max_sample_bytes"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -266,7 +266,10 @@ pub async fn start(config: Config) -> Result<Running, Error> {
         store,
         db.clone(),
         device_secret.clone(),
-        settings.config.data.max_sample_bytes,
+        crate::data::Limits {
+            sample_bytes: settings.config.data.max_sample_bytes,
+            buffer_bytes: settings.config.data.max_upload_buffer_bytes,
+        },
         fleet.clone(),
         signer.clone(),
         publisher.clone(),

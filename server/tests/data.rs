@@ -43,6 +43,11 @@ struct Data {
 
 impl Data {
     async fn start(backend: Backend) -> Self {
+        Self::start_with(backend, |_| {}).await
+    }
+
+    /// As [`Self::start`], the configuration changed by `adjust` first.
+    async fn start_with(backend: Backend, adjust: impl FnOnce(&mut Config)) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let moto = match backend {
             Backend::Local => None,
@@ -71,6 +76,7 @@ impl Data {
                 );
             }
         }
+        adjust(&mut config);
         let running = botfleet_server::start(config.clone()).await.unwrap();
         let server = TestServer {
             running,
@@ -945,6 +951,99 @@ async fn the_device_token_command_prints_the_token_the_server_takes(backend: Bac
     let (status, body) = data.put_as("robot-7", &sha(&file), Some(token), file).await;
     assert_eq!(status, 201, "{body}");
     data.stop().await;
+}
+
+/// A sample of `bytes` of FP32 input (at most `MAX_SAMPLE_BYTES` in all).
+fn sized(device: &str, at: &str, bytes: usize) -> Vec<u8> {
+    let n = bytes / 4;
+    sample_file(
+        device,
+        "digits",
+        CaptureRule::Sampled,
+        at,
+        (DataType::Fp32, vec![1, n], vec![3; n * 4]),
+    )
+}
+
+/// Uploads wait in memory while they are checked: all together they may hold
+/// `data.max_upload_buffer_bytes`. One more is answered 429 with Retry-After, never queued,
+/// and goes in once there is room; the one holding the room is stored whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_upload_buffer_answers_429_and_the_sample_goes_in_later() {
+    let data = Data::start_with(Backend::Local, |config| {
+        config.data.max_upload_buffer_bytes = MAX_SAMPLE_BYTES;
+    })
+    .await;
+    // The slow one takes all of the buffer's 64 KiB but less than 1 KiB.
+    let slow = sized("robot-1", "2026-01-01T10:00:00Z", 63 * 1024 + 200);
+    assert!(slow.len() as u64 > MAX_SAMPLE_BYTES - 1024 && slow.len() as u64 <= MAX_SAMPLE_BYTES);
+    let quick = small("robot-1", CaptureRule::Sampled, "2026-01-01T10:01:00Z", 9);
+    let token = data.token("robot-1");
+    // The slow upload announces its length, sends half and waits.
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(2);
+    let half = slow.len() / 2;
+    tx.send(Ok(slow[..half].to_vec())).await.unwrap();
+    let body = reqwest::Body::wrap_stream(tokio_stream(rx));
+    let url = |file: &[u8]| {
+        data.server
+            .url(&format!("/api/v1/devices/robot-1/samples/{}", sha(file)))
+    };
+    let held = data
+        .server
+        .http
+        .put(url(&slow))
+        .bearer_auth(&token)
+        .header("content-length", slow.len())
+        .body(body)
+        .send();
+    let held = tokio::spawn(held);
+    // Until the server has taken the slow upload's room, the quick one may still go in.
+    let refused = tokio::time::timeout(common::WAIT, async {
+        loop {
+            let response = data
+                .server
+                .http
+                .put(url(&quick))
+                .bearer_auth(&token)
+                .body(quick.clone())
+                .send()
+                .await
+                .unwrap();
+            if response.status() == 429 {
+                return response;
+            }
+            assert!(response.status().is_success(), "{}", response.status());
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the full buffer never refused an upload");
+    assert_eq!(refused.headers()["retry-after"], "5");
+    let answer: Value = refused.json().await.unwrap();
+    assert!(
+        answer["error"]
+            .as_str()
+            .unwrap()
+            .contains("max_upload_buffer_bytes"),
+        "{answer}"
+    );
+    // The rest of the slow one: stored whole, and its room free again.
+    tx.send(Ok(slow[half..].to_vec())).await.unwrap();
+    drop(tx);
+    let response = held.await.unwrap().unwrap();
+    assert_eq!(response.status(), 201);
+    let later = small("robot-1", CaptureRule::Sampled, "2026-01-01T10:02:00Z", 10);
+    assert_eq!(data.upload(&later).await, 201);
+    let digests: BTreeSet<String> = data.listed("?device=robot-1").await.into_iter().collect();
+    assert!(digests.contains(&sha(&slow)) && digests.contains(&sha(&later)));
+    data.stop().await;
+}
+
+/// An mpsc receiver as a stream of body chunks.
+fn tokio_stream(
+    mut rx: tokio::sync::mpsc::Receiver<Result<Vec<u8>, std::io::Error>>,
+) -> impl futures_util::Stream<Item = Result<Vec<u8>, std::io::Error>> {
+    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
 
 macro_rules! on_both_backends {

@@ -74,6 +74,15 @@ pub enum DataError {
     Encode(#[source] serde_json::Error),
 }
 
+/// How big uploads may be, one and all together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// `data.max_sample_bytes`.
+    pub sample_bytes: u64,
+    /// `data.max_upload_buffer_bytes`.
+    pub buffer_bytes: u64,
+}
+
 /// Samples, data sets and capture orders: what the HTTP handlers call.
 #[derive(Debug)]
 pub struct DataService {
@@ -81,6 +90,8 @@ pub struct DataService {
     db: Arc<Db>,
     secret: DeviceSecret,
     max_sample_bytes: u64,
+    /// Uploads in memory, in KiB: each holds its size until it is stored or refused.
+    buffer: Arc<tokio::sync::Semaphore>,
     fleet: Arc<Fleet>,
     signer: Arc<ManifestSigner>,
     publisher: Publisher,
@@ -103,16 +114,20 @@ impl DataService {
         store: BlobStore,
         db: Arc<Db>,
         secret: DeviceSecret,
-        max_sample_bytes: u64,
+        limits: Limits,
         fleet: Arc<Fleet>,
         signer: Arc<ManifestSigner>,
         publisher: Publisher,
     ) -> Self {
+        let kib = usize::try_from(limits.buffer_bytes.div_ceil(1024)).unwrap_or(usize::MAX);
         Self {
             store,
             db,
             secret,
-            max_sample_bytes,
+            max_sample_bytes: limits.sample_bytes,
+            buffer: Arc::new(tokio::sync::Semaphore::new(
+                kib.min(tokio::sync::Semaphore::MAX_PERMITS),
+            )),
             fleet,
             signer,
             publisher,
@@ -123,6 +138,15 @@ impl DataService {
     /// The largest sample file taken.
     pub fn max_sample_bytes(&self) -> u64 {
         self.max_sample_bytes
+    }
+
+    /// Room in the upload buffer for a body of `bytes`, held until the permit drops; a
+    /// buffer without that room refuses at once ([`UploadError::Busy`]), never waits.
+    pub fn reserve(&self, bytes: u64) -> Result<tokio::sync::OwnedSemaphorePermit, UploadError> {
+        let kib = u32::try_from(bytes.div_ceil(1024).max(1)).unwrap_or(u32::MAX);
+        Arc::clone(&self.buffer)
+            .try_acquire_many_owned(kib)
+            .map_err(|_| UploadError::Busy)
     }
 
     /// The record of sample `sha256`.

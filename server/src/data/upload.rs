@@ -41,6 +41,10 @@ pub enum UploadError {
     DeviceMismatch { header: DeviceId, path: DeviceId },
     #[error("the upload was cut: {0}")]
     Body(String),
+    #[error(
+        "the server holds as many uploads as data.max_upload_buffer_bytes allows: keep the sample and send it again later"
+    )]
+    Busy,
     #[error("the sample could not be stored")]
     Store(#[source] StoreError),
     #[error("the sample could not be recorded")]
@@ -68,11 +72,12 @@ pub enum Refusal {
     DigestMismatch,
     DeviceMismatch,
     Incomplete,
+    Busy,
     StoreFailed,
 }
 
 impl Refusal {
-    pub const ALL: [Refusal; 8] = [
+    pub const ALL: [Refusal; 9] = [
         Refusal::Unauthorized,
         Refusal::Forbidden,
         Refusal::TooLarge,
@@ -80,6 +85,7 @@ impl Refusal {
         Refusal::DigestMismatch,
         Refusal::DeviceMismatch,
         Refusal::Incomplete,
+        Refusal::Busy,
         Refusal::StoreFailed,
     ];
 
@@ -92,6 +98,7 @@ impl Refusal {
             Refusal::DigestMismatch => "digest_mismatch",
             Refusal::DeviceMismatch => "device_mismatch",
             Refusal::Incomplete => "incomplete",
+            Refusal::Busy => "busy",
             Refusal::StoreFailed => "store_failed",
         }
     }
@@ -107,6 +114,7 @@ impl UploadError {
             UploadError::DigestMismatch { .. } => Refusal::DigestMismatch,
             UploadError::DeviceMismatch { .. } => Refusal::DeviceMismatch,
             UploadError::Body(_) => Refusal::Incomplete,
+            UploadError::Busy => Refusal::Busy,
             UploadError::Store(_) | UploadError::Db(_) | UploadError::Task(_) => {
                 Refusal::StoreFailed
             }

@@ -85,6 +85,7 @@ impl From<UploadError> for ApiError {
             UploadError::NoToken | UploadError::BadToken(_) => StatusCode::UNAUTHORIZED,
             UploadError::OtherDevice { .. } => StatusCode::FORBIDDEN,
             UploadError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            UploadError::Busy => StatusCode::TOO_MANY_REQUESTS,
             UploadError::BadDigest(_)
             | UploadError::DigestMismatch { .. }
             | UploadError::Malformed(_)
@@ -132,11 +133,17 @@ fn refused(app: &super::App, device: &str, err: UploadError) -> Response {
     app.data.counters.refuse(err.refusal());
     tracing::warn!(%device, reason = err.refusal().as_str(), error = %err, "sample upload refused");
     let unauthorized = matches!(err, UploadError::NoToken | UploadError::BadToken(_));
+    let busy = matches!(err, UploadError::Busy);
     let mut response = ApiError::from(err).into_response();
     if unauthorized {
         response
             .headers_mut()
             .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    }
+    if busy {
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
     }
     response
 }
@@ -206,6 +213,11 @@ async fn put_sample(
     if declared.is_some_and(|n| n > limit) {
         return Err(Rejected::Upload(UploadError::TooLarge { limit }));
     }
+    // Held until the sample is stored or refused: a body without a length is counted at
+    // the largest a sample may be.
+    let _room = data
+        .reserve(declared.unwrap_or(limit))
+        .map_err(Rejected::Upload)?;
     let file = read_at_most(body, limit).await.map_err(Rejected::Upload)?;
     let stored = data
         .upload(&device, sha256, file)
