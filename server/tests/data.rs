@@ -966,58 +966,51 @@ fn sized(device: &str, at: &str, bytes: usize) -> Vec<u8> {
 }
 
 /// Uploads wait in memory while they are checked: all together they may hold
-/// `data.max_upload_buffer_bytes`. One more is answered 429 with Retry-After, never queued,
-/// and goes in once there is room; the one holding the room is stored whole.
+/// `data.max_upload_buffer_bytes`. Two uploads that each need all of it send half their
+/// bodies and wait: whichever came second is answered 429 with Retry-After at once, never
+/// queued; the other is stored whole once its body is done, and a later one goes in.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_upload_buffer_answers_429_and_the_sample_goes_in_later() {
     let data = Data::start_with(Backend::Local, |config| {
         config.data.max_upload_buffer_bytes = MAX_SAMPLE_BYTES;
     })
     .await;
-    // The slow one takes all of the buffer's 64 KiB but less than 1 KiB.
-    let slow = sized("robot-1", "2026-01-01T10:00:00Z", 63 * 1024 + 200);
-    assert!(slow.len() as u64 > MAX_SAMPLE_BYTES - 1024 && slow.len() as u64 <= MAX_SAMPLE_BYTES);
-    let quick = small("robot-1", CaptureRule::Sampled, "2026-01-01T10:01:00Z", 9);
     let token = data.token("robot-1");
-    // The slow upload announces its length, sends half and waits.
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(2);
-    let half = slow.len() / 2;
-    tx.send(Ok(slow[..half].to_vec())).await.unwrap();
-    let body = reqwest::Body::wrap_stream(tokio_stream(rx));
-    let url = |file: &[u8]| {
-        data.server
-            .url(&format!("/api/v1/devices/robot-1/samples/{}", sha(file)))
-    };
-    let held = data
-        .server
-        .http
-        .put(url(&slow))
-        .bearer_auth(&token)
-        .header("content-length", slow.len())
-        .body(body)
-        .send();
-    let held = tokio::spawn(held);
-    // Until the server has taken the slow upload's room, the quick one may still go in.
-    let refused = tokio::time::timeout(common::WAIT, async {
-        loop {
-            let response = data
-                .server
-                .http
-                .put(url(&quick))
-                .bearer_auth(&token)
-                .body(quick.clone())
-                .send()
-                .await
-                .unwrap();
-            if response.status() == 429 {
-                return response;
-            }
-            assert!(response.status().is_success(), "{}", response.status());
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        }
-    })
-    .await
-    .expect("the full buffer never refused an upload");
+    // Each takes all of the buffer's 64 KiB but less than 1 KiB.
+    let files: Vec<Vec<u8>> = ["2026-01-01T10:00:00Z", "2026-01-01T10:01:00Z"]
+        .into_iter()
+        .map(|at| sized("robot-1", at, 63 * 1024 + 200))
+        .collect();
+    let mut rest = Vec::new();
+    let mut answers = tokio::task::JoinSet::new();
+    for (n, file) in files.iter().enumerate() {
+        assert!(file.len() as u64 > MAX_SAMPLE_BYTES - 1024);
+        assert!(file.len() as u64 <= MAX_SAMPLE_BYTES);
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(2);
+        let half = file.len() / 2;
+        tx.send(Ok(file[..half].to_vec())).await.unwrap();
+        rest.push((tx, file[half..].to_vec()));
+        let request = data
+            .server
+            .http
+            .put(
+                data.server
+                    .url(&format!("/api/v1/devices/robot-1/samples/{}", sha(file))),
+            )
+            .bearer_auth(&token)
+            .header("content-length", file.len())
+            .body(reqwest::Body::wrap_stream(tokio_stream(rx)))
+            .send();
+        answers.spawn(async move { (n, request.await) });
+    }
+    // Neither body is done, so the first answer is the refusal.
+    let (refused_n, refused) = tokio::time::timeout(common::WAIT, answers.join_next())
+        .await
+        .expect("the full buffer never refused an upload")
+        .unwrap()
+        .unwrap();
+    let refused = refused.unwrap();
+    assert_eq!(refused.status(), 429);
     assert_eq!(refused.headers()["retry-after"], "5");
     let answer: Value = refused.json().await.unwrap();
     assert!(
@@ -1027,15 +1020,23 @@ async fn a_full_upload_buffer_answers_429_and_the_sample_goes_in_later() {
             .contains("max_upload_buffer_bytes"),
         "{answer}"
     );
-    // The rest of the slow one: stored whole, and its room free again.
-    tx.send(Ok(slow[half..].to_vec())).await.unwrap();
+    // The other body's second half: stored whole, and its room free again.
+    let held_n = 1 - refused_n;
+    let (tx, tail) = rest.swap_remove(held_n);
+    tx.send(Ok(tail)).await.unwrap();
     drop(tx);
-    let response = held.await.unwrap().unwrap();
-    assert_eq!(response.status(), 201);
+    drop(rest);
+    let (_, held) = tokio::time::timeout(common::WAIT, answers.join_next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(held.unwrap().status(), 201);
     let later = small("robot-1", CaptureRule::Sampled, "2026-01-01T10:02:00Z", 10);
     assert_eq!(data.upload(&later).await, 201);
     let digests: BTreeSet<String> = data.listed("?device=robot-1").await.into_iter().collect();
-    assert!(digests.contains(&sha(&slow)) && digests.contains(&sha(&later)));
+    let expected: BTreeSet<String> = [sha(&files[held_n]), sha(&later)].into();
+    assert_eq!(digests, expected);
     data.stop().await;
 }
 
