@@ -143,12 +143,17 @@ def _check_id(kind: str, value: Any) -> None:
         raise ValueError(f"{kind} {value!r} is not a valid id (ASCII letters, digits, '-', '_', '.'; 1-64)")
 
 
-def _check_model(where: str, value: Any) -> None:
+def _check_object(where: str, value: Any, fields: set[str]) -> None:
+    """``value`` is a JSON object with no field outside ``fields`` (serde's deny_unknown_fields)."""
     if not isinstance(value, dict):
         raise ValueError(f"{where} is not an object")
-    unknown = set(value) - {"version", "release", "sha256"}
+    unknown = set(value) - fields
     if unknown:
         raise ValueError(f"{where}: unknown field {sorted(unknown)[0]!r}")
+
+
+def _check_model(where: str, value: Any) -> None:
+    _check_object(where, value, {"version", "release", "sha256"})
     if not isinstance(value.get("version"), str):
         raise ValueError(f"{where}.version is missing or not a string")
     if not _is_int(value.get("release"), 0, _USIZE_MAX):
@@ -162,11 +167,7 @@ def _check_tensors(where: str, value: Any) -> list[dict]:
         raise ValueError(f"{where} is not a list")
     for i, t in enumerate(value):
         at = f"{where}[{i}]"
-        if not isinstance(t, dict):
-            raise ValueError(f"{at} is not an object")
-        unknown = set(t) - {"name", "datatype", "shape"}
-        if unknown:
-            raise ValueError(f"{at}: unknown field {sorted(unknown)[0]!r}")
+        _check_object(at, t, {"name", "datatype", "shape"})
         if not isinstance(t.get("name"), str):
             raise ValueError(f"{at}.name is missing or not a string")
         if t.get("datatype") not in DTYPES:

@@ -5,15 +5,12 @@
 //! `commands` topic still cannot make a robot keep (and so upload) what it sees. The robot
 //! still captures only what its own capture policy opts it into (`capture.slots.*.on_demand`).
 
-use base64::Engine as _;
-use base64::engine::general_purpose::STANDARD as B64;
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
 use crate::ids::{DeviceId, SlotName};
-use crate::manifest::{
-    ManifestError, ManifestSignature, ManifestSigner, TrustedKeys, Verified, verify_signatures,
-};
+use crate::manifest::{ManifestError, ManifestSignature, ManifestSigner, TrustedKeys, Verified};
+use crate::order::{self, DeviceOrder, OrderCheck};
 
 /// The capture order schema this build writes and reads.
 pub const CAPTURE_SCHEMA: u32 = 1;
@@ -66,6 +63,31 @@ pub enum CaptureError {
     Requests(u32),
 }
 
+impl DeviceOrder for CaptureOrder {
+    const SCHEMA: u32 = CAPTURE_SCHEMA;
+    fn schema(&self) -> u32 {
+        self.schema
+    }
+    fn device(&self) -> &DeviceId {
+        &self.device
+    }
+    fn expires_at(&self) -> Timestamp {
+        self.expires_at
+    }
+}
+
+impl From<OrderCheck> for CaptureError {
+    fn from(check: OrderCheck) -> Self {
+        match check {
+            OrderCheck::Signature(e) => CaptureError::Signature(e),
+            OrderCheck::Malformed(e) => CaptureError::Malformed(e),
+            OrderCheck::Schema(n) => CaptureError::Schema(n),
+            OrderCheck::OtherDevice { ordered, me } => CaptureError::OtherDevice { ordered, me },
+            OrderCheck::Expired { expires_at, now } => CaptureError::Expired { expires_at, now },
+        }
+    }
+}
+
 impl SignedCapture {
     /// Checks the signatures against `trusted`, then that the order is for `me`, has not
     /// expired at `now` and asks for a sane number of requests.
@@ -75,35 +97,17 @@ impl SignedCapture {
         me: &DeviceId,
         now: Timestamp,
     ) -> Result<Verified<CaptureOrder>, CaptureError> {
-        let (bytes, signed_by) = verify_signatures(&self.payload, &self.signatures, trusted)
-            .map_err(CaptureError::Signature)?;
-        let order: CaptureOrder =
-            serde_json::from_slice(&bytes).map_err(CaptureError::Malformed)?;
-        if order.schema != CAPTURE_SCHEMA {
-            return Err(CaptureError::Schema(order.schema));
-        }
-        if &order.device != me {
-            return Err(CaptureError::OtherDevice {
-                ordered: order.device,
-                me: me.clone(),
-            });
-        }
-        if order.expires_at <= now {
-            return Err(CaptureError::Expired {
-                expires_at: order.expires_at,
-                now,
-            });
-        }
+        let order: Verified<CaptureOrder> =
+            order::verify(&self.payload, &self.signatures, trusted, me, now)?;
         if order.capture_requests == 0 || order.capture_requests > MAX_CAPTURE_REQUESTS {
             return Err(CaptureError::Requests(order.capture_requests));
         }
-        Ok(Verified::checked(order, signed_by))
+        Ok(order)
     }
 
     /// What the order claims, read without any check: for log lines and event names only.
     pub fn claims(&self) -> Option<CaptureOrder> {
-        let bytes = B64.decode(&self.payload).ok()?;
-        serde_json::from_slice(&bytes).ok()
+        order::claims(&self.payload)
     }
 }
 

@@ -20,6 +20,7 @@ pub mod finite;
 pub mod ids;
 pub mod manifest;
 pub mod messages;
+mod order;
 pub mod rollback;
 pub mod sample;
 pub mod tensor;

@@ -442,7 +442,7 @@ impl TrustedKeys {
 }
 
 /// Decodes a signed payload and checks its signatures against `trusted`: the one signature
-/// check of this crate, shared by manifests and rollback orders. Returns the payload bytes
+/// check of this crate, shared by manifests and signed orders. Returns the payload bytes
 /// and the distinct trusted keys that signed them.
 pub(crate) fn verify_signatures(
     payload: &str,

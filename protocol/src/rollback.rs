@@ -5,16 +5,14 @@
 //! whoever can write the `commands` topic still cannot make a robot roll back: the order
 //! names the device, the slot and the exact model to go back to, and it expires.
 
-use base64::Engine as _;
-use base64::engine::general_purpose::STANDARD as B64;
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
 use crate::ids::{DeviceId, SlotName};
 use crate::manifest::{
     ManifestError, ManifestSignature, ManifestSigner, Sha256Digest, TrustedKeys, Verified,
-    verify_signatures,
 };
+use crate::order::{self, DeviceOrder, OrderCheck};
 
 /// The rollback order schema this build writes and reads.
 pub const ROLLBACK_SCHEMA: u32 = 1;
@@ -64,6 +62,31 @@ pub enum RollbackError {
     },
 }
 
+impl DeviceOrder for RollbackOrder {
+    const SCHEMA: u32 = ROLLBACK_SCHEMA;
+    fn schema(&self) -> u32 {
+        self.schema
+    }
+    fn device(&self) -> &DeviceId {
+        &self.device
+    }
+    fn expires_at(&self) -> Timestamp {
+        self.expires_at
+    }
+}
+
+impl From<OrderCheck> for RollbackError {
+    fn from(check: OrderCheck) -> Self {
+        match check {
+            OrderCheck::Signature(e) => RollbackError::Signature(e),
+            OrderCheck::Malformed(e) => RollbackError::Malformed(e),
+            OrderCheck::Schema(n) => RollbackError::Schema(n),
+            OrderCheck::OtherDevice { ordered, me } => RollbackError::OtherDevice { ordered, me },
+            OrderCheck::Expired { expires_at, now } => RollbackError::Expired { expires_at, now },
+        }
+    }
+}
+
 impl SignedRollback {
     /// Checks the signatures against `trusted`, then that the order is for `me` and has not
     /// expired at `now`.
@@ -73,32 +96,18 @@ impl SignedRollback {
         me: &DeviceId,
         now: Timestamp,
     ) -> Result<Verified<RollbackOrder>, RollbackError> {
-        let (bytes, signed_by) = verify_signatures(&self.payload, &self.signatures, trusted)
-            .map_err(RollbackError::Signature)?;
-        let order: RollbackOrder =
-            serde_json::from_slice(&bytes).map_err(RollbackError::Malformed)?;
-        if order.schema != ROLLBACK_SCHEMA {
-            return Err(RollbackError::Schema(order.schema));
-        }
-        if &order.device != me {
-            return Err(RollbackError::OtherDevice {
-                ordered: order.device,
-                me: me.clone(),
-            });
-        }
-        if order.expires_at <= now {
-            return Err(RollbackError::Expired {
-                expires_at: order.expires_at,
-                now,
-            });
-        }
-        Ok(Verified::checked(order, signed_by))
+        Ok(order::verify(
+            &self.payload,
+            &self.signatures,
+            trusted,
+            me,
+            now,
+        )?)
     }
 
     /// What the order claims, read without any check: for log lines and event names only.
     pub fn claims(&self) -> Option<RollbackOrder> {
-        let bytes = B64.decode(&self.payload).ok()?;
-        serde_json::from_slice(&bytes).ok()
+        order::claims(&self.payload)
     }
 }
 

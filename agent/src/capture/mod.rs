@@ -319,6 +319,22 @@ impl Capture {
         })
     }
 
+    /// Keeps a request a rule fired for: `inputs` is its copy (`None`: the rate bound had no
+    /// room when the copy would have been taken), which the slot's rate bound must still let
+    /// through; then the sample `pending` makes goes to the writer. Each refusal counts as
+    /// dropped.
+    fn keep(
+        &self,
+        slot: &SlotState,
+        inputs: Option<Vec<Tensor>>,
+        pending: impl FnOnce(Vec<Tensor>) -> Pending,
+    ) {
+        match inputs {
+            Some(inputs) if slot.bucket().take(Instant::now()) => self.offer(pending(inputs)),
+            _ => self.counters.dropped_rate(),
+        }
+    }
+
     /// Hands a copy to the writer without waiting; a full queue drops it.
     fn offer(&self, pending: Pending) {
         if !self.queue.offer(pending) {
@@ -416,16 +432,8 @@ impl Plan {
         else {
             return;
         };
-        let counters = &self.capture.counters;
-        let Some(inputs) = inputs.filter(|_| self.room) else {
-            counters.dropped_rate();
-            return;
-        };
-        if !self.slot.bucket().take(Instant::now()) {
-            counters.dropped_rate();
-            return;
-        }
-        self.capture.offer(Pending {
+        let inputs = inputs.filter(|_| self.room);
+        self.capture.keep(&self.slot, inputs, |inputs| Pending {
             served,
             captured_at: Timestamp::now(),
             fired,
@@ -464,16 +472,7 @@ impl Disagreements {
         detail: String,
         latency_ms: f64,
     ) {
-        let counters = &self.capture.counters;
-        let Some(inputs) = inputs else {
-            counters.dropped_rate();
-            return;
-        };
-        if !self.slot.bucket().take(Instant::now()) {
-            counters.dropped_rate();
-            return;
-        }
-        self.capture.offer(Pending {
+        self.capture.keep(&self.slot, inputs, |inputs| Pending {
             served,
             captured_at: Timestamp::now(),
             fired: Fired::new(CaptureRule::Disagreement, detail),

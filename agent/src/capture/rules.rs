@@ -187,18 +187,6 @@ mod tests {
         ]
     }
 
-    fn policy() -> SlotPolicy {
-        SlotPolicy {
-            sample_every: 0,
-            min_top1: None,
-            range: None,
-            disagreement: false,
-            on_demand: false,
-            output: None,
-            max_per_minute: 60,
-        }
-    }
-
     #[test]
     fn low_confidence_fires_under_the_threshold_and_says_so() {
         let fired = low_confidence(&probs(&[0.41, 0.3, 0.29]), None, 0.6).unwrap();
@@ -249,7 +237,7 @@ mod tests {
 
     #[test]
     fn the_first_rule_that_fires_names_the_sample() {
-        let mut p = policy();
+        let mut p = SlotPolicy::off();
         p.min_top1 = Some(0.6);
         p.range = Some((0.0, 0.3));
         let low = probs(&[0.41, 0.2]);

@@ -116,6 +116,20 @@ impl SlotPolicy {
     pub fn reads_outputs(&self) -> bool {
         self.min_top1.is_some() || self.range.is_some()
     }
+
+    /// Every rule off, the default rate bound: what tests switch rules on in.
+    #[cfg(test)]
+    pub(crate) fn off() -> Self {
+        Self {
+            sample_every: 0,
+            min_top1: None,
+            range: None,
+            disagreement: false,
+            on_demand: false,
+            output: None,
+            max_per_minute: CaptureSlotConfig::default().max_per_minute,
+        }
+    }
 }
 
 /// The spool's bounds.

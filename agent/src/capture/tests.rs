@@ -25,18 +25,6 @@ fn me() -> DeviceId {
     DeviceId::new("robot-1").unwrap()
 }
 
-fn policy() -> SlotPolicy {
-    SlotPolicy {
-        sample_every: 0,
-        min_top1: None,
-        range: None,
-        disagreement: false,
-        on_demand: false,
-        output: None,
-        max_per_minute: 60,
-    }
-}
-
 fn settings(policy: SlotPolicy) -> DataSettings {
     DataSettings {
         slots: BTreeMap::from([(slot(), policy)]),
@@ -135,7 +123,7 @@ fn f32s(bytes: &[u8]) -> Vec<f32> {
 async fn sampled_requests_are_spooled_with_their_rule_model_and_tensors() {
     let (_dir, capture) = started(SlotPolicy {
         sample_every: 2,
-        ..policy()
+        ..SlotPolicy::off()
     });
     let outputs = probs(&[0.9, 0.1]);
     let copied: Vec<Option<bool>> = (0..4).map(|_| request(&capture, &outputs)).collect();
@@ -166,7 +154,7 @@ async fn sampled_requests_are_spooled_with_their_rule_model_and_tensors() {
 async fn output_rules_copy_inputs_before_the_run_and_keep_only_what_fires() {
     let (_dir, capture) = started(SlotPolicy {
         min_top1: Some(0.6),
-        ..policy()
+        ..SlotPolicy::off()
     });
     assert_eq!(request(&capture, &probs(&[0.9, 0.1])), Some(true));
     assert_eq!(request(&capture, &probs(&[0.41, 0.3, 0.29])), Some(true));
@@ -186,7 +174,7 @@ async fn the_rate_bound_drops_copies_before_they_are_made_and_counts_them() {
     let (_dir, capture) = started(SlotPolicy {
         sample_every: 1,
         max_per_minute: 2,
-        ..policy()
+        ..SlotPolicy::off()
     });
     let outputs = probs(&[0.9, 0.1]);
     let copied: Vec<Option<bool>> = (0..5).map(|_| request(&capture, &outputs)).collect();
@@ -225,7 +213,11 @@ fn idle_capture(dir: &std::path::Path, queue: Queue) -> Capture {
         slots: BTreeMap::new(),
         queue,
         counters: Arc::default(),
-        spool: Arc::new(Spool::open(dir, settings(policy()).spool, Timestamp::now())),
+        spool: Arc::new(Spool::open(
+            dir,
+            settings(SlotPolicy::off()).spool,
+            Timestamp::now(),
+        )),
         uploads,
         metered: Metered::open(dir),
     }
@@ -274,7 +266,7 @@ fn the_writer_queue_is_bounded_by_bytes_too() {
         device: me(),
         spool: Arc::new(Spool::open(
             dir.path(),
-            settings(policy()).spool,
+            settings(SlotPolicy::off()).spool,
             Timestamp::now(),
         )),
         counters: Arc::default(),
@@ -298,7 +290,7 @@ fn a_write_the_disk_refuses_is_counted_and_the_writer_goes_on() {
         device: me(),
         spool: Arc::new(Spool::open(
             &blocked,
-            settings(policy()).spool,
+            settings(SlotPolicy::off()).spool,
             Timestamp::now(),
         )),
         counters: Arc::clone(&counters),
@@ -315,7 +307,7 @@ fn a_write_the_disk_refuses_is_counted_and_the_writer_goes_on() {
     let ok_dir = tempfile::tempdir().unwrap();
     writer.spool = Arc::new(Spool::open(
         ok_dir.path(),
-        settings(policy()).spool,
+        settings(SlotPolicy::off()).spool,
         Timestamp::now(),
     ));
     writer.write(&bad);
@@ -334,12 +326,12 @@ async fn disagreements_carry_both_answers_and_the_candidate() {
     };
     let (_dir, off) = started(SlotPolicy {
         sample_every: 1,
-        ..policy()
+        ..SlotPolicy::off()
     });
     assert!(off.disagreements(&slot(), candidate.clone()).is_none());
     let (_dir, capture) = started(SlotPolicy {
         disagreement: true,
-        ..policy()
+        ..SlotPolicy::off()
     });
     assert!(
         capture.plan("digits").is_none(),
@@ -368,17 +360,7 @@ async fn disagreements_carry_both_answers_and_the_candidate() {
 
 #[tokio::test]
 async fn a_shadow_offers_the_requests_its_candidate_answered_otherwise() {
-    let bytes = std::fs::read(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../tests/fixtures/models/digits_cnn.onnx"
-    ))
-    .unwrap();
-    let spec = TensorSpec {
-        name: "x".into(),
-        datatype: DataType::Fp32,
-        shape: vec![1, 1, 8, 8],
-    };
-    let model = Model::load(&bytes, &[spec]).unwrap();
+    let (bytes, model) = digits_model();
     let x = || {
         vec![Tensor {
             name: "x".into(),
@@ -402,7 +384,7 @@ async fn a_shadow_offers_the_requests_its_candidate_answered_otherwise() {
     }];
     let (_dir, capture) = started(SlotPolicy {
         disagreement: true,
-        ..policy()
+        ..SlotPolicy::off()
     });
     let candidate = SampleModel {
         version: "2.0".into(),
@@ -458,7 +440,7 @@ async fn a_signed_capture_order_keeps_the_next_requests_of_the_slot() {
     let (_dir, capture) = started(SlotPolicy {
         on_demand: true,
         sample_every: 4,
-        ..policy()
+        ..SlotPolicy::off()
     });
     let signed = signer.sign_capture(&order("robot-1", 3)).unwrap();
     let accepted = accept_order(Some(&capture), &signed, &trusted, &me(), Timestamp::now());
@@ -501,7 +483,7 @@ async fn capture_orders_are_refused_without_the_policy_or_a_good_signature() {
     let good = signer.sign_capture(&order("robot-1", 3)).unwrap();
     let (_dir, not_allowed) = started(SlotPolicy {
         sample_every: 1,
-        ..policy()
+        ..SlotPolicy::off()
     });
     let refused = accept_order(Some(&not_allowed), &good, &trusted, &me(), now).unwrap_err();
     assert_eq!(refused.slot, Some(slot()));
@@ -509,7 +491,7 @@ async fn capture_orders_are_refused_without_the_policy_or_a_good_signature() {
     assert!(refused.message.contains("on_demand"), "{}", refused.message);
     let (_dir, allowed) = started(SlotPolicy {
         on_demand: true,
-        ..policy()
+        ..SlotPolicy::off()
     });
     let off = accept_order(None, &good, &trusted, &me(), now).unwrap_err();
     assert!(off.message.contains("capture is off"), "{}", off.message);
@@ -548,8 +530,8 @@ async fn capture_orders_are_refused_without_the_policy_or_a_good_signature() {
     }
 }
 
-/// The digits model serving slot `digits` on a loopback port, capturing with `capture`.
-async fn serve_digits(capture: Option<Arc<Capture>>) -> String {
+/// The digits fixture's bytes, and the model loaded for 1x1x8x8 inputs.
+fn digits_model() -> (Vec<u8>, Model) {
     let bytes = std::fs::read(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../tests/fixtures/models/digits_cnn.onnx"
@@ -561,6 +543,12 @@ async fn serve_digits(capture: Option<Arc<Capture>>) -> String {
         shape: vec![1, 1, 8, 8],
     };
     let model = Model::load(&bytes, &[spec]).unwrap();
+    (bytes, model)
+}
+
+/// The digits model serving slot `digits` on a loopback port, capturing with `capture`.
+async fn serve_digits(capture: Option<Arc<Capture>>) -> String {
+    let (bytes, model) = digits_model();
     let serving = crate::bench::local_serving(slot(), model, &bytes, "1.0").unwrap();
     let slots = Arc::new(crate::slots::Slots::default());
     slots.swap(&slot(), Arc::new(serving));
@@ -579,7 +567,7 @@ async fn a_captured_request_gets_the_same_answer_as_one_not_captured() {
     let (_dir, capture) = started(SlotPolicy {
         sample_every: 1,
         min_top1: Some(1e9),
-        ..policy()
+        ..SlotPolicy::off()
     });
     let capturing = serve_digits(Some(Arc::clone(&capture))).await;
     let plain = serve_digits(None).await;

@@ -28,7 +28,7 @@ use tokio::sync::{mpsc, watch};
 use crate::fixtures::Fixture;
 use crate::serving::{post, serve_app};
 use crate::stats::Summary;
-use crate::swap::{Answer, finish, one_run, open_loop_to, serve_warm};
+use crate::swap::{Answer, Windowed, finish, one_run, open_loop_to, serve_warm};
 
 /// The largest request body the capturing router takes (as `serving::serve`'s).
 const MAX_REQUEST_BYTES: usize = 256 << 20;
@@ -202,24 +202,12 @@ async fn run(f: &Fixture, rate: f64, window: Duration, rounds: usize, dir: &Path
     let answers = finish(&stop, load, &mut rx).await?;
     let after = capture.telemetry();
     let writer_s = writer_cpu_s() - writer_before;
-    let failed = answers.iter().filter(|a| a.version.is_none()).count();
-    let changed = answers
-        .iter()
-        .filter(|a| a.version.as_deref().is_some_and(|v| v != "serving"))
-        .count();
-    let latency = |a: &Answer| (a.done - a.due).as_secs_f64() * 1e3;
-    let in_windows = |on: bool| -> Vec<f64> {
-        answers
-            .iter()
-            .filter(|a| {
-                windows
-                    .iter()
-                    .any(|(s, e, w)| *w == on && a.due >= *s && a.due < *e)
-            })
-            .map(latency)
-            .collect()
-    };
-    let (off_ms, on_ms) = (in_windows(false), in_windows(true));
+    let Windowed {
+        failed,
+        changed,
+        off_ms,
+        on_ms,
+    } = Windowed::of(&answers, &windows);
     let on_s: f64 = windows
         .iter()
         .filter(|(_, _, on)| *on)

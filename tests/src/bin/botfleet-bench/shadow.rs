@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 
 use crate::fixtures::Fixture;
 use crate::stats::Summary;
-use crate::swap::{Answer, finish, open_loop, serve_warm};
+use crate::swap::{Answer, Windowed, finish, open_loop, serve_warm};
 
 pub async fn run(
     serving: &Fixture,
@@ -73,24 +73,12 @@ pub async fn run(
         }
     }
     let answers = finish(&stop, client, &mut rx).await?;
-    let failed = answers.iter().filter(|a| a.version.is_none()).count();
-    let changed = answers
-        .iter()
-        .filter(|a| a.version.as_deref().is_some_and(|v| v != "serving"))
-        .count();
-    let latency = |a: &Answer| (a.done - a.due).as_secs_f64() * 1e3;
-    let in_windows = |on: bool| -> Vec<f64> {
-        answers
-            .iter()
-            .filter(|a| {
-                windows
-                    .iter()
-                    .any(|(s, e, w)| *w == on && a.due >= *s && a.due < *e)
-            })
-            .map(latency)
-            .collect()
-    };
-    let (off_ms, on_ms) = (in_windows(false), in_windows(true));
+    let Windowed {
+        failed,
+        changed,
+        off_ms,
+        on_ms,
+    } = Windowed::of(&answers, &windows);
     println!(
         "shadow: {} requests, {failed} failed, {compared} compared",
         answers.len()

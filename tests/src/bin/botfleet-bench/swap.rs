@@ -28,6 +28,42 @@ pub struct Answer {
     pub version: Option<String>,
 }
 
+/// What a client saw in windows with a feature off and on: requests failed, requests
+/// answered by another model than `serving`, and the latencies (due to done, ms) of the
+/// requests due in the off and in the on windows.
+pub struct Windowed {
+    pub failed: usize,
+    pub changed: usize,
+    pub off_ms: Vec<f64>,
+    pub on_ms: Vec<f64>,
+}
+
+impl Windowed {
+    /// `windows`: (start, end, on) of each window.
+    pub fn of(answers: &[Answer], windows: &[(Instant, Instant, bool)]) -> Self {
+        let in_windows = |on: bool| -> Vec<f64> {
+            answers
+                .iter()
+                .filter(|a| {
+                    windows
+                        .iter()
+                        .any(|(s, e, w)| *w == on && a.due >= *s && a.due < *e)
+                })
+                .map(|a| (a.done - a.due).as_secs_f64() * 1e3)
+                .collect()
+        };
+        Self {
+            failed: answers.iter().filter(|a| a.version.is_none()).count(),
+            changed: answers
+                .iter()
+                .filter(|a| a.version.as_deref().is_some_and(|v| v != "serving"))
+                .count(),
+            off_ms: in_windows(false),
+            on_ms: in_windows(true),
+        }
+    }
+}
+
 /// Serves `slots` on loopback and warms the slot `bench` up with five binary requests of
 /// `f`'s input: the infer URL, the request bodies and the client.
 pub async fn serve_warm(
